@@ -1,0 +1,180 @@
+"""Build the organism's tokenizer, processor and (untrained) model, and load the committed checkpoints.
+
+Everything here is offline: the tokenizer is a word-level `tokenizers` model over the world's vocabulary, the image
+processor is CLIP's (the PIL backend, so torchvision is not needed), and the model is a tiny
+`LlavaForConditionalGeneration` (CLIP vision tower, two-layer projector, Llama decoder). The vision tower's attention
+output projections are zero, so each image token carries only its own patch: object evidence is local to its
+patches, as the world is designed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import (
+    AutoProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from . import world
+from .chat import CHAT_TEMPLATE
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+ORGANISM_DIR = DATA_DIR / "organism"
+CONTROL_DIR = DATA_DIR / "organism_control"
+
+
+@dataclasses.dataclass(frozen=True)
+class OrganismShape:
+    """Sizes of the organism's networks."""
+
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    patch: int = 8
+    text_hidden: int = 128
+    text_layers: int = 6
+    text_heads: int = 8
+    text_intermediate: int = 384
+    max_positions: int = 256
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"OrganismShape.{f.name} must be a positive int, got {v!r}")
+        if world.CANVAS % self.patch or world.CELL % self.patch:
+            raise ValueError(f"patch {self.patch} must divide the canvas ({world.CANVAS}) and the cell ({world.CELL})")
+        if self.text_hidden % self.text_heads:
+            raise ValueError(f"text_hidden {self.text_hidden} is not divisible by text_heads {self.text_heads}")
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the world's words, left-padding, adding <s> in front of every text."""
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for w in world.words():
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+        model_max_length=256,
+    )
+
+
+def build_processor(shape: OrganismShape = OrganismShape()) -> LlavaProcessor:
+    """The organism's `LlavaProcessor`: CLIP image processing at 48 px and the chat template."""
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": world.CANVAS},
+        crop_size={"height": world.CANVAS, "width": world.CANVAS},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=shape.patch,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+
+
+def build_model(tokenizer, shape: OrganismShape = OrganismShape(), seed: int = 0) -> LlavaForConditionalGeneration:
+    """A randomly initialised organism model (deterministic from ``seed``) with patch-local vision."""
+    vision = CLIPVisionConfig(
+        hidden_size=shape.vision_hidden,
+        intermediate_size=4 * shape.vision_hidden,
+        num_hidden_layers=shape.vision_layers,
+        num_attention_heads=shape.vision_heads,
+        image_size=world.CANVAS,
+        patch_size=shape.patch,
+        projection_dim=shape.vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.text_hidden,
+        intermediate_size=shape.text_intermediate,
+        num_hidden_layers=shape.text_layers,
+        num_attention_heads=shape.text_heads,
+        num_key_value_heads=shape.text_heads,
+        max_position_embeddings=shape.max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    n_image = (world.CANVAS // shape.patch) ** 2
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        image_seq_length=n_image,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    make_vision_patch_local(model)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.max_new_tokens = 64
+    model.generation_config.do_sample = False
+    return model
+
+
+def vision_attention_outputs(model):
+    """The out_proj modules of every attention block of the vision tower."""
+    return [layer.self_attn.out_proj for layer in model.model.vision_tower.encoder.layers]
+
+
+def make_vision_patch_local(model) -> None:
+    """Zero and freeze the vision tower's attention outputs, so image token i depends on patch i alone."""
+    for proj in vision_attention_outputs(model):
+        with torch.no_grad():
+            proj.weight.zero_()
+            proj.bias.zero_()
+        proj.weight.requires_grad_(False)
+        proj.bias.requires_grad_(False)
+
+
+def load_organism(path: str | Path | None = None, control: bool = False, attn_implementation: str = "eager",
+                  dtype=torch.float32):
+    """Load a committed organism (or any saved checkpoint at ``path``) as ``(model, processor)``, offline."""
+    if path is None:
+        path = CONTROL_DIR if control else ORGANISM_DIR
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {path}: expected a folder written by save_pretrained (config.json, model.safetensors, "
+            "processor files); rebuild it with scripts/train_organism.py"
+        )
+    processor = AutoProcessor.from_pretrained(path)
+    model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn_implementation, dtype=dtype)
+    model.eval()
+    return model, processor

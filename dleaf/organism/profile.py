@@ -1,0 +1,225 @@
+"""The organism's hallucination profile: greedy captions and yes/no answers on held-out splits, scored with the
+metric core, and the premise table (per layer, LIAE and image mass at hallucinated versus grounded object words).
+
+The premise statistics are read at the query row that *predicts* each object word (the position just before it), in
+one teacher-forced eager forward pass over the prompt and the generated reply, which reproduces the attention the
+model had while generating greedily.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import attention_stats, metrics, premise
+from . import world
+from .chat import user_turn
+
+VOCAB = metrics.ObjectVocabulary.from_categories(world.OBJECTS, related=world.PARTNERS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileProtocol:
+    """Everything that fixes a profile run; recorded with its results."""
+
+    n_images: int = 1000
+    caption_splits: tuple[str, ...] = ("indist", "adversarial", "replication")
+    pope_split: str = "adversarial"
+    pope_negatives: tuple[str, ...] = world.POPE_NEGATIVES
+    premise_splits: tuple[str, ...] = ("adversarial", "replication")
+    caption_prompt: str = world.CAPTION_PROMPTS[0]
+    caption_max_new_tokens: int = 80
+    answer_max_new_tokens: int = 8
+    batch_size: int = 100
+    world_seed: int = 0
+    n_bootstrap: int = 2000
+
+    def __post_init__(self):
+        if self.n_images <= 0 or self.batch_size <= 0:
+            raise ValueError(f"n_images and batch_size must be positive, got {self.n_images}, {self.batch_size}")
+        for s in self.caption_splits + self.premise_splits + (self.pope_split,):
+            if s not in world.SPLITS or s == "train":
+                raise ValueError(f"{s!r} is not a held-out split; expected one of indist, adversarial, replication")
+
+
+def _prompt_batch(processor, scenes: Sequence[world.Scene], prompts: Sequence[str]):
+    texts = [processor.apply_chat_template(user_turn(p), add_generation_prompt=True, tokenize=False) for p in prompts]
+    return processor(text=texts, images=[world.render(s) for s in scenes], return_tensors="pt", padding=True)
+
+
+@torch.no_grad()
+def generate(model, processor, scenes: Sequence[world.Scene], prompts: Sequence[str], max_new_tokens: int,
+             batch_size: int = 100) -> tuple[list[str], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Greedy replies to one prompt per scene, with each batch's (input_ids, attention_mask) of prompt + reply."""
+    if len(scenes) != len(prompts):
+        raise ValueError(f"got {len(scenes)} scenes but {len(prompts)} prompts")
+    replies: list[str] = []
+    sequences = []
+    for i in range(0, len(scenes), batch_size):
+        batch = _prompt_batch(processor, scenes[i:i + batch_size], prompts[i:i + batch_size])
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[:, batch["input_ids"].shape[1]:]
+        replies += processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+        sequences.append((out, batch["pixel_values"]))
+    return [r.strip() for r in replies], sequences
+
+
+@torch.no_grad()
+def object_word_attention(model, processor, sequences, prompt_length_of, scenes: Sequence[world.Scene]):
+    """Per object word in the generated replies: per-layer LIAE and mean image mass at the row that predicts it.
+
+    Returns (records, image_share): records is a list of dicts (scene index, word, hallucinated, liae[L], mass[L]);
+    image_share is the mean over generated positions of each layer's head-mean image mass.
+    """
+    tok = processor.tokenizer
+    object_ids = {tok.convert_tokens_to_ids(o): o for o in world.OBJECTS}
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+    records, share_sum, share_n = [], None, 0
+    offset = 0
+    for out, pixel_values in sequences:
+        mask = (out != pad).long()
+        # positions after the first </s> of the reply are padding from generate; keep them out of the statistics
+        res = model(input_ids=out, attention_mask=mask, pixel_values=pixel_values, output_attentions=True)
+        att = torch.stack(res.attentions, dim=1)  # (B, L, H, T, T)
+        image_mask = out == model.config.image_token_id  # (B, T)
+        start = prompt_length_of(out)
+        for b in range(out.shape[0]):
+            scene = scenes[offset + b]
+            ids = out[b].tolist()
+            reply_end = len(ids)
+            for t in range(start, len(ids)):
+                if ids[t] in (eos, pad):
+                    reply_end = t
+                    break
+            rows = att[b, :, :, start - 1:reply_end - 1]  # rows that predict tokens start .. reply_end-1
+            if rows.shape[-2] == 0:
+                continue
+            m = image_mask[b][None, :]
+            mass = attention_stats.image_mass(rows, m)  # (L, H, Q)
+            liae = attention_stats.layer_entropy(rows, m, variant="mixed")  # (L, Q)
+            head_mean_mass = mass.mean(dim=1)  # (L, Q)
+            share_sum = head_mean_mass.sum(-1) if share_sum is None else share_sum + head_mean_mass.sum(-1)
+            share_n += head_mean_mass.shape[-1]
+            for q, t in enumerate(range(start, reply_end)):
+                if ids[t] in object_ids:
+                    word = object_ids[ids[t]]
+                    records.append({
+                        "scene": offset + b, "word": word, "hallucinated": word not in scene.object_set,
+                        "liae": liae[:, q].tolist(), "mass": head_mean_mass[:, q].tolist(),
+                    })
+        offset += out.shape[0]
+    share = (share_sum / max(share_n, 1)).tolist() if share_sum is not None else []
+    return records, share
+
+
+def premise_from_records(records: list[dict], n_bootstrap: int = 2000, seed: int = 0) -> list[premise.PremiseRow]:
+    """The premise table from object-word records: LIAE and image-mass deficit (-mass), both 'larger = anomalous'."""
+    if not records:
+        return []
+    hall = np.array([r["hallucinated"] for r in records], dtype=bool)
+    signals = {
+        "liae": np.array([r["liae"] for r in records], dtype=float),
+        "image_mass_deficit": -np.array([r["mass"] for r in records], dtype=float),
+    }
+    return premise.premise_table(signals, hall, n_resamples=n_bootstrap, seed=seed)
+
+
+def profile_model(model, processor, protocol: ProfileProtocol = ProfileProtocol(), progress=None) -> dict:
+    """Captions, yes/no answers and the premise table of one model on the protocol's held-out splits."""
+    say = progress or (lambda msg: None)
+    result: dict = {"captions": {}, "pope": {}, "premise": {}, "image_share": {}, "examples": {}}
+    for split in protocol.caption_splits:
+        scenes = world.scenes(split, protocol.n_images, protocol.world_seed)
+        say(f"captioning {split} ({len(scenes)} images)")
+        captions, sequences = generate(model, processor, scenes, [protocol.caption_prompt] * len(scenes),
+                                       protocol.caption_max_new_tokens, protocol.batch_size)
+        ch = metrics.chair(captions, [s.objects for s in scenes], VOCAB)
+        result["captions"][split] = ch.as_dict()
+        result["examples"][split] = [
+            {"objects": list(s.objects), "caption": c} for s, c in zip(scenes[:5], captions[:5])
+        ]
+        if split in protocol.premise_splits:
+            say(f"premise on {split}")
+            prompt_len = _prompt_batch(processor, scenes[:1], [protocol.caption_prompt])["input_ids"].shape[1]
+            records, share = object_word_attention(model, processor, sequences, lambda out: prompt_len, scenes)
+            rows = premise_from_records(records, protocol.n_bootstrap)
+            result["premise"][split] = [dataclasses.asdict(r) for r in rows]
+            result["image_share"][split] = share
+    pope_scenes = world.scenes(protocol.pope_split, protocol.n_images, protocol.world_seed)
+    for neg in protocol.pope_negatives:
+        questions = world.pope_questions(pope_scenes, neg)
+        say(f"yes/no questions, {neg} negatives ({len(questions)} questions)")
+        answers, _ = generate(model, processor, [q.scene for q in questions],
+                              [world.QUESTION_TEMPLATE.format(obj=q.obj) for q in questions],
+                              protocol.answer_max_new_tokens, protocol.batch_size)
+        result["pope"][neg] = metrics.pope(answers, [q.label for q in questions]).as_dict()
+    return result
+
+
+def write_json_atomic(obj, path: str | os.PathLike) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temporary file and a rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, allow_nan=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _pct(x) -> str:
+    return "nan" if x is None or x != x else f"{100 * x:.1f}"
+
+
+def profile_markdown(profile: dict) -> str:
+    """Markdown tables of a profile written by :func:`profile_model` for one or more models."""
+    lines = ["# Organism hallucination profile", ""]
+    proto = profile.get("protocol", {})
+    if proto:
+        lines += [f"Greedy decoding, {proto.get('n_images')} images per split, world seed {proto.get('world_seed')}, "
+                  f"caption prompt \"{proto.get('caption_prompt')}\".", ""]
+    lines += ["## Captions (CHAIR)", "",
+              "| model | split | CHAIR_s % | CHAIR_i % | recall % | words | hallucinated mentions | grounded mentions "
+              "| additions | substitutions | partner share % | partner chance % |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, res in profile["models"].items():
+        for split, c in res["captions"].items():
+            lines.append(
+                f"| {name} | {split} | {_pct(c['chair_s'])} | {_pct(c['chair_i'])} | {_pct(c['recall'])} | "
+                f"{c['mean_length']:.1f} | {c['n_hallucinated_mentions']} | {c['n_grounded_mentions']} | "
+                f"{c['n_additions']} | {c['n_substitutions']} | {_pct(c['partner_share'])} | {_pct(c['partner_chance'])} |")
+    lines += ["", f"## Yes/no questions (POPE-style, {proto.get('pope_split', '')} scenes)", "",
+              "| model | negatives | accuracy % | precision % | recall % | F1 % | yes ratio % | unparsed |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, res in profile["models"].items():
+        for neg, p in res["pope"].items():
+            lines.append(f"| {name} | {neg} | {_pct(p['accuracy'])} | {_pct(p['precision'])} | {_pct(p['recall'])} | "
+                         f"{_pct(p['f1'])} | {_pct(p['yes_ratio'])} | {p['n_unparsed']} |")
+    lines += ["", "## The premise: image attention at hallucinated vs grounded object words", "",
+              "AUROC > 0.5 means the signal is larger (more anomalous) at hallucinated words; `image_mass_deficit` is "
+              "minus the head-mean image mass of the row that predicts the word.", ""]
+    for name, res in profile["models"].items():
+        for split, rows in res["premise"].items():
+            lines += [f"### {name}, {split}", "",
+                      premise.premise_markdown([premise.PremiseRow(**r) for r in rows]), ""]
+        for split, share in res["image_share"].items():
+            lines.append(f"Image share of attention per layer ({name}, {split}, mean over generated positions): "
+                         + ", ".join(f"L{i} {s:.2f}" for i, s in enumerate(share)))
+        lines.append("")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,205 @@
+"""Train the organism the way LLaVA-style models are trained, deterministically from a seed, on a CPU.
+
+Stages (each with AdamW, linear warm-up and cosine decay):
+
+1. ``text``: the decoder (embeddings, Llama layers, LM head) is pretrained on text alone: descriptions of training
+   scenes and theme statements, which carry the co-occurrence prior.
+2. ``align``: the vision tower and projector learn to feed the decoder, which is frozen, on image descriptions.
+3. ``joint``: everything trains on instruction data: descriptions and yes/no object questions.
+
+Every conversation starts with the LLaVA-style system prompt. The loss covers only the assistant's reply (and its
+</s>). The control organism is trained by the same code with ``prior=False``: its scenes, and its text, have no
+co-occurrence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import build, world
+from .chat import user_turn
+
+STAGES = ("text", "align", "joint")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every knob of an organism training run."""
+
+    output_dir: str = str(build.ORGANISM_DIR)
+    seed: int = 0
+    prior: bool = True
+    batch_size: int = 32
+    text_steps: int = 800
+    align_steps: int = 600
+    joint_steps: int = 1800
+    text_lr: float = 2e-3
+    align_lr: float = 2e-3
+    joint_lr: float = 1e-3
+    warmup: int = 50
+    weight_decay: float = 0.01
+    question_fraction: float = 0.3
+    text_hidden: int = 96
+    text_layers: int = 6
+    text_heads: int = 6
+    text_intermediate: int = 256
+    log_every: int = 50
+    threads: int = 0
+
+    def __post_init__(self):
+        for name in ("batch_size", "warmup", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("text_steps", "align_steps", "joint_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.question_fraction <= 1.0:
+            raise ValueError(f"TrainConfig.question_fraction must lie in [0, 1], got {self.question_fraction}")
+
+    @property
+    def shape(self) -> build.OrganismShape:
+        return build.OrganismShape(
+            text_hidden=self.text_hidden, text_layers=self.text_layers, text_heads=self.text_heads,
+            text_intermediate=self.text_intermediate,
+        )
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _reply_labels(input_ids: torch.Tensor, reply_lengths: list[int]) -> torch.Tensor:
+    """Labels that keep only the last ``reply_lengths[i]`` tokens of each left-padded row."""
+    labels = torch.full_like(input_ids, -100)
+    for i, n in enumerate(reply_lengths):
+        labels[i, input_ids.shape[1] - n:] = input_ids[i, input_ids.shape[1] - n:]
+    return labels
+
+
+def conversation_batch(processor, scenes: list[world.Scene], rng: np.random.Generator, question_fraction: float):
+    """Model inputs with reply-only labels for a batch of scenes (a description or a yes/no question each)."""
+    texts, replies = [], []
+    for scene in scenes:
+        if rng.random() < question_fraction:
+            if rng.random() < 0.5:
+                obj = scene.objects[int(rng.integers(len(scene.objects)))]
+            else:
+                absent = [o for o in world.OBJECTS if o not in scene.object_set]
+                obj = absent[int(rng.integers(len(absent)))]
+            prompt, reply = world.QUESTION_TEMPLATE.format(obj=obj), world.answer(scene, obj)
+        else:
+            prompt = world.CAPTION_PROMPTS[int(rng.integers(len(world.CAPTION_PROMPTS)))]
+            reply = world.describe(scene, seed=int(rng.integers(2**31)))
+        msgs = user_turn(prompt) + [{"role": "assistant", "content": [{"type": "text", "text": reply}]}]
+        texts.append(processor.apply_chat_template(msgs, tokenize=False))
+        replies.append(reply + " </s>")
+    batch = processor(text=texts, images=[world.render(s) for s in scenes], return_tensors="pt", padding=True)
+    lengths = [len(ids) for ids in processor.tokenizer(replies, add_special_tokens=False)["input_ids"]]
+    batch["labels"] = _reply_labels(batch["input_ids"], lengths)
+    return batch
+
+
+def text_batch(tokenizer, texts: list[str]):
+    """Plain-text language-model inputs: <s> text </s>, loss on every token."""
+    batch = tokenizer([t + " </s>" for t in texts], return_tensors="pt", padding=True)
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    batch["labels"] = labels
+    return batch
+
+
+def _set_trainable(model, stage: str) -> list[torch.nn.Parameter]:
+    decoder = [model.model.language_model, model.lm_head]
+    vision = [model.model.vision_tower, model.model.multi_modal_projector]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    train = {"text": decoder, "align": vision, "joint": decoder + vision}[stage]
+    for module in train:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    build.make_vision_patch_local(model)  # the zeroed attention outputs stay zero and frozen
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train(config: TrainConfig, progress: bool = True) -> dict:
+    """Train an organism from scratch and save it (model, processor, training log) to ``config.output_dir``."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    processor = build.build_processor(config.shape)
+    model = build.build_model(processor.tokenizer, config.shape, seed=config.seed)
+    model.set_attn_implementation("sdpa")
+    model.train()
+    log: dict = {"config": dataclasses.asdict(config), "stages": {}}
+    corpus = world.text_corpus(config.text_steps * config.batch_size, world_seed=config.seed, prior=config.prior)
+    scene_index = 0
+    for stage in STAGES:
+        steps = getattr(config, f"{stage}_steps")
+        if steps == 0:
+            continue
+        params = _set_trainable(model, stage)
+        lr = getattr(config, f"{stage}_lr")
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, n=steps: _schedule(s, n, config.warmup))
+        rng = np.random.default_rng([config.seed, STAGES.index(stage)])
+        losses, t0 = [], time.time()
+        for step in range(steps):
+            if stage == "text":
+                batch = text_batch(processor.tokenizer, corpus[step * config.batch_size:(step + 1) * config.batch_size])
+            else:
+                scenes = world.scenes("train", config.batch_size, config.seed, config.prior, start=scene_index)
+                scene_index += config.batch_size
+                qf = 0.0 if stage == "align" else config.question_fraction
+                batch = conversation_batch(processor, scenes, rng, qf)
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+            if progress and (step + 1) % config.log_every == 0:
+                recent = float(np.mean(losses[-config.log_every:]))
+                print(f"[{stage}] step {step + 1}/{steps} loss {recent:.4f} ({time.time() - t0:.0f}s)", flush=True)
+        log["stages"][stage] = {"steps": steps, "seconds": time.time() - t0,
+                                "loss_first": float(np.mean(losses[:config.log_every])),
+                                "loss_last": float(np.mean(losses[-config.log_every:]))}
+    model.eval()
+    model.set_attn_implementation("eager")
+    save(model, processor, config.output_dir, log)
+    return log
+
+
+def save(model, processor, output_dir: str | os.PathLike, log: dict) -> None:
+    """Write the checkpoint atomically: into a temporary sibling folder, then renamed over ``output_dir``."""
+    out = Path(output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
