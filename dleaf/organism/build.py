@@ -140,12 +140,32 @@ def build_model(tokenizer, shape: OrganismShape = OrganismShape(), seed: int = 0
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     make_vision_patch_local(model)
+    scale_projector_to_text(model, tokenizer)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.max_new_tokens = 64
     model.generation_config.do_sample = False
     return model
+
+
+def scale_projector_to_text(model, tokenizer) -> None:
+    """Rescale the projector's output layer so that image tokens enter the decoder at the scale of text embeddings.
+
+    A randomly initialised CLIP tower emits features far larger than the decoder's token embeddings (about 50 times
+    here); the decoder then sees the image tokens as near-identical giants, and learning to read them stalls.
+    Real LLaVA checkpoints start from a pretrained projector stage for the same reason.
+    """
+    with torch.no_grad():
+        pix = torch.rand(4, 3, world.CANVAS, world.CANVAS) * 2 - 1
+        feats = model.model.get_image_features(pixel_values=pix)
+        feats = getattr(feats, "pooler_output", feats)
+        feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
+        text_norm = model.get_input_embeddings().weight.norm(dim=-1).mean()
+        ratio = float(text_norm / feats.reshape(-1, feats.shape[-1]).norm(dim=-1).mean())
+        proj = model.model.multi_modal_projector.linear_2
+        proj.weight.mul_(ratio)
+        proj.bias.mul_(ratio)
 
 
 def vision_attention_outputs(model):

@@ -40,9 +40,9 @@ class TrainConfig:
     seed: int = 0
     prior: bool = True
     batch_size: int = 32
-    text_steps: int = 800
-    align_steps: int = 600
-    joint_steps: int = 1800
+    text_steps: int = 500
+    align_steps: int = 500
+    joint_steps: int = 3000
     text_lr: float = 2e-3
     align_lr: float = 2e-3
     joint_lr: float = 1e-3
@@ -54,6 +54,7 @@ class TrainConfig:
     text_heads: int = 6
     text_intermediate: int = 256
     log_every: int = 50
+    probe_every: int = 250
     threads: int = 0
 
     def __post_init__(self):
@@ -121,6 +122,18 @@ def text_batch(tokenizer, texts: list[str]):
     return batch
 
 
+@torch.no_grad()
+def image_gap(model, batch) -> float:
+    """How much the model's loss on ``batch`` rises when every image is replaced by a blank one (in nats/token):
+    near 0 means the decoder is not reading the image at all."""
+    was_training = model.training
+    model.eval()
+    real = float(model(**batch).loss)
+    blank = float(model(**{**batch, "pixel_values": torch.zeros_like(batch["pixel_values"])}).loss)
+    model.train(was_training)
+    return blank - real
+
+
 def _set_trainable(model, stage: str) -> list[torch.nn.Parameter]:
     decoder = [model.model.language_model, model.lm_head]
     vision = [model.model.vision_tower, model.model.multi_modal_projector]
@@ -146,6 +159,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     log: dict = {"config": dataclasses.asdict(config), "stages": {}}
     corpus = world.text_corpus(config.text_steps * config.batch_size, world_seed=config.seed, prior=config.prior)
     scene_index = 0
+    probe_batch = conversation_batch(processor, world.scenes("indist", 64, config.seed, config.prior),
+                                     np.random.default_rng(12345), config.question_fraction)
     for stage in STAGES:
         steps = getattr(config, f"{stage}_steps")
         if steps == 0:
@@ -155,7 +170,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, n=steps: _schedule(s, n, config.warmup))
         rng = np.random.default_rng([config.seed, STAGES.index(stage)])
-        losses, t0 = [], time.time()
+        losses, gaps, t0 = [], [], time.time()
         for step in range(steps):
             if stage == "text":
                 batch = text_batch(processor.tokenizer, corpus[step * config.batch_size:(step + 1) * config.batch_size])
@@ -170,13 +185,18 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss))
+            losses.append(loss.item())
             if progress and (step + 1) % config.log_every == 0:
                 recent = float(np.mean(losses[-config.log_every:]))
                 print(f"[{stage}] step {step + 1}/{steps} loss {recent:.4f} ({time.time() - t0:.0f}s)", flush=True)
+            if stage != "text" and ((step + 1) % config.probe_every == 0 or step + 1 == steps):
+                gaps.append((step + 1, image_gap(model, probe_batch)))
+                if progress:
+                    print(f"[{stage}] step {step + 1}: loss gain from seeing the image {gaps[-1][1]:.4f}", flush=True)
         log["stages"][stage] = {"steps": steps, "seconds": time.time() - t0,
                                 "loss_first": float(np.mean(losses[:config.log_every])),
-                                "loss_last": float(np.mean(losses[-config.log_every:]))}
+                                "loss_last": float(np.mean(losses[-config.log_every:])),
+                                "image_gap": gaps}
     model.eval()
     model.set_attn_implementation("eager")
     save(model, processor, config.output_dir, log)

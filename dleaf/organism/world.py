@@ -212,6 +212,7 @@ def render(scene: Scene) -> Image.Image:
     draw = ImageDraw.Draw(img)
     for obj, cell in zip(scene.objects, scene.cells):
         shape, colour = LOOK[obj]
+        rng = _rng(scene.seed * 16 + cell)  # per cell, so removing one object leaves the others' pixels unchanged
         jitter = rng.integers(-1, 2, size=2)
         x0 = (cell % GRID) * CELL + (CELL - GLYPH) // 2 + int(jitter[0])
         y0 = (cell // GRID) * CELL + (CELL - GLYPH) // 2 + int(jitter[1])
