@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
+from dleaf.premise import PremiseRow, plot_premise
 from dleaf.organism import build, world
-from dleaf.organism.profile import (ProfileProtocol, profile_markdown, profile_model, write_json_atomic,
-                                    write_text_atomic)
+from dleaf.organism.profile import (ProfileProtocol, patch_probe, profile_markdown, profile_model,
+                                    write_json_atomic, write_text_atomic)
 
 
 def main(argv=None):
@@ -22,7 +23,10 @@ def main(argv=None):
     ap.add_argument("--control", default=str(build.CONTROL_DIR), help="control checkpoint folder ('' to skip)")
     ap.add_argument("--n_images", type=int, default=1000, help="images per held-out split")
     ap.add_argument("--batch_size", type=int, default=100)
-    ap.add_argument("--output_dir", default=str(build.DATA_DIR), help="where organism_profile.{json,md} go")
+    ap.add_argument("--output_dir", default=str(build.DATA_DIR),
+                    help="where organism_profile.{json,md} and the premise figures go")
+    ap.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run the per-patch linear probe")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     protocol = ProfileProtocol(n_images=args.n_images, batch_size=args.batch_size)
@@ -37,9 +41,15 @@ def main(argv=None):
         t0 = time.time()
         profile["models"][name] = profile_model(model, processor, protocol,
                                                 progress=lambda m, n=name: print(f"[{n}] {m}", flush=True))
+        if args.probe:
+            profile["models"][name]["patch_probe"] = patch_probe(model, processor)
         profile["models"][name]["seconds"] = time.time() - t0
     out = Path(args.output_dir)
     write_json_atomic(profile, out / "organism_profile.json")
+    for name, res in profile["models"].items():
+        for split, rows in res["premise"].items():
+            if rows:
+                plot_premise([PremiseRow(**r) for r in rows], out / f"{name}_premise_{split}.png")
     md = profile_markdown(profile)
     write_text_atomic(md, out / "organism_profile.md")
     print(md)

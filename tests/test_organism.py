@@ -97,3 +97,27 @@ def test_committed_checkpoints_load_offline_and_speak_the_world(control):
         words = reply.split()
         assert len(words) >= 5 and set(words) <= vocab, reply
         assert any(w in world.THEME_OF for w in words), reply
+
+
+def test_training_is_deterministic_from_the_seed_and_saves_a_loadable_checkpoint(tmp_path):
+    from dleaf.organism.train import train
+
+    def run(out):
+        cfg = TrainConfig(output_dir=str(out), text_steps=3, align_steps=2, joint_steps=3, batch_size=4, warmup=2,
+                          log_every=1, probe_every=2, text_layers=2, text_heads=2, text_hidden=32,
+                          text_intermediate=64, threads=1)
+        return train(cfg, progress=False)
+
+    log_a, log_b = run(tmp_path / "a"), run(tmp_path / "b")
+    def without_time(log):
+        return {stage: {k: v for k, v in info.items() if k != "seconds"} for stage, info in log["stages"].items()}
+
+    assert without_time(log_a) == without_time(log_b)
+    ma, _ = build.load_organism(tmp_path / "a")
+    mb, _ = build.load_organism(tmp_path / "b")
+    for (name, pa), pb in zip(ma.state_dict().items(), mb.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    for proj in build.vision_attention_outputs(ma):
+        assert not proj.weight.any() and not proj.bias.any()
+    assert set(log_a["stages"]) == {"text", "align", "joint"}
+    assert len(log_a["stages"]["joint"]["image_gap"]) == 2

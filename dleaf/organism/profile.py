@@ -222,6 +222,15 @@ def profile_markdown(profile: dict) -> str:
             lines.append(f"Image share of attention per layer ({name}, {split}, mean over generated positions): "
                          + ", ".join(f"L{i} {s:.2f}" for i, s in enumerate(share)))
         lines.append("")
+    probes = {name: res["patch_probe"] for name, res in profile["models"].items() if "patch_probe" in res}
+    if probes:
+        lines += ["## Per-patch linear probe (object evidence is local to its patches)", "",
+                  "| model | accuracy % (all tokens) | accuracy % (object tokens) | label from a far patch: all | "
+                  "object tokens |", "|---|---|---|---|---|"]
+        for name, pr in probes.items():
+            lines.append(f"| {name} | {_pct(pr['accuracy'])} | {_pct(pr['accuracy_objects'])} | "
+                         f"{_pct(pr['shuffled_accuracy'])} | {_pct(pr['shuffled_accuracy_objects'])} |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
