@@ -1,0 +1,529 @@
+"""The attention-level mechanism shared by D-LEAF, PAI and SPIN, through transformers' attention interface.
+
+:func:`attach` switches a model's text attention (and only it) to an attention function registered with
+``AttentionInterface`` under the name ``"dleaf"`` (its mask function registered with ``AttentionMaskInterface`` as
+the eager mask), and registers a forward pre-hook and hook on the model that tell the mechanism where each sample's
+image tokens are and which query rows are generated positions. :meth:`Intervention.detach` (or leaving the
+``with`` block) restores the previous attention implementation and removes the hooks: the model is left exactly as
+it was. Nothing of transformers is patched or copied.
+
+Which rows are acted on ("active" rows): during ``generate``, the last prompt row at prefill and every generated
+row after it; in :func:`score`, every row from the last prompt token on, in one forward pass. The statistics are
+computed only on active rows of the layers a method watches; other layers run plain eager attention (or, with
+``unwatched="sdpa"``, the faster kernel).
+
+State across decoding steps (the running thresholds, the trace) is kept per batch row on the model's device. Under
+beam search, transformers reorders the key/value cache between steps; the mechanism finds that reordering from the
+cache itself (each row's last cached key in the last layer) and reorders its state the same way, so beam search
+works with the default ``DynamicCache``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from . import attention_stats as stats
+from .config import DLeafConfig, MethodConfig, PAIConfig, SPINConfig, method_config
+
+ATTENTION_NAME = "dleaf"
+
+# id(attention module) -> (Intervention, layer index); filled by attach, emptied by detach.
+_MODULES: dict[int, tuple["Intervention", int]] = {}
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return x
+    b, h, t, d = x.shape
+    return x[:, :, None].expand(b, h, groups, t, d).reshape(b, h * groups, t, d)
+
+
+def _eager_weights(module, query, key, attention_mask, scaling, pre_softmax=None):
+    """Post-softmax attention weights exactly as transformers' eager attention computes them."""
+    k = _repeat_kv(key, getattr(module, "num_key_value_groups", 1))
+    scores = torch.matmul(query, k.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : k.shape[-2]]
+    if pre_softmax is not None:
+        scores = pre_softmax(scores)
+    return torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+
+
+def _dispatch(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    entry = _MODULES.get(id(module))
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if entry is None:  # a module of a model that is not attached (or a vision tower): plain eager attention
+        return _plain_eager(module, query, key, value, attention_mask, scaling, dropout)
+    intervention, layer = entry
+    return intervention._attend(layer, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+def _plain_eager(module, query, key, value, attention_mask, scaling, dropout):
+    weights = _eager_weights(module, query, key, attention_mask, scaling)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    v = _repeat_kv(value, getattr(module, "num_key_value_groups", 1))
+    return torch.matmul(weights, v).transpose(1, 2).contiguous(), weights
+
+
+AttentionInterface.register(ATTENTION_NAME, _dispatch)
+AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)
+
+
+def _text_config(model):
+    config = model.config
+    return getattr(config, "text_config", None) or config
+
+
+def image_token_id(model) -> int:
+    """The image placeholder token id from the model's config (``image_token_id``, or ``image_token_index``)."""
+    config = model.config
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(
+        f"{type(model).__name__} has no image token id in its config (looked for config.image_token_id and "
+        "config.image_token_index); D-LEAF needs it to find each sample's image-token positions"
+    )
+
+
+def text_attention_modules(model) -> list[torch.nn.Module]:
+    """The decoder's self-attention modules, in layer order, found by their ``layer_idx``."""
+    root = model.get_decoder() if hasattr(model, "get_decoder") else model
+    found = {}
+    for name, module in root.named_modules():
+        if "vision" in name or "visual" in name:
+            continue
+        idx = getattr(module, "layer_idx", None)
+        if idx is not None and type(module).__name__.endswith("Attention") and hasattr(module, "config"):
+            found.setdefault(int(idx), module)
+    if not found:
+        raise ValueError(
+            f"{type(model).__name__}: found no text attention modules with a layer_idx; D-LEAF supports decoders "
+            "whose attention layers go through transformers' attention interface (Llama, Mistral, Qwen2, ...)"
+        )
+    n = _text_config(model).num_hidden_layers
+    if sorted(found) != list(range(n)):
+        raise ValueError(f"{type(model).__name__}: expected attention modules for layers 0..{n - 1}, found {sorted(found)}")
+    return [found[i] for i in range(n)]
+
+
+def _layers(start: int, end: int | None, n: int) -> range:
+    end = n if end is None else end
+    if start >= n or end > n:
+        raise ValueError(f"layer range [{start}, {end}) does not fit a decoder of {n} layers")
+    return range(start, end)
+
+
+class Trace:
+    """What D-LEAF saw and did at every active position, per sample: each layer's signal and threshold, the flagged
+    layers, each head's IAF, and the corrected heads. Filled while attached with ``trace=True``.
+
+    ``steps`` holds one record per forward call: ``columns`` (absolute positions), ``active`` (B, Q) and, per
+    watched layer, ``signal``/``tau``/``flag`` (B, Q) and ``iaf``/``corrected`` (B, H, Q), all on the CPU.
+    """
+
+    def __init__(self, num_layers: int, num_heads: int):
+        self.num_layers, self.num_heads = num_layers, num_heads
+        self.steps: list[dict] = []
+
+    def _reorder(self, index: torch.Tensor) -> None:
+        index = index.cpu()
+        for step in self.steps:
+            for key, value in step.items():
+                if key == "columns":
+                    continue
+                if key == "layers":
+                    for rec in value.values():
+                        for k in rec:
+                            rec[k] = rec[k].index_select(0, index)
+                else:
+                    step[key] = value.index_select(0, index)
+
+    def sample(self, i: int) -> dict:
+        """Sample ``i``'s trace as arrays over its active positions: ``positions`` (T,), ``signal``, ``tau``,
+        ``flag`` (T, L) and ``iaf``, ``corrected`` (T, L, H); unwatched layers hold NaN / False."""
+        L, H = self.num_layers, self.num_heads
+        pos, sig, tau, flag, iaf, cor = [], [], [], [], [], []
+        for step in self.steps:
+            act = step["active"][i]
+            cols = step["columns"][act]
+            q = int(act.sum())
+            if q == 0:
+                continue
+            s = torch.full((q, L), math.nan)
+            t = torch.full((q, L), math.nan)
+            f = torch.zeros((q, L), dtype=torch.bool)
+            a = torch.full((q, L, H), math.nan)
+            c = torch.zeros((q, L, H), dtype=torch.bool)
+            for layer, rec in step["layers"].items():
+                s[:, layer] = rec["signal"][i][act].float()
+                t[:, layer] = rec["tau"][i][act].float()
+                f[:, layer] = rec["flag"][i][act]
+                a[:, layer] = rec["iaf"][i][:, act].T.float()
+                c[:, layer] = rec["corrected"][i][:, act].T
+            pos.append(cols), sig.append(s), tau.append(t), flag.append(f), iaf.append(a), cor.append(c)
+        if not pos:
+            empty = torch.zeros(0)
+            return {"positions": empty.long(), "signal": empty.reshape(0, L), "tau": empty.reshape(0, L),
+                    "flag": empty.reshape(0, L).bool(), "iaf": empty.reshape(0, L, H),
+                    "corrected": empty.reshape(0, L, H).bool()}
+        return {"positions": torch.cat(pos), "signal": torch.cat(sig), "tau": torch.cat(tau), "flag": torch.cat(flag),
+                "iaf": torch.cat(iaf), "corrected": torch.cat(cor)}
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.steps[0]["active"].shape[0]) if self.steps else 0
+
+
+class Intervention:
+    """A method attached to a model. Use :func:`attach` (or :func:`attached` as a context manager)."""
+
+    def __init__(self, model, config: MethodConfig, trace: bool = False, unwatched: str = "eager"):
+        if unwatched not in ("eager", "sdpa"):
+            raise ValueError(f"unwatched must be 'eager' (exact) or 'sdpa' (faster), got {unwatched!r}")
+        self.model, self.config, self.unwatched = model, config, unwatched
+        self.image_token_id = image_token_id(model)
+        self.modules = text_attention_modules(model)
+        text_config = _text_config(model)
+        self.num_layers = len(self.modules)
+        self.num_heads = int(text_config.num_attention_heads)
+        self.watched = set(_layers(config.layer_start, config.layer_end, self.num_layers))
+        self.trace = Trace(self.num_layers, self.num_heads) if trace else None
+        self._attached = False
+        self._state: dict[str, Any] = {}
+        self._score_from: torch.Tensor | None = None
+        self._generator: torch.Generator | None = None
+        self.gamma_override: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ attach / detach
+    def _attach(self) -> "Intervention":
+        for module in self.modules:
+            if id(module) in _MODULES:
+                raise RuntimeError("this model already has a D-LEAF intervention attached; detach it first")
+        text_config = _text_config(self.model)
+        self._previous = text_config._attn_implementation
+        for layer, module in enumerate(self.modules):
+            _MODULES[id(module)] = (self, layer)
+        self._set_implementation(ATTENTION_NAME)
+        self._hooks = [
+            self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+            self.model.register_forward_hook(self._post_forward, with_kwargs=True),
+        ]
+        self._attached = True
+        return self
+
+    def _set_implementation(self, name: str) -> None:
+        if getattr(self.model.config, "text_config", None) is not None:
+            self.model.set_attn_implementation({"text_config": name})
+        else:
+            self.model.set_attn_implementation(name)
+
+    def detach(self) -> None:
+        """Remove the intervention: the previous attention implementation comes back and the hooks go."""
+        if not self._attached:
+            return
+        for hook in self._hooks:
+            hook.remove()
+        for module in self.modules:
+            _MODULES.pop(id(module), None)
+        self._set_implementation(self._previous)
+        self._attached = False
+
+    def __enter__(self) -> "Intervention":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    # ------------------------------------------------------------------ hooks
+    def _pre_forward(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        if past == 0:
+            if input_ids is None:
+                raise ValueError("D-LEAF needs input_ids on the first forward call of a sequence, to find the image "
+                                 "tokens (config image_token_id); got inputs_embeds only")
+            self._new_sequence(input_ids)
+        else:
+            if not self._state:
+                raise RuntimeError("a cached forward call reached D-LEAF before any prefill; attach before generating")
+            self._maybe_reorder(cache)
+        n = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
+        device = self._state["image"].device
+        self._state["columns"] = torch.arange(past, past + n, device=device)
+        self._state["first_column"] = past
+        if self.trace is not None:
+            self._state["record"] = {"columns": self._state["columns"].cpu(), "layers": {}}
+        return None
+
+    def _post_forward(self, module, args, kwargs, output):
+        cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+        self._state["fingerprint"] = self._fingerprint(cache)
+        if self.trace is not None and "record" in self._state:
+            record = self._state.pop("record")
+            record["active"] = self._active(record["columns"].to(self._state["image"].device)).cpu()
+            self.trace.steps.append(record)
+        return None
+
+    @staticmethod
+    def _fingerprint(cache):
+        layers = getattr(cache, "layers", None)
+        if not layers:
+            return None
+        keys = getattr(layers[-1], "keys", None)
+        if keys is None or keys.dim() != 4 or keys.shape[2] == 0:
+            return None
+        return keys[:, :, -1, :].reshape(keys.shape[0], -1).clone()
+
+    def _maybe_reorder(self, cache) -> None:
+        old = self._state.get("fingerprint")
+        new = self._fingerprint(cache)
+        if old is None or new is None:
+            return
+        if old.shape != new.shape:
+            raise RuntimeError("the batch changed size between decoding steps; D-LEAF cannot follow it")
+        # Beam search reorders the cache rows with index_select: row i now holds old row index[i], bit for bit.
+        same = (new[:, None, :] == old[None, :, :]).all(dim=-1)
+        index = same.to(torch.int8).argmax(dim=1)
+        for key in ("image", "count", "total", "squares", "best", "active_from"):
+            self._state[key] = self._state[key].index_select(0, index)
+        if self.trace is not None:
+            self.trace._reorder(index)
+
+    def _new_sequence(self, input_ids: torch.Tensor) -> None:
+        image = input_ids == self.image_token_id
+        if not bool(image.any(dim=1).all()):
+            missing = (~image.any(dim=1)).nonzero().flatten().tolist()
+            raise ValueError(f"samples {missing} of the batch have no image token (id {self.image_token_id}); "
+                             "D-LEAF acts on attention to the image and needs one in every sample")
+        b, n, L = input_ids.shape[0], input_ids.shape[1], self.num_layers
+        dev = input_ids.device
+        if self._score_from is not None:
+            if self._score_from.shape != (b,):
+                raise ValueError(f"response_start has shape {tuple(self._score_from.shape)}, expected ({b},)")
+            active_from = self._score_from.to(dev) - 1
+            first_active = self._score_min - 1
+            self._score_from = None
+        else:
+            active_from = torch.full((b,), n - 1, device=dev)
+            first_active = n - 1
+        self._state = {
+            "first_active": first_active,
+            "image": image,
+            "active_from": active_from,
+            "count": torch.zeros(b, L, dtype=torch.float64, device=dev),
+            "total": torch.zeros(b, L, dtype=torch.float64, device=dev),
+            "squares": torch.zeros(b, L, dtype=torch.float64, device=dev),
+            "best": torch.full((b, L), math.inf, dtype=torch.float64, device=dev),
+        }
+        if isinstance(self.config, DLeafConfig) and self.config.localization == "random" and self._generator is None:
+            self._generator = torch.Generator(device=dev).manual_seed(self.config.seed)
+
+    def _active(self, columns: torch.Tensor) -> torch.Tensor:
+        return columns[None, :] >= self._state["active_from"][:, None]
+
+    # ------------------------------------------------------------------ attention
+    def _attend(self, layer, module, query, key, value, attention_mask, scaling, dropout, **kwargs):
+        if layer not in self.watched:
+            if self.unwatched == "sdpa":
+                from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+                return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                              scaling=scaling, **kwargs)
+            return _plain_eager(module, query, key, value, attention_mask, scaling, dropout)
+        columns = self._state["columns"]
+        q_len, k_len = query.shape[2], key.shape[2]
+        if columns.shape[0] != q_len:
+            raise RuntimeError(f"D-LEAF expected {columns.shape[0]} query rows, the attention got {q_len}")
+        # The suffix of rows that any sample treats as active (all rows in scoring, the last one at prefill).
+        first = max(0, min(self._state["first_active"] - self._state["first_column"], q_len - 1))
+        active = self._active(columns[first:])  # (B, Qa)
+        image = self._state["image"]
+        if image.shape[1] < k_len:
+            image = torch.nn.functional.pad(image, (0, k_len - image.shape[1]))
+        image = image[:, :k_len]
+        v = _repeat_kv(value, getattr(module, "num_key_value_groups", 1))
+        cfg = self.config
+
+        if isinstance(cfg, PAIConfig):
+            def boost(scores):
+                rows = scores[:, :, first:]
+                sel = (active[:, None, :, None] & image[:, None, None, :]).to(rows.dtype)
+                rows = rows + cfg.alpha * rows.abs() * sel
+                return torch.cat([scores[:, :, :first], rows], dim=2)
+
+            weights = _eager_weights(module, query, key, attention_mask, scaling, pre_softmax=boost)
+            weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+            return torch.matmul(weights, v).transpose(1, 2).contiguous(), weights
+
+        weights = _eager_weights(module, query, key, attention_mask, scaling)
+        weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+        rows = weights[:, :, first:]  # (B, H, Qa, K)
+
+        if isinstance(cfg, SPINConfig):
+            mass = stats.image_mass(rows, image, check=False)  # (B, H, Qa)
+            keep = max(1, int(math.floor(cfg.keep_ratio * self.num_heads)))
+            order = mass.argsort(dim=1, descending=True).argsort(dim=1)  # rank of each head, 0 = most mass
+            damp = (order >= keep) & active[:, None, :]
+            out = torch.matmul(weights, v)
+            scale = torch.where(damp, torch.full_like(mass, cfg.scale), torch.ones_like(mass)).to(out.dtype)
+            out = torch.cat([out[:, :, :first], out[:, :, first:] * scale[..., None]], dim=2)
+            return out.transpose(1, 2).contiguous(), weights
+
+        new_rows, record = self._dleaf_rows(layer, rows, image, active)
+        if self.trace is not None and "record" in self._state:
+            pad = first
+            record = {k: torch.nn.functional.pad(t, (pad, 0), value=(math.nan if t.is_floating_point() else 0))
+                      .to("cpu") for k, t in record.items()}
+            for k in ("flag", "corrected"):
+                record[k] = record[k].bool()
+            self._state["record"]["layers"][layer] = record
+        weights = torch.cat([weights[:, :, :first], new_rows], dim=2)
+        return torch.matmul(weights, v).transpose(1, 2).contiguous(), weights
+
+    def _dleaf_rows(self, layer, rows, image, active):
+        """Flag, rank and fuse the active rows of one layer; update the running state. Returns the new rows and the
+        trace record of this layer."""
+        cfg: DLeafConfig = self.config
+        B, H, Qa, K = rows.shape
+        if cfg.layer_signal == "liae":
+            signal = stats.layer_entropy(rows, image, cfg.liae_variant, cfg.liae_normalize, check=False)
+        else:
+            signal = -stats.image_mass(rows, image, check=False).mean(dim=1)
+        iaf = stats.head_focus(rows, image, cfg.iaf_variant, check=False)  # (B, H, Qa)
+        signal = signal.to(torch.float64)  # (B, Qa)
+
+        act = active.to(torch.float64)
+        s_act = torch.where(active, signal, torch.zeros_like(signal))
+        count = self._state["count"][:, layer, None] + torch.cumsum(act, 1) - act
+        total = self._state["total"][:, layer, None] + torch.cumsum(s_act, 1) - s_act
+        squares = self._state["squares"][:, layer, None] + torch.cumsum(s_act * s_act, 1) - s_act * s_act
+        s_inf = torch.where(active, signal, torch.full_like(signal, math.inf))
+        prev_best = torch.cat([torch.full_like(s_inf[:, :1], math.inf), torch.cummin(s_inf, 1).values[:, :-1]], 1)
+        best = torch.minimum(self._state["best"][:, layer, None], prev_best)
+        if cfg.threshold == "running":
+            mean = total / count.clamp(min=1)
+            var = (squares / count.clamp(min=1) - mean * mean).clamp(min=0)
+            tau = mean + cfg.kappa * var.sqrt()
+        else:
+            tau = best + cfg.margin
+        ready = count >= cfg.warmup
+        if cfg.localization == "threshold":
+            flag = active & ready & (signal > tau)
+        elif cfg.localization == "everywhere":
+            flag = active.clone()
+        else:
+            draw = torch.rand(active.shape, generator=self._generator, device=active.device)
+            flag = active & (draw < cfg.random_rate)
+        tau = torch.where(ready, tau, torch.full_like(tau, math.nan))
+
+        self._state["count"][:, layer] += act.sum(1)
+        self._state["total"][:, layer] += s_act.sum(1)
+        self._state["squares"][:, layer] += (s_act * s_act).sum(1)
+        self._state["best"][:, layer] = torch.minimum(self._state["best"][:, layer], s_inf.min(1).values)
+
+        best_head = iaf.argmax(dim=1, keepdim=True)  # (B, 1, Qa)
+        heads = torch.arange(H, device=rows.device)[None, :, None]
+        if cfg.head_selection == "below_mean":
+            selected = iaf < iaf.mean(dim=1, keepdim=True)
+        elif cfg.head_selection == "all_but_best":
+            selected = heads != best_head
+        else:
+            rank = iaf.argsort(dim=1).argsort(dim=1)  # 0 = lowest IAF
+            selected = (rank < cfg.bottom_k) & (heads != best_head)
+        corrected = selected & flag[:, None, :]
+        target = torch.gather(rows, 1, best_head[..., None].expand(B, 1, Qa, K))
+        gamma = self._gamma(rows)
+        new_rows = rows + gamma * corrected[..., None].to(rows.dtype) * (target - rows)
+        record = {"signal": signal, "tau": tau, "flag": flag, "iaf": iaf, "corrected": corrected}
+        return new_rows, record
+
+    def _gamma(self, rows):
+        # ``gamma_override`` (a tensor, possibly requiring grad) replaces the configured gamma: the autograd slope of
+        # a loss at gamma = 0 uses it with the flags fixed by the uncorrected model.
+        return self.gamma_override if self.gamma_override is not None else self.config.gamma
+
+    # ------------------------------------------------------------------ summaries
+    def flag_rate(self) -> float:
+        """Fraction of (active position, watched layer) pairs flagged so far (needs ``trace=True``)."""
+        if self.trace is None:
+            raise RuntimeError("flag_rate needs the intervention attached with trace=True")
+        flagged = total = 0
+        for step in self.trace.steps:
+            for rec in step["layers"].values():
+                flagged += int((rec["flag"] & step["active"]).sum())
+                total += int(step["active"].sum())
+        return flagged / total if total else float("nan")
+
+
+def attach(model, method: str | MethodConfig = "dleaf", *, trace: bool = False, unwatched: str = "eager",
+           **knobs) -> Intervention:
+    """Attach a method to ``model`` (a config object, or a name from :data:`dleaf.config.METHODS` with ``knobs``).
+
+    Returns the :class:`Intervention`; call its ``detach()`` or use it as a context manager. The model must be in
+    eval mode for results that match plain decoding (dropout is honoured as the model's own attention does).
+    """
+    config = method_config(method, **knobs) if isinstance(method, str) else method
+    if knobs and not isinstance(method, str):
+        raise ValueError("pass knobs with a method name, or a config object alone")
+    return Intervention(model, config, trace=trace, unwatched=unwatched)._attach()
+
+
+@contextlib.contextmanager
+def attached(model, method: str | MethodConfig | None = "dleaf", **kwargs):
+    """``with attached(model, "dleaf", gamma=0.5) as iv: model.generate(...)``; ``method=None`` or ``"greedy"``
+    attaches nothing (plain decoding) and yields None."""
+    if method is None or method == "greedy":
+        yield None
+        return
+    intervention = attach(model, method, **kwargs)
+    try:
+        yield intervention
+    finally:
+        intervention.detach()
+
+
+def response_logprobs(model, inputs: dict, response_start: torch.Tensor | list[int],
+                      intervention: Intervention | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced per-token log-probabilities of each sample's response, in one forward pass.
+
+    ``inputs`` are model inputs (``input_ids``, ``attention_mask``, ``pixel_values``, ...) holding prompt and
+    response, left-padded; ``response_start[b]`` is the column of sample b's first response token. With an attached
+    ``intervention``, every position from the last prompt token on is corrected exactly as step-by-step decoding
+    would correct it. Returns ``(logprobs, mask)``, both (B, T): ``logprobs[b, t]`` is log p(input_ids[b, t] |
+    input_ids[b, :t]) where ``mask[b, t]`` (a response column), else 0.
+    """
+    input_ids = inputs["input_ids"]
+    b, t = input_ids.shape
+    start = torch.as_tensor(response_start, device=input_ids.device).long().reshape(-1)
+    if start.shape[0] != b:
+        raise ValueError(f"response_start has {start.shape[0]} entries for a batch of {b}")
+    if bool((start < 1).any()) or bool((start > t).any()):
+        raise ValueError(f"response_start must lie in [1, {t}] (a response needs a prompt before it); got "
+                         f"{start.tolist()}")
+    if intervention is not None:
+        if not intervention._attached:
+            raise ValueError("the intervention passed to response_logprobs is detached")
+        intervention._score_from = start
+        intervention._score_min = int(start.min())
+    try:
+        logits = model(**inputs, use_cache=False).logits
+    finally:
+        if intervention is not None:
+            intervention._score_from = None
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
+    logp = torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)
+    columns = torch.arange(t, device=input_ids.device)[None, :]
+    mask = columns >= start[:, None]
+    if "attention_mask" in inputs:
+        mask = mask & inputs["attention_mask"].bool()
+    return torch.where(mask, logp, torch.zeros_like(logp)), mask
