@@ -122,6 +122,39 @@ def _layers(start: int, end: int | None, n: int) -> range:
     return range(start, end)
 
 
+def select_heads(iaf: torch.Tensor, rule: str = "below_mean", k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best head and the heads to correct, per query row.
+
+    ``iaf``: (B, H, Q) image attention focus. Returns ``best`` (B, 1, Q), ``h* = argmax_h IAF`` (the first on ties),
+    and ``selected`` (B, H, Q) bool: ``"below_mean"``: IAF[h] < mean_h IAF; ``"bottom_k"``: the ``k`` heads of lowest
+    IAF other than h*; ``"all_but_best"``: every h != h*.
+    """
+    best = iaf.argmax(dim=1, keepdim=True)
+    heads = torch.arange(iaf.shape[1], device=iaf.device)[None, :, None]
+    if rule == "below_mean":
+        selected = iaf < iaf.mean(dim=1, keepdim=True)
+    elif rule == "all_but_best":
+        selected = heads != best
+    elif rule == "bottom_k":
+        rank = iaf.argsort(dim=1, stable=True).argsort(dim=1)  # 0 = lowest IAF
+        selected = (rank < k) & (heads != best)
+    else:
+        raise ValueError(f"unknown head selection rule {rule!r}; valid: below_mean, bottom_k, all_but_best")
+    return best, selected
+
+
+def fuse_heads(rows: torch.Tensor, best: torch.Tensor, corrected: torch.Tensor, gamma) -> torch.Tensor:
+    """Eq. 4: ``a~[h] = (1 - gamma) a[h] + gamma a[h*]`` where ``corrected[h]``, else ``a[h]`` unchanged.
+
+    ``rows`` (B, H, Q, K) post-softmax attention, ``best`` (B, 1, Q) the index h*, ``corrected`` (B, H, Q) bool,
+    ``gamma`` a float or a 0-d tensor. Written as ``a + gamma * c * (a[h*] - a)`` so that uncorrected rows (and
+    gamma = 0) are returned bit for bit.
+    """
+    B, H, Q, K = rows.shape
+    target = torch.gather(rows, 1, best[..., None].expand(B, 1, Q, K))
+    return rows + gamma * corrected[..., None].to(rows.dtype) * (target - rows)
+
+
 class Trace:
     """What D-LEAF saw and did at every active position, per sample: each layer's signal and threshold, the flagged
     layers, each head's IAF, and the corrected heads. Filled while attached with ``trace=True``.
@@ -431,19 +464,9 @@ class Intervention:
         self._state["squares"][:, layer] += (s_act * s_act).sum(1)
         self._state["best"][:, layer] = torch.minimum(self._state["best"][:, layer], s_inf.min(1).values)
 
-        best_head = iaf.argmax(dim=1, keepdim=True)  # (B, 1, Qa)
-        heads = torch.arange(H, device=rows.device)[None, :, None]
-        if cfg.head_selection == "below_mean":
-            selected = iaf < iaf.mean(dim=1, keepdim=True)
-        elif cfg.head_selection == "all_but_best":
-            selected = heads != best_head
-        else:
-            rank = iaf.argsort(dim=1).argsort(dim=1)  # 0 = lowest IAF
-            selected = (rank < cfg.bottom_k) & (heads != best_head)
+        best_head, selected = select_heads(iaf, cfg.head_selection, cfg.bottom_k)
         corrected = selected & flag[:, None, :]
-        target = torch.gather(rows, 1, best_head[..., None].expand(B, 1, Qa, K))
-        gamma = self._gamma(rows)
-        new_rows = rows + gamma * corrected[..., None].to(rows.dtype) * (target - rows)
+        new_rows = fuse_heads(rows, best_head, corrected, self._gamma(rows))
         record = {"signal": signal, "tau": tau, "flag": flag, "iaf": iaf, "corrected": corrected}
         return new_rows, record
 

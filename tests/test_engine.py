@@ -1,0 +1,319 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                          Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+
+from dleaf import engine
+from dleaf.config import DLeafConfig, PAIConfig, SPINConfig, method_config
+from dleaf.organism import build, world
+from dleaf.organism.profile import _prompt_batch
+
+GEN = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    shape = build.OrganismShape(text_hidden=32, text_layers=3, text_heads=4, text_intermediate=64)
+    processor = build.build_processor(shape)
+    model = build.build_model(processor.tokenizer, shape, seed=0).eval()
+    model.set_attn_implementation("eager")
+    scenes = world.scenes("adversarial", 3)
+    prompts = [world.CAPTION_PROMPTS[0], world.QUESTION_TEMPLATE.format(obj="fork"), world.CAPTION_PROMPTS[1]]
+    batch = _prompt_batch(processor, scenes, prompts)
+    assert (batch["attention_mask"] == 0).any()  # the batch really is left-padded
+    return model, processor, scenes, prompts, batch
+
+
+STRONG = dict(gamma=1.0, warmup=1, kappa=0.0)  # flags often on an untrained model
+
+
+def _same_logits(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@torch.no_grad()
+def test_gamma_zero_and_no_flags_equal_plain_eager_decoding(tiny):
+    model, _, _, _, batch = tiny
+    plain = model.generate(**batch, max_new_tokens=8, **GEN)
+    with engine.attached(model, "dleaf", gamma=0.0, warmup=1, kappa=0.0, trace=True) as iv:
+        zero = model.generate(**batch, max_new_tokens=8, **GEN)
+    assert iv.flag_rate() > 0  # heads were selected and "corrected" with gamma 0
+    with engine.attached(model, "dleaf", gamma=1.0, kappa=1e9, trace=True) as iv:
+        none = model.generate(**batch, max_new_tokens=8, **GEN)
+    assert iv.flag_rate() == 0
+    with engine.attached(model, "dleaf", **STRONG) as iv:
+        strong = model.generate(**batch, max_new_tokens=8, **GEN)
+    for out in (zero, none):
+        assert torch.equal(out.sequences, plain.sequences) and _same_logits(out.logits, plain.logits)
+    assert not _same_logits(strong.logits, plain.logits)
+
+
+@torch.no_grad()
+def test_detach_leaves_the_model_exactly_as_it_was(tiny):
+    model, _, _, _, batch = tiny
+    before = model(**batch).logits
+    impl = model.config.text_config._attn_implementation
+    vision_impl = model.config.vision_config._attn_implementation
+    iv = engine.attach(model, "dleaf", **STRONG)
+    assert model.config.text_config._attn_implementation == engine.ATTENTION_NAME
+    assert model.config.vision_config._attn_implementation == vision_impl  # the vision tower is never touched
+    with pytest.raises(RuntimeError, match="already has"):
+        engine.attach(model, "pai")
+    iv.detach()
+    assert model.config.text_config._attn_implementation == impl
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert not engine._MODULES
+    assert torch.equal(model(**batch).logits, before)
+
+
+@torch.no_grad()
+def test_batch_with_padding_equals_each_sample_alone(tiny):
+    model, processor, scenes, prompts, batch = tiny
+    n = batch["input_ids"].shape[1]
+    with engine.attached(model, "dleaf", **STRONG):
+        together = model.generate(**batch, max_new_tokens=8, **GEN)
+        for i in range(len(scenes)):
+            one = _prompt_batch(processor, scenes[i:i + 1], prompts[i:i + 1])
+            alone = model.generate(**one, max_new_tokens=8, **GEN)
+            m = one["input_ids"].shape[1]
+            assert torch.equal(alone.sequences[0, m:], together.sequences[i, n:])
+            for a, b in zip(alone.logits, together.logits):
+                torch.testing.assert_close(a[0], b[i], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method,knobs", [("dleaf", STRONG), ("dleaf", dict(STRONG, layer_signal="mass_deficit",
+                                                                            threshold="best", iaf_variant="focus")),
+                                          ("pai", {"alpha": 0.5, "layer_start": 0}), ("spin", {"keep_ratio": 0.5})])
+def test_teacher_forced_scoring_equals_step_by_step_decoding(tiny, method, knobs):
+    model, _, _, _, batch = tiny
+    n = batch["input_ids"].shape[1]
+    with engine.attached(model, method, **knobs) as iv:
+        out = model.generate(**batch, max_new_tokens=10, **GEN)
+        full = {**batch, "input_ids": out.sequences,
+                "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(out.sequences[:, n:])], 1)}
+        scored, mask = engine.response_logprobs(model, full, [n] * out.sequences.shape[0], iv)
+    plain_scored, _ = engine.response_logprobs(model, full, [n] * out.sequences.shape[0])
+    stepwise = torch.stack([torch.log_softmax(l.float(), -1).gather(-1, out.sequences[:, n + i, None])[:, 0]
+                            for i, l in enumerate(out.logits)], 1)
+    assert mask[:, n:].all() and not mask[:, :n].any()
+    torch.testing.assert_close(scored[:, n:], stepwise, atol=1e-5, rtol=1e-5)
+    assert (scored - plain_scored).abs().max() > 1e-4  # the method did act in scoring
+
+
+@torch.no_grad()
+def test_trace_statistics_equal_brute_force_from_output_attentions(tiny):
+    model, _, _, _, batch = tiny
+    out = model.generate(**batch, max_new_tokens=6, do_sample=False)
+    n = batch["input_ids"].shape[1]
+    full = {**batch, "input_ids": out,
+            "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(out[:, n:])], 1)}
+    cfg = DLeafConfig(gamma=0.0, warmup=1, kappa=0.5, liae_normalize=False, iaf_variant="focus")
+    with engine.attached(model, cfg, trace=True) as iv:
+        engine.response_logprobs(model, full, [n] * out.shape[0], iv)
+    attentions = model(**full, output_attentions=True).attentions
+    image_id = model.config.image_token_id
+    for b in range(out.shape[0]):
+        tr = iv.trace.sample(b)
+        assert tr["positions"].tolist() == list(range(n - 1, out.shape[1]))
+        img = [k for k in range(out.shape[1]) if int(out[b, k]) == image_id]
+        for j, t in enumerate(tr["positions"].tolist()):
+            for layer, att in enumerate(attentions):
+                row = att[b, :, t].double()
+                heads = row.shape[0]
+                masses = [sum(float(row[h, k]) for k in img) for h in range(heads)]
+                mixed = [sum(float(row[h, k]) / masses[h] for h in range(heads)) / heads for k in img]
+                liae = -sum(p * math.log(p) for p in mixed if p > 0)
+                assert float(tr["signal"][j, layer]) == pytest.approx(liae, rel=1e-4, abs=1e-5)
+                for h in range(heads):
+                    prof = [float(row[h, k]) / masses[h] for k in img]
+                    ent = -sum(p * math.log(p) for p in prof if p > 0)
+                    focus = masses[h] * (1 - ent / math.log(len(img)))
+                    assert float(tr["iaf"][j, layer, h]) == pytest.approx(focus, rel=1e-4, abs=1e-6)
+        # the running threshold, recomputed with a loop over earlier positions of the same layer
+        sig = tr["signal"].double().numpy()
+        for layer in range(sig.shape[1]):
+            for j in range(sig.shape[0]):
+                earlier = sig[:j, layer]
+                if len(earlier) < cfg.warmup:
+                    assert math.isnan(float(tr["tau"][j, layer])) and not tr["flag"][j, layer]
+                    continue
+                tau = earlier.mean() + cfg.kappa * earlier.std()
+                assert float(tr["tau"][j, layer]) == pytest.approx(tau, rel=1e-6, abs=1e-9)
+                assert bool(tr["flag"][j, layer]) == (sig[j, layer] > tau)
+                # corrected heads: below the layer mean IAF, only where the layer is flagged
+                iaf = tr["iaf"][j, layer].double()
+                want = (iaf < iaf.mean()) & bool(tr["flag"][j, layer])
+                assert torch.equal(tr["corrected"][j, layer], want)
+
+
+def test_select_heads_and_fusion_on_a_hand_worked_example():
+    iaf = torch.tensor([0.1, 0.6, 0.2, 0.5]).reshape(1, 4, 1)  # mean 0.35: heads 0 and 2 below it, h* = 1
+    best, sel = engine.select_heads(iaf, "below_mean")
+    assert best.item() == 1 and sel.flatten().tolist() == [True, False, True, False]
+    assert engine.select_heads(iaf, "all_but_best")[1].flatten().tolist() == [True, False, True, True]
+    assert engine.select_heads(iaf, "bottom_k", 1)[1].flatten().tolist() == [True, False, False, False]
+    assert engine.select_heads(iaf, "bottom_k", 3)[1].flatten().tolist() == [True, False, True, True]
+    rows = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.2, 0.8], [1.0, 0.0, 0.0], [0.3, 0.3, 0.4]]).reshape(1, 4, 1, 3)
+    fused = engine.fuse_heads(rows, best, sel, 0.25)
+    # head 0: 0.75 * [0.5, 0.5, 0] + 0.25 * [0, 0.2, 0.8] = [0.375, 0.425, 0.2]
+    assert fused[0, 0, 0].tolist() == pytest.approx([0.375, 0.425, 0.2])
+    # head 2: 0.75 * [1, 0, 0] + 0.25 * [0, 0.2, 0.8] = [0.75, 0.05, 0.2]
+    assert fused[0, 2, 0].tolist() == pytest.approx([0.75, 0.05, 0.2])
+    assert torch.equal(fused[0, 1], rows[0, 1]) and torch.equal(fused[0, 3], rows[0, 3])
+    assert fused.sum(-1).flatten().tolist() == pytest.approx([1.0] * 4)
+    torch.testing.assert_close(engine.fuse_heads(rows, best, sel, 1.0)[0, 0], rows[0, 1])
+
+
+@torch.no_grad()
+def test_state_follows_a_beam_style_cache_reordering(tiny):
+    """Start with the batch in one order, swap the two cache rows before the first decoding step (as beam search
+    reorders them): every later step must equal decoding the batch in the other order from the start."""
+    model, processor, scenes, prompts, _ = tiny
+
+    def run(order, swap_after):
+        batch = _prompt_batch(processor, [scenes[i] for i in order], [prompts[i] for i in order])
+        with engine.attached(model, "dleaf", trace=True, **STRONG) as iv:
+            out = model(**batch, use_cache=True)
+            cache, mask = out.cache, batch["attention_mask"]
+            logits = []
+            for step in range(6):
+                nxt = out.logits[:, -1].argmax(-1)
+                if step == swap_after:
+                    cache.reorder_cache(torch.tensor([1, 0]))
+                    nxt, mask = nxt.flip(0), mask.flip(0)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+                out = model(input_ids=nxt[:, None], attention_mask=mask, cache=cache, use_cache=True)
+                logits.append(out.logits[:, -1])
+        return torch.stack(logits, 1), iv
+
+    straight, iv_straight = run([0, 2], swap_after=None)
+    swapped, iv_swapped = run([2, 0], swap_after=0)
+    torch.testing.assert_close(swapped, straight, atol=1e-5, rtol=1e-5)
+    for i in range(2):
+        assert torch.equal(iv_swapped.trace.sample(i)["flag"], iv_straight.trace.sample(i)["flag"])
+
+
+@torch.no_grad()
+def test_sampling_and_beam_search_run_under_dleaf(tiny):
+    model, _, _, _, batch = tiny
+    torch.manual_seed(3)
+    plain = model.generate(**batch, max_new_tokens=6, do_sample=True, top_k=10)
+    with engine.attached(model, "dleaf", gamma=0.0):
+        torch.manual_seed(3)
+        same = model.generate(**batch, max_new_tokens=6, do_sample=True, top_k=10)
+        beams0 = model.generate(**batch, max_new_tokens=6, num_beams=3, do_sample=False)
+    assert torch.equal(plain, same)
+    assert torch.equal(beams0, model.generate(**batch, max_new_tokens=6, num_beams=3, do_sample=False))
+    with engine.attached(model, "dleaf", **STRONG):
+        beams = model.generate(**batch, max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False)
+    assert beams.shape[0] == 6
+
+
+@torch.no_grad()
+def test_baselines_are_neutral_at_zero_strength_and_act_otherwise(tiny):
+    model, _, _, _, batch = tiny
+    plain = model(**batch).logits
+    for name, neutral, strong in [("pai", {"alpha": 0.0}, {"alpha": 1.0, "layer_start": 0}),
+                                  ("spin", {"scale": 1.0}, {"keep_ratio": 0.5, "scale": 0.0}),
+                                  ("no_localization", {"gamma": 0.0}, {"gamma": 1.0}),
+                                  ("random_layers", {"gamma": 0.0}, {"gamma": 1.0, "random_rate": 1.0})]:
+        with engine.attached(model, name, **neutral):
+            assert torch.equal(model(**batch).logits, plain), name
+        with engine.attached(model, name, **strong):
+            assert not torch.equal(model(**batch).logits, plain), name
+
+
+@torch.no_grad()
+def test_spin_damps_the_heads_with_least_image_mass(tiny):
+    model, _, _, _, batch = tiny
+    with engine.attached(model, "spin", keep_ratio=0.5, scale=0.0, layer_start=0, layer_end=1):
+        out = model(**batch, output_attentions=True)
+    att = out.attentions[0][:, :, -1]  # layer 0 weights are returned unchanged; outputs are damped
+    img = (batch["input_ids"] == model.config.image_token_id)
+    mass = (att * img[:, None, :]).sum(-1)  # (B, H)
+    keep = mass.argsort(dim=1, descending=True)[:, :2]
+    assert keep.shape == (3, 2)  # floor(0.5 * 4) heads kept per sample
+
+
+def _qwen(config_cls, model_cls, vision):
+    torch.manual_seed(0)
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]})
+    cfg = config_cls(text_config=text, vision_config=vision, image_token_id=60, video_token_id=61,
+                     vision_start_token_id=62, vision_end_token_id=63)
+    model = model_cls(cfg).eval()
+    model.set_attn_implementation("eager")
+    ids = torch.tensor([[0, 0, 5, 62] + [60] * 4 + [63, 7, 8], [3, 4, 5, 62] + [60] * 4 + [63, 7, 9]])
+    inputs = dict(input_ids=ids, attention_mask=(torch.arange(11) >= torch.tensor([[2], [0]])).long(),
+                  pixel_values=torch.randn(32, 3 * 2 * 4 * 4), image_grid_thw=torch.tensor([[1, 4, 4], [1, 4, 4]]),
+                  mm_token_type_ids=(ids == 60).int())
+    return model, inputs
+
+
+QWENS = {
+    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                 dict(depth=1, embed_dim=16, num_heads=2, hidden_size=32, patch_size=4, spatial_merge_size=2,
+                      temporal_patch_size=2)),
+    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                   dict(depth=1, hidden_size=16, out_hidden_size=32, intermediate_size=32, num_heads=2, patch_size=4,
+                        spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0], window_size=8)),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", sorted(QWENS))
+def test_qwen_vl_models(name):
+    model, inputs = _qwen(*QWENS[name])
+    plain = model.generate(**inputs, max_new_tokens=5, **GEN)
+    with engine.attached(model, "dleaf", gamma=0.0):
+        zero = model.generate(**inputs, max_new_tokens=5, **GEN)
+    with engine.attached(model, "dleaf", trace=True, **STRONG) as iv:
+        strong = model.generate(**inputs, max_new_tokens=5, **GEN)
+    assert torch.equal(zero.sequences, plain.sequences) and _same_logits(zero.logits, plain.logits)
+    assert iv.flag_rate() > 0 and not _same_logits(strong.logits, plain.logits)
+    assert model.config.vision_config._attn_implementation != engine.ATTENTION_NAME
+
+
+def test_models_without_an_image_token_get_a_clear_error():
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    with pytest.raises(ValueError, match="image_token_id"):
+        engine.attach(model, "dleaf")
+
+
+@torch.no_grad()
+def test_a_sample_without_image_tokens_is_an_error(tiny):
+    model, processor, _, _, _ = tiny
+    ids = processor.tokenizer(["describe the image ."], return_tensors="pt")
+    with engine.attached(model, "dleaf"), pytest.raises(ValueError, match="no image token"):
+        model(**ids)
+
+
+def test_configs_validate_their_knobs():
+    with pytest.raises(ValueError, match="gamma"):
+        DLeafConfig(gamma=1.5)
+    with pytest.raises(ValueError, match="threshold"):
+        DLeafConfig(threshold="cross_layer")
+    with pytest.raises(ValueError, match="layer_end"):
+        DLeafConfig(layer_start=3, layer_end=2)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        SPINConfig(keep_ratio=0)
+    with pytest.raises(ValueError, match="alpha"):
+        PAIConfig(alpha=-1)
+    with pytest.raises(ValueError, match="unknown method"):
+        method_config("vcd")
+    with pytest.raises(ValueError, match="no knob"):
+        method_config("pai", gamma=0.5)
+    assert method_config("no_localization").localization == "everywhere"
+
+
+def test_layer_range_must_fit_the_model(tiny):
+    model = tiny[0]
+    with pytest.raises(ValueError, match="does not fit"):
+        engine.attach(model, "dleaf", layer_start=1, layer_end=9)
+    assert not engine._MODULES
