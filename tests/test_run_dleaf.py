@@ -1,0 +1,60 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dleaf import engine, run, trace_report
+from dleaf.organism import build, world
+from dleaf.organism.profile import _prompt_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_parse_knobs_types_and_errors():
+    assert run.parse_knobs("dleaf", ["gamma=0.3", "warmup=4", "liae_normalize=false", "layer_end=None",
+                                     "threshold=best"]) == {
+        "gamma": 0.3, "warmup": 4, "liae_normalize": False, "layer_end": None, "threshold": "best"}
+    with pytest.raises(ValueError, match="no knob 'alpha'"):
+        run.parse_knobs("dleaf", ["alpha=1"])
+    with pytest.raises(ValueError, match="name=value"):
+        run.parse_knobs("pai", ["alpha"])
+    with pytest.raises(ValueError, match="gamma"):
+        run.parse_knobs("dleaf", ["gamma=3"])
+    with pytest.raises(ValueError, match="expected a value"):
+        run.parse_knobs("dleaf", ["warmup=two"])
+
+
+@torch.no_grad()
+def test_trace_export_summary_and_figure(tmp_path):
+    shape = build.OrganismShape(text_hidden=32, text_layers=3, text_heads=4, text_intermediate=64)
+    processor = build.build_processor(shape)
+    model = build.build_model(processor.tokenizer, shape, seed=0).eval()
+    model.set_attn_implementation("eager")
+    batch = _prompt_batch(processor, world.scenes("adversarial", 2), [world.CAPTION_PROMPTS[0]] * 2)
+    with engine.attached(model, "dleaf", trace=True, gamma=1.0, warmup=1, kappa=0.0, layer_start=1) as iv:
+        model.generate(**batch, max_new_tokens=7, do_sample=False)
+    data = json.loads(trace_report.write_trace_json(iv.trace, tmp_path / "t.json", config=iv.config).read_text())
+    assert data["num_layers"] == 3 and len(data["samples"]) == 2 and data["config"]["layer_start"] == 1
+    first = data["samples"][0]
+    assert len(first["positions"]) == 7  # the last prompt row and the rows of the first 6 generated tokens
+    assert all(row[0] is None for row in first["signal"])  # layer 0 is not watched
+    assert all(0 not in layers for layers in first["flagged_layers"])
+    flagged = sum(len(x) for x in first["flagged_layers"])
+    assert flagged == int(iv.trace.sample(0)["flag"].sum()) > 0
+    text = trace_report.trace_summary(iv.trace, 0)
+    assert "flag rate" in text and "L1" in text
+    png = trace_report.plot_trace(iv.trace, tmp_path / "t.png", tokens=[str(i) for i in range(7)])
+    assert png.stat().st_size > 1000
+
+
+@pytest.mark.skipif(not (build.ORGANISM_DIR / "config.json").is_file(), reason="organism checkpoint missing")
+def test_run_dleaf_script_on_the_organism(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_dleaf.py"), "--knob", "gamma=0.9",
+                          "--max_new_tokens", "20", "--out", str(tmp_path)], capture_output=True, text=True,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "plain greedy :" in res.stdout and "dleaf" in res.stdout and "flag rate" in res.stdout
+    assert (tmp_path / "trace.json").is_file() and (tmp_path / "trace.png").is_file()
