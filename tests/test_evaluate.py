@@ -1,0 +1,412 @@
+"""Tests for dleaf.evaluate: COCO CHAIR and POPE files against hand-computed values, resume after a kill, bad input,
+sharded runs under accelerate launch, the comparison table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dleaf import evaluate as ev
+from dleaf.organism import build
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = build.OrganismShape(text_hidden=32, text_layers=2, text_heads=4, text_intermediate=64)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    processor = build.build_processor(SHAPE)
+    model = build.build_model(processor.tokenizer, SHAPE, seed=0).eval()
+    return model, processor
+
+
+def _args(tmp_path, name="run", **kw):
+    base = dict(benchmark="organism_caption", output_dir=str(tmp_path / name), limit=3, max_new_tokens=6,
+                batch_size=2, progress=False, splits=["indist", "adversarial"])
+    base.update(kw)
+    return ev.EvalArguments(**base)
+
+
+def _files(run_dir):
+    return {f: (Path(run_dir) / f).read_bytes() for f in (ev.CONFIG, ev.GENERATIONS, ev.METRICS)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# COCO CHAIR on a hand-made fixture
+# ----------------------------------------------------------------------------------------------------------------
+
+CATEGORIES = [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}, {"id": 23, "name": "bear"},
+              {"id": 58, "name": "hot dog"}, {"id": 88, "name": "teddy bear"}, {"id": 67, "name": "dining table"},
+              {"id": 47, "name": "cup"}, {"id": 49, "name": "knife"}]
+
+
+def _write_coco(tmp_path, with_images=True):
+    images = [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg", "width": 20, "height": 20} for i in (1, 2, 3)]
+    instances = {
+        "images": images, "categories": CATEGORIES,
+        "annotations": [{"id": 10, "image_id": 1, "category_id": 18}, {"id": 11, "image_id": 1, "category_id": 67},
+                        {"id": 12, "image_id": 1, "category_id": 18},
+                        {"id": 13, "image_id": 2, "category_id": 88},
+                        {"id": 14, "image_id": 3, "category_id": 58}, {"id": 15, "image_id": 3, "category_id": 47}],
+    }
+    captions = {
+        "images": images,
+        "annotations": [{"id": 20, "image_id": 1, "caption": "A puppy sitting under a table."},
+                        {"id": 21, "image_id": 1, "caption": "A man feeding his dog."},
+                        {"id": 22, "image_id": 2, "caption": "A teddy bear on a bed."},
+                        {"id": 23, "image_id": 3, "caption": "Two hot dogs and a mug of coffee."}],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(instances, indent=1))
+    (tmp_path / "captions.json").write_text(json.dumps(captions, indent=1))
+    img_dir = tmp_path / "val2014"
+    img_dir.mkdir(exist_ok=True)
+    if with_images:
+        for k, im in enumerate(images):
+            Image.new("RGB", (20, 20), (40 * k, 200, 90)).save(img_dir / im["file_name"])
+    return img_dir, tmp_path / "instances.json", tmp_path / "captions.json"
+
+
+# Hand count (longest phrase first, every mention counted):
+#   image 1, GT {dog, dining table} + captions {dog, dining table, person}:
+#     "Two dogs and a puppy sit near a table. A woman holds a knife. The dogs look happy and the dog is sleeping."
+#     mentions dogs puppy table woman knife dogs dog (7); objects {dog, dining table, person, knife}; H = {knife}
+#     -> 1 hallucinated mention; words 9 + 5 + 9 = 23
+#   image 2, GT {teddy bear} + captions {teddy bear, bed}:
+#     "A teddy bear and two bears next to teddy bears."  mentions "teddy bear", "bears", "teddy bears" (3);
+#     objects {teddy bear, bear}; H = {bear}; 1 hallucinated mention; grounded 1 of 2; words 10
+#   image 3, GT {hot dog, cup} + captions {hot dog, cup}:
+#     "A hot dog with ketchup."  mentions "hot dog" (1), no dog; grounded 1 of 2; words 5
+GENERATED = {
+    "val2014/1": "Two dogs and a puppy sit near a table. A woman holds a knife. The dogs look happy and the dog is "
+                 "sleeping.",
+    "val2014/2": "A teddy bear and two bears next to teddy bears.",
+    "val2014/3": "A hot dog with ketchup.",
+}
+
+
+def test_coco_chair_on_hand_made_fixture(tmp_path):
+    img_dir, inst, caps = _write_coco(tmp_path)
+    protocol = ev.load_protocol("coco_chair")
+    bench = ev.coco_chair_benchmark(protocol, img_dir, inst, caps, image_ids=[1, 2, 3])
+    assert [it.truth for it in bench.items] == [{"dog", "dining table", "person"}, {"teddy bear", "bed"},
+                                                {"hot dog", "cup"}]
+    rows = [{"id": k, "text": v} for k, v in GENERATED.items()]
+    m = ev.compute_metrics(bench, rows)["val2014"]
+    assert m["n_mentions"] == 11
+    assert m["n_hallucinated_mentions"] == 2
+    assert m["chair_i"] == pytest.approx(2 / 11)
+    assert m["chair_i_unique"] == pytest.approx(2 / 7)
+    assert m["chair_s"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(5 / 7)
+    assert m["mean_length"] == pytest.approx(38 / 3)
+    assert m["n_hallucinated_objects"] == 2 and m["n_grounded_objects"] == 5
+    # ground truth from instances alone: "woman" (person) becomes a hallucination in caption 1
+    ann = ev.load_coco_annotations(inst, None, bench.vocab)
+    assert ann.ground_truth(1, ("instances",)) == {"dog", "dining table"}
+
+
+def test_coco_vocabulary_synonyms_plurals_and_double_words():
+    vocab = ev.coco_vocabulary()
+    assert len(vocab.categories) == 80
+    cats = lambda text: [(m.surface, m.category) for m in vocab.extract(text)]  # noqa: E731
+    assert cats("two hot dogs beside three dogs") == [("hot dogs", "hot dog"), ("dogs", "dog")]
+    assert cats("teddy bears and a polar bear") == [("teddy bears", "teddy bear"), ("polar bear", "bear")]
+    assert cats("men, women and children with knives") == [
+        ("men", "person"), ("women", "person"), ("children", "person"), ("knives", "knife")]
+    assert cats("two glasses of wine, some buses, a microwave oven, ponies, sheep") == [
+        ("glasses of wine", "wine glass"), ("buses", "bus"), ("microwave oven", "microwave"),
+        ("ponies", "horse"), ("sheep", "sheep")]
+    assert cats("a toilet bowl and a motor bike") == [("toilet bowl", "toilet"), ("motor bike", "motorcycle")]
+    assert ev.plural_forms("sandwich") == ["sandwiches"] and ev.plural_forms("boy") == ["boys"]
+    assert ev.plural_forms("sheep", same=["sheep"]) == []
+
+
+def test_coco_chair_end_to_end_and_bad_input(tmp_path, tiny):
+    model, processor = tiny
+    img_dir, inst, caps = _write_coco(tmp_path)
+    ids_protocol = tmp_path / "coco_fixture.yaml"
+    ids_file = tmp_path / "ids.txt"
+    ids_file.write_text("# fixture ids\n3\n1\n")
+    text = (ROOT / "data/protocols/coco_chair.yaml").read_text().replace(
+        "file: coco/chair_val2014_ids.txt", f"file: {os.path.relpath(ids_file, ev.DATA_DIR)}")
+    ids_protocol.write_text(text)
+    args = ev.EvalArguments(benchmark="coco_chair", protocol=str(ids_protocol), output_dir=str(tmp_path / "run"),
+                            coco_images=str(img_dir), coco_instances=str(inst), coco_captions=str(caps),
+                            max_new_tokens=5, progress=False)
+    res = ev.run_evaluation(args, model, processor)
+    assert res["sections"]["val2014"]["n_captions"] == 2
+    assert res["run"]["inputs"]["image_ids"] == "file"
+    lines = (tmp_path / "run" / ev.GENERATIONS).read_text().splitlines()
+    assert [json.loads(x)["id"] for x in lines] == ["val2014/3", "val2014/1"]
+
+    # a missing image: the error names it
+    (img_dir / "COCO_val2014_000000000003.jpg").unlink()
+    with pytest.raises(ev.EvaluationInputError, match="COCO_val2014_000000000003.jpg"):
+        ev.build_benchmark(args)
+    # malformed annotation file: file and line
+    bad = tmp_path / "bad_instances.json"
+    bad.write_text('{\n  "images": [\n    {"id": 1,}\n  ]\n}\n')
+    with pytest.raises(ev.EvaluationInputError, match=r"bad_instances\.json.*line 3"):
+        ev.load_coco_annotations(bad, None, ev.coco_vocabulary())
+    with pytest.raises(ev.EvaluationInputError, match="not found.*nowhere.json"):
+        ev.load_coco_annotations(tmp_path / "nowhere.json", None, ev.coco_vocabulary())
+    bad.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "unicorn"}]}))
+    with pytest.raises(ev.EvaluationInputError, match="unicorn"):
+        ev.load_coco_annotations(bad, None, ev.coco_vocabulary())
+    ids_file.write_text("3\nseven\n")
+    with pytest.raises(ev.EvaluationInputError, match=r"ids\.txt, line 2"):
+        ev.read_id_list(ids_file)
+
+
+def test_coco_id_rule_is_deterministic(tmp_path):
+    _, inst, _ = _write_coco(tmp_path, with_images=False)
+    ann = ev.load_coco_annotations(inst, None, ev.coco_vocabulary())
+    assert ev.select_coco_ids(ann, 2, 0) == ev.select_coco_ids(ann, 2, 0)
+    assert sorted(ev.select_coco_ids(ann, 5, 1)) == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# POPE from files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _write_pope(tmp_path):
+    img_dir = tmp_path / "images"
+    img_dir.mkdir(exist_ok=True)
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (16, 16), (10, 120, 200)).save(img_dir / name)
+    qs = [(1, "a.jpg", "Is there a dog in the image?", "yes"), (2, "a.jpg", "Is there a cat in the image?", "no"),
+          (3, "b.jpg", "Is there a car in the image?", "yes"), (4, "b.jpg", "Is there a bus in the image?", "no"),
+          (5, "b.jpg", "Is there a cup in the image?", "yes"), (6, "a.jpg", "Is there a fork in the image?", "no")]
+    path = tmp_path / "coco_pope_random.json"
+    path.write_text("".join(json.dumps({"question_id": q, "image": i, "text": t, "label": lab}) + "\n"
+                            for q, i, t, lab in qs))
+    return path, img_dir
+
+
+def test_pope_file_metrics_with_free_form_answers(tmp_path):
+    path, img_dir = _write_pope(tmp_path)
+    bench = ev.pope_file_benchmark(ev.load_protocol("pope_file"), [path], img_dir)
+    assert bench.sections == ["coco_pope_random"]
+    assert bench.items[0].prompt == "Is there a dog in the image?"
+    answers = ["Yes, there is a dog.",            # present, yes  -> tp
+               "There is no cat in the image.",   # absent, no    -> tn
+               "I don't see a car.",              # present, no   -> fn
+               "Yes.",                            # absent, yes   -> fp
+               "I think so, yes",                 # present, yes  -> tp
+               "Hmm, hard to tell"]               # absent, unparsed
+    rows = [{"id": it.id, "text": a} for it, a in zip(bench.items, answers)]
+    m = ev.compute_metrics(bench, rows)["coco_pope_random"]
+    assert (m["tp"], m["fp"], m["tn"], m["fn"], m["n_unparsed"]) == (2, 1, 1, 1, 1)
+    assert m["accuracy"] == pytest.approx(3 / 6)
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(4 / 6)
+    assert m["yes_ratio"] == pytest.approx(3 / 6)
+
+
+def test_pope_file_bad_input(tmp_path):
+    path, img_dir = _write_pope(tmp_path)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2]) + '{"question_id": 3, "image": "b.jpg", \n' + "".join(lines[3:]))
+    with pytest.raises(ev.EvaluationInputError, match=r"coco_pope_random\.json, line 3"):
+        ev.read_pope_file(path)
+    path.write_text("".join(lines[:3]) + json.dumps({"question_id": 9, "image": "b.jpg", "text": "?"}) + "\n")
+    with pytest.raises(ev.EvaluationInputError, match=r"line 4: lacks label"):
+        ev.read_pope_file(path)
+    path.write_text("".join(lines))
+    (img_dir / "b.jpg").unlink()
+    with pytest.raises(ev.EvaluationInputError, match="b.jpg"):
+        ev.pope_file_benchmark(ev.load_protocol("pope_file"), [path], img_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Protocols, rules, arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_protocol_files_load_and_are_recorded():
+    for name in ev.BENCHMARKS:
+        p = ev.load_protocol(name)
+        assert p.benchmark == name and p.version >= 1 and len(p.sha256) == 64
+        assert p.get("trailing_incomplete_sentence") in ev.SENTENCE_RULES
+    with pytest.raises(ev.EvaluationInputError, match="protocol file not found"):
+        ev.load_protocol("no_such_protocol")
+
+
+def test_trailing_incomplete_sentence_rule():
+    assert ev.apply_sentence_rule("a fork . a knife is on the", True, "drop") == "a fork ."
+    assert ev.apply_sentence_rule("a fork . a knife is on the", False, "drop") == "a fork . a knife is on the"
+    assert ev.apply_sentence_rule("no sentence end", True, "drop") == "no sentence end"
+    assert ev.apply_sentence_rule("Done! And then", True, "keep") == "Done! And then"
+    assert ev.apply_sentence_rule("Is it? yes", True, "drop") == "Is it?"
+
+
+def test_unknown_benchmark_method_and_knob(tmp_path, tiny):
+    with pytest.raises(ev.EvaluationInputError, match="unknown benchmark 'cocoa'"):
+        ev.build_benchmark(ev.EvalArguments(benchmark="cocoa", output_dir=str(tmp_path)))
+    with pytest.raises(ev.EvaluationInputError, match="unknown split 'train'"):
+        ev.build_benchmark(_args(tmp_path, splits=["train"]))
+    with pytest.raises(ValueError, match="no knob"):
+        ev.run_evaluation(_args(tmp_path, method="dleaf", knobs=["gama=0.3"]), *tiny)
+    with pytest.raises(ev.EvaluationInputError, match="decoding"):
+        _args(tmp_path, decoding="nucleus")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs: resume, bad files, methods, table
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_resume_after_a_kill_gives_identical_files(tmp_path, tiny):
+    model, processor = tiny
+    full = ev.run_evaluation(_args(tmp_path, "full"), model, processor)
+    assert full["sections"]["indist"]["n_captions"] == 3
+    reference = _files(tmp_path / "full")
+    rows = reference[ev.GENERATIONS].decode().splitlines(keepends=True)
+    assert len(rows) == 6 and len({json.loads(r)["id"] for r in rows}) == 6
+
+    # a kill in the middle of writing line 3: two whole lines and half a line on disk, no metrics yet
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / ev.CONFIG).write_bytes(reference[ev.CONFIG])
+    (killed / ev.GENERATIONS).write_text(rows[0] + rows[1] + rows[2][: len(rows[2]) // 2])
+    ev.run_evaluation(_args(tmp_path, "killed"), model, processor)
+    assert _files(killed) == reference
+
+    # an exception out of generate after the first batch (two rows written), then a second run
+    calls = {"n": 0}
+    original = model.generate
+
+    def dying_generate(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*a, **k)
+
+    model.generate = dying_generate
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ev.run_evaluation(_args(tmp_path, "interrupted"), model, processor)
+    finally:
+        del model.generate
+    assert len((tmp_path / "interrupted" / ev.GENERATIONS).read_text().splitlines()) == 2
+    assert not (tmp_path / "interrupted" / ev.METRICS).exists()
+    ev.run_evaluation(_args(tmp_path, "interrupted"), model, processor)
+    assert _files(tmp_path / "interrupted") == reference
+
+    # a run with nothing left to do rewrites nothing but metrics (same bytes)
+    ev.run_evaluation(_args(tmp_path, "full"), model, processor)
+    assert _files(tmp_path / "full") == reference
+
+
+def test_bad_run_folder_input_loses_nothing(tmp_path, tiny):
+    model, processor = tiny
+    ev.run_evaluation(_args(tmp_path, "run"), model, processor)
+    gen = tmp_path / "run" / ev.GENERATIONS
+    lines = gen.read_text().splitlines(keepends=True)
+    corrupt = lines[0] + "{not json\n" + "".join(lines[2:])
+    gen.write_text(corrupt)
+    with pytest.raises(ev.EvaluationInputError, match=r"generations\.jsonl, line 2"):
+        ev.run_evaluation(_args(tmp_path, "run"), model, processor)
+    assert gen.read_text() == corrupt
+    gen.write_text("".join(lines))
+    with pytest.raises(ev.EvaluationInputError, match="different run.*max_new_tokens"):
+        ev.run_evaluation(_args(tmp_path, "run", max_new_tokens=7), model, processor)
+    assert gen.read_text() == "".join(lines)
+    foreign = json.dumps({"id": "replication/0", "text": "x"}) + "\n"
+    gen.write_text("".join(lines) + foreign)
+    with pytest.raises(ev.EvaluationInputError, match="line 7: id 'replication/0' is not an item"):
+        ev.run_evaluation(_args(tmp_path, "run"), model, processor)
+
+
+def test_organism_pope_methods_and_comparison_table(tmp_path, tiny):
+    model, processor = tiny
+    dirs = []
+    for method, knobs in (("greedy", []), ("dleaf", ["gamma=0.3"]), ("pai", ["layer_start=1"]), ("spin", [])):
+        args = _args(tmp_path, f"pope_{method}", benchmark="organism_pope", splits=["adversarial"],
+                     negatives=["random", "adversarial"], limit=2, max_new_tokens=4, method=method, knobs=knobs)
+        res = ev.run_evaluation(args, model, processor)
+        assert list(res["sections"]) == ["adversarial/random", "adversarial/adversarial"]
+        assert res["sections"]["adversarial/random"]["n"] == 4
+        assert res["protocol"]["name"] == "organism_pope" and res["protocol"]["version"] == 1
+        dirs.append(tmp_path / f"pope_{method}")
+    ev.run_evaluation(_args(tmp_path, "captions"), model, processor)
+    table = ev.comparison_table(dirs + [tmp_path / "captions"])
+    assert "| run | method | section | protocol | n | CHAIR_s % |" in table
+    assert "| accuracy % |" in table
+    assert "| pope_dleaf | dleaf (gamma=0.3) | adversarial/random | organism_pope v1 * | 4 |" in table
+    assert table.count("\n| captions | greedy |") == 2
+    assert "Warning" not in table
+    out = tmp_path / "table.md"
+    sys_argv = ["--compare", *map(str, dirs), "--table_out", str(out)]
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import evaluate as script  # scripts/evaluate.py
+    finally:
+        sys.path.pop(0)
+    assert script.main(sys_argv) == 0
+    assert out.read_text() == ev.comparison_table(dirs)
+    assert script.main(["--benchmark", "nope", "--output_dir", str(tmp_path / "x")]) == 2
+
+
+def test_sampling_is_independent_of_batching(tmp_path, tiny):
+    model, processor = tiny
+    a = ev.run_evaluation(_args(tmp_path, "s1", decoding="sample", seed=3, splits=["indist"]), model, processor)
+    b = ev.run_evaluation(_args(tmp_path, "s2", decoding="sample", seed=3, splits=["indist"], batch_size=8),
+                          model, processor)
+    assert a["sections"] == b["sections"]
+    assert (tmp_path / "s1" / ev.GENERATIONS).read_bytes() == (tmp_path / "s2" / ev.GENERATIONS).read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# accelerate launch: 2 processes == 1 process
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_two_process_accelerate_run_equals_one_process(tmp_path, tiny):
+    model, processor = tiny
+    ckpt = tmp_path / "tiny"
+    model.save_pretrained(ckpt)
+    processor.save_pretrained(ckpt)
+    common = ["scripts/evaluate.py", "--benchmark", "organism_caption", "--model", str(ckpt), "--limit", "3",
+              "--max_new_tokens", "6", "--batch_size", "2", "--no_progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *common, "--output_dir", str(tmp_path / "one")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *common,
+                          "--output_dir", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted([ev.CONFIG, ev.GENERATIONS, ev.METRICS])
+    m = json.loads((tmp_path / "two" / ev.METRICS).read_text())
+    assert set(m["sections"]) == {"indist", "adversarial", "replication"}
+    assert not math.isnan(m["sections"]["indist"]["mean_length"])
+
+
+def test_leftover_shards_are_merged_in_protocol_order(tmp_path, tiny):
+    model, processor = tiny
+    ev.run_evaluation(_args(tmp_path, "ref"), model, processor)
+    reference = _files(tmp_path / "ref")
+    rows = reference[ev.GENERATIONS].decode().splitlines(keepends=True)
+    # a 2-process run killed before the merge: rank 0 wrote rows 0, 2 (and half of 4), rank 1 wrote row 1
+    run = tmp_path / "shards"
+    run.mkdir()
+    (run / ev.CONFIG).write_bytes(reference[ev.CONFIG])
+    (run / "generations.shard-0-of-2.jsonl").write_text(rows[0] + rows[2] + rows[4][:10])
+    (run / "generations.shard-1-of-2.jsonl").write_text(rows[1])
+    ev.run_evaluation(_args(tmp_path, "shards"), model, processor)
+    assert _files(run) == reference
+    assert not list(run.glob("generations.shard-*"))
+    shutil.rmtree(run)
