@@ -410,3 +410,33 @@ def test_leftover_shards_are_merged_in_protocol_order(tmp_path, tiny):
     assert _files(run) == reference
     assert not list(run.glob("generations.shard-*"))
     shutil.rmtree(run)
+
+
+@pytest.mark.slow
+def test_sigkill_midway_then_rerun_gives_identical_files(tmp_path, tiny):
+    import signal
+    import time
+
+    model, processor = tiny
+    ckpt = tmp_path / "tiny"
+    model.save_pretrained(ckpt)
+    processor.save_pretrained(ckpt)
+    common = [sys.executable, "scripts/evaluate.py", "--benchmark", "organism_caption", "--model", str(ckpt),
+              "--limit", "12", "--max_new_tokens", "12", "--batch_size", "1", "--no_progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    ref = subprocess.run([*common, "--output_dir", str(tmp_path / "ref")], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    gen = tmp_path / "killed" / ev.GENERATIONS
+    proc = subprocess.Popen([*common, "--output_dir", str(tmp_path / "killed")], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and (not gen.exists() or len(gen.read_bytes().splitlines()) < 3):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 3 <= len(gen.read_bytes().splitlines()) < 36 and not (tmp_path / "killed" / ev.METRICS).exists()
+    again = subprocess.run([*common, "--output_dir", str(tmp_path / "killed")], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _files(tmp_path / "killed") == _files(tmp_path / "ref")
