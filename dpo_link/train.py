@@ -1,0 +1,399 @@
+"""DPO with LoRA adapters on a vision-language model, through TRL's ``DPOTrainer`` and PEFT.
+
+:func:`run` is what ``scripts/train_dpo.py`` calls with the three configs ``TrlParser`` reads (a
+:class:`ScriptArguments`, TRL's ``DPOConfig`` and ``ModelConfig``): it builds or loads the preference data, checks
+it (:mod:`dpo_link.validate`) before any step, wraps the model's language-model projections in LoRA, measures the
+held-out DPO loss and rewards before and after training, saves the adapter with the processor, a model card
+(``README.md``) and ``dpo_run.json``, and resumes from a checkpoint when asked.
+
+Logged metrics are TRL's (``loss``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
+``rewards/margins``, ``logps/*``, ``logits/*``, ``entropy``); rewards are ``beta * (log pi_theta - log pi_ref)``
+summed over completion tokens, the reference being the model with its adapter disabled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import pairs as pairs_mod
+from .collate import VisionPreferenceCollator
+from .validate import PreferenceDataError, validate_preference_dataset
+
+logger = logging.getLogger(__name__)
+
+ORGANISM = "organism"
+LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass
+class ScriptArguments:
+    """Data and evaluation options of ``scripts/train_dpo.py`` (DPO options live in ``DPOConfig``, model and LoRA
+    options in ``ModelConfig``)."""
+
+    dataset: str = dataclasses.field(
+        default=ORGANISM,
+        metadata={"help": "'organism' (ground-truth pairs built from the synthetic world) or a path to a TRL-format "
+                          "vision preference dataset on disk (save_to_disk folder, parquet or JSON lines)"})
+    dataset_split: str = dataclasses.field(default="train", metadata={"help": "split of a DatasetDict on disk"})
+    eval_dataset: str | None = dataclasses.field(
+        default=ORGANISM,
+        metadata={"help": "'organism' (held-out ground-truth pairs from scenes no training pair or evaluation "
+                          "split uses), a path, 'split' (hold out eval_fraction of the training data) or 'none'"})
+    eval_split: str = dataclasses.field(default="test", metadata={"help": "split of an eval DatasetDict on disk"})
+    eval_fraction: float = dataclasses.field(default=0.02, metadata={"help": "held-out share with eval_dataset=split"})
+    column_map: str | None = dataclasses.field(
+        default=None, metadata={"help": "rename columns first, 'old:new,old:new' (RLAIF-V: 'question:prompt,image:images')"})
+    dataset_limit: int | None = dataclasses.field(default=None, metadata={"help": "use only the first N rows"})
+    n_train_pairs: int = dataclasses.field(default=2000, metadata={"help": "organism: training pairs"})
+    n_eval_pairs: int = dataclasses.field(default=200, metadata={"help": "organism: held-out pairs"})
+    adversarial_fraction: float = dataclasses.field(default=0.5, metadata={"help": "organism: share of scenes drawn "
+                                                                                    "like the adversarial split"})
+    question_fraction: float = dataclasses.field(default=0.3, metadata={"help": "organism: share of yes/no pairs"})
+    max_injected: int = dataclasses.field(default=2, metadata={"help": "organism: most absent objects injected into "
+                                                                        "a rejected caption"})
+    self_generated_scenes: int = dataclasses.field(
+        default=0, metadata={"help": "organism: also caption this many scenes with greedy and D-LEAF decoding and add "
+                                     "the pairs their exact hallucination counts rank"})
+    dleaf_knobs: str | None = dataclasses.field(
+        default=None, metadata={"help": "JSON object of D-LEAF knobs for self-generated pairs, e.g. '{\"gamma\": 0.8}'"})
+    lora_language_model_only: bool = dataclasses.field(
+        default=True, metadata={"help": "restrict lora_target_modules to the language model (the vision tower has "
+                                        "q_proj/k_proj/v_proj too)"})
+    organism_eval_images: int = dataclasses.field(
+        default=0, metadata={"help": "after training, caption and question this many held-out organism images per "
+                                     "split with and without the adapter (CHAIR, recall, POPE); 0 skips it"})
+    save_adapter_only: bool = dataclasses.field(
+        default=True, metadata={"help": "save the adapter (not merged weights) in output_dir"})
+
+
+# ------------------------------------------------------------------------------------------------- model & data
+def load_model(model_args, training_args):
+    """(model, processor) from ``model_args.model_name_or_path``: None or 'organism' loads the committed organism."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    name = model_args.model_name_or_path
+    attn = model_args.attn_implementation or "eager"
+    dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "auto"
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    if name in (None, ORGANISM):
+        from dleaf.organism.build import load_organism
+
+        model, processor = load_organism(attn_implementation=attn)
+        # recorded in adapter_config.json as the base model: the repository-relative path, not this machine's
+        model.config._name_or_path = "data/organism"
+        model.name_or_path = "data/organism"
+    else:
+        processor = AutoProcessor.from_pretrained(name, revision=model_args.model_revision,
+                                                  trust_remote_code=training_args.trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(
+            name, revision=model_args.model_revision, dtype=dtype, attn_implementation=attn,
+            trust_remote_code=training_args.trust_remote_code)
+    tok = getattr(processor, "tokenizer", processor)
+    if tok.padding_side != "left":
+        # TRL pads prompts on the left itself; this only matters for generation with the saved processor
+        logger.warning("the tokenizer pads on the %s; generation with the saved processor should pad left",
+                       tok.padding_side)
+    return model, processor
+
+
+def _column_map(spec: str | None) -> dict[str, str] | None:
+    if not spec:
+        return None
+    out = {}
+    for item in spec.split(","):
+        if ":" not in item:
+            raise ValueError(f"column_map entries look like old:new, got {item!r} in {spec!r}")
+        old, new = (s.strip() for s in item.split(":", 1))
+        out[old] = new
+    return out
+
+
+def organism_pair_config(args: ScriptArguments, split: str) -> pairs_mod.OrganismPairConfig:
+    held_out = split != "train"
+    return pairs_mod.OrganismPairConfig(
+        n=args.n_eval_pairs if held_out else args.n_train_pairs,
+        adversarial_fraction=args.adversarial_fraction, question_fraction=args.question_fraction,
+        max_injected=args.max_injected,
+        world_seed=pairs_mod.EVAL_WORLD_SEED if held_out else pairs_mod.TRAIN_WORLD_SEED)
+
+
+def build_datasets(args: ScriptArguments, model=None, processor=None, seed: int = 0):
+    """(train dataset, eval dataset or None, a description of the data for the model card)."""
+    from datasets import concatenate_datasets
+
+    info: dict[str, Any] = {}
+    if args.dataset == ORGANISM:
+        cfg = organism_pair_config(args, "train")
+        train = pairs_mod.organism_pairs(cfg)
+        info["train"] = {"source": "organism ground truth", "config": dataclasses.asdict(cfg), "rows": len(train)}
+        if args.self_generated_scenes > 0:
+            if model is None:
+                raise ValueError("self-generated pairs need the model")
+            from dleaf.organism import world
+
+            knobs = json.loads(args.dleaf_knobs) if args.dleaf_knobs else {}
+            decoders = (pairs_mod.Decoder("greedy"), pairs_mod.Decoder("dleaf", "dleaf", knobs))
+            scenes = world.scenes("adversarial", args.self_generated_scenes, world_seed=pairs_mod.TRAIN_WORLD_SEED,
+                                  start=cfg.start + cfg.n)
+            rows = pairs_mod.self_generated_pairs(model, processor, scenes, decoders, return_rows=True)
+            info["self_generated"] = {"scenes": len(scenes), "pairs": len(rows), "decoders": [
+                dataclasses.asdict(d) for d in decoders]}
+            if rows:
+                # keep only the columns both sources share, so the two concatenate
+                extra = pairs_mod._dataset(rows)
+                common = [c for c in train.column_names if c in extra.column_names]
+                train = concatenate_datasets([train.select_columns(common), extra.select_columns(common)])
+                train = train.shuffle(seed=seed)
+    else:
+        train = pairs_mod.load_preference_dataset(args.dataset, args.dataset_split, _column_map(args.column_map),
+                                                  limit=args.dataset_limit)
+        info["train"] = {"source": "disk", "path": _portable(args.dataset), "split": args.dataset_split,
+                         "column_map": args.column_map, "rows": len(train)}
+    eval_ds = None
+    spec = (args.eval_dataset or "none").lower()
+    if args.eval_dataset == ORGANISM:
+        cfg = organism_pair_config(args, "eval")
+        eval_ds = pairs_mod.organism_pairs(cfg)
+        info["eval"] = {"source": "organism ground truth (held-out scenes)", "config": dataclasses.asdict(cfg),
+                        "rows": len(eval_ds)}
+    elif spec == "split":
+        parts = train.train_test_split(test_size=args.eval_fraction, seed=seed)
+        train, eval_ds = parts["train"], parts["test"]
+        info["eval"] = {"source": f"{args.eval_fraction:.0%} of the training data", "rows": len(eval_ds)}
+        info["train"]["rows"] = len(train)
+    elif spec != "none":
+        eval_ds = pairs_mod.load_preference_dataset(args.eval_dataset, args.eval_split, _column_map(args.column_map))
+        info["eval"] = {"source": "disk", "path": _portable(args.eval_dataset), "split": args.eval_split,
+                        "rows": len(eval_ds)}
+    return train, eval_ds, info
+
+
+def _portable(path: str) -> str:
+    """A path as recorded in a card: relative to the working directory when inside it, else its last parts."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(Path(*p.parts[-2:])) if p.is_absolute() else str(p)
+
+
+def lora_config(model_args, language_model_only: bool = True):
+    """A PEFT ``LoraConfig`` from TRL's ``ModelConfig``; by default on the language model's attention and MLP
+    projections only (a regex, since the vision tower has modules with the same names)."""
+    from peft import LoraConfig
+
+    targets = model_args.lora_target_modules
+    if targets is None:
+        targets = list(LM_PROJECTIONS)
+    if isinstance(targets, str):
+        targets = [targets]
+    if language_model_only and targets not in (["all-linear"],):
+        if len(targets) == 1 and any(ch in targets[0] for ch in ".*()|\\^$"):
+            target_modules: Any = targets[0]  # already a regex: the user's own choice
+        else:
+            target_modules = r".*language_model.*\.(" + "|".join(targets) + r")$"
+    else:
+        target_modules = targets if len(targets) > 1 or targets != ["all-linear"] else "all-linear"
+    return LoraConfig(
+        r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+        target_modules=target_modules, bias="none", use_rslora=model_args.use_rslora, use_dora=model_args.use_dora,
+        modules_to_save=model_args.lora_modules_to_save, task_type=model_args.lora_task_type)
+
+
+def _check_device_options(training_args) -> None:
+    on_gpu = torch.cuda.is_available() and not training_args.use_cpu
+    if not on_gpu and (training_args.bf16 or training_args.fp16):
+        raise ValueError(
+            "training on the CPU with bf16/fp16 mixed precision: pass --bf16 false (and --use_cpu true) or set "
+            "'bf16: false' and 'use_cpu: true' in the recipe, as scripts/recipes/dpo_organism.yaml does")
+
+
+def resume_checkpoint(value, output_dir: str) -> str | None:
+    """``resume_from_checkpoint`` as a path: 'true'/'last' means the newest checkpoint in ``output_dir``."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if value in (None, False, "", "false", "False"):
+        return None
+    if value in (True, "true", "True", "last"):
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise FileNotFoundError(f"resume_from_checkpoint={value!r} but {output_dir} has no checkpoint-* folder")
+        return last
+    if not os.path.isdir(value):
+        raise FileNotFoundError(f"resume_from_checkpoint={value!r} is not a checkpoint folder")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------- training
+REWARD_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+
+
+def _eval_summary(metrics: dict) -> dict:
+    return {k: metrics.get(f"eval_{k}") for k in REWARD_KEYS}
+
+
+def build_trainer(model, processor, train_ds, eval_ds, training_args, model_args, script_args, callbacks=None):
+    from trl import DPOTrainer
+
+    collator = VisionPreferenceCollator(processor=processor, max_length=training_args.max_length)
+    peft_config = lora_config(model_args, script_args.lora_language_model_only) if model_args.use_peft else None
+    return DPOTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      processing_class=processor, data_collator=collator, peft_config=peft_config,
+                      callbacks=callbacks)
+
+
+def run(script_args: ScriptArguments, training_args, model_args, model=None, processor=None) -> dict:
+    """Train one adapter; returns the run record (also written to ``output_dir/dpo_run.json``)."""
+    t0 = time.time()
+    _check_device_options(training_args)
+    resume = resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    if model is None:
+        model, processor = load_model(model_args, training_args)
+    train_ds, eval_ds, data_info = build_datasets(script_args, model, processor, seed=training_args.seed)
+
+    # every check before the first step
+    lengths = {"train": validate_preference_dataset(train_ds, processor, training_args.max_length, "train dataset")}
+    if eval_ds is not None:
+        lengths["eval"] = validate_preference_dataset(eval_ds, processor, training_args.max_length, "eval dataset")
+    if not model_args.use_peft:
+        logger.warning("use_peft is false: DPO will fine-tune every weight of the model")
+
+    trainer = build_trainer(model, processor, train_ds, eval_ds, training_args, model_args, script_args)
+    record: dict[str, Any] = {"data": data_info, "lengths": {k: v.as_dict() for k, v in lengths.items()}}
+    if eval_ds is not None and resume is None:
+        record["eval_before"] = _eval_summary(trainer.evaluate())
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    record["train"] = {"global_step": train_output.global_step, "training_loss": train_output.training_loss,
+                       "resumed_from": Path(resume).name if resume else None,
+                       "runtime_s": train_output.metrics.get("train_runtime")}
+    if eval_ds is not None:
+        record["eval_after"] = _eval_summary(trainer.evaluate())
+    record["log_history"] = [h for h in trainer.state.log_history if any(k.startswith("rewards/") or
+                                                                         k.startswith("eval_") for k in h)]
+    record["seconds"] = time.time() - t0
+
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        if script_args.organism_eval_images > 0:
+            from .evaluate import compare_adapter
+
+            record["organism_eval"] = compare_adapter(trainer.model, processor, script_args.organism_eval_images)
+        record["config"] = {
+            "script": dataclasses.asdict(script_args),
+            "dpo": _recipe(training_args),
+            "model": {k: (list(v) if isinstance(v, (set, tuple)) else v)
+                      for k, v in dataclasses.asdict(model_args).items()},
+            "lora_target_modules": _target_modules(trainer.model),
+            "processes": training_args.world_size,
+        }
+        record["environment"] = _environment()
+        out = Path(training_args.output_dir)
+        (out / "dpo_run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        (out / "README.md").write_text(model_card(record))
+    return record
+
+
+def _target_modules(model):
+    cfg = getattr(model, "peft_config", {}).get("default")
+    if cfg is None:
+        return None
+    t = cfg.target_modules
+    return sorted(t) if isinstance(t, (set, list, tuple)) else t
+
+
+RECIPE_KEYS = ("beta", "loss_type", "learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs",
+               "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "seed",
+               "bf16", "use_cpu", "gradient_checkpointing", "weight_decay", "optim")
+
+
+def _recipe(training_args) -> dict:
+    out = {}
+    for k in RECIPE_KEYS:
+        v = getattr(training_args, k, None)
+        out[k] = v.value if hasattr(v, "value") else v
+    return out
+
+
+def _environment() -> dict:
+    import peft
+    import transformers
+    import trl
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "trl": trl.__version__, "peft": peft.__version__,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "command": " ".join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv))}
+
+
+# --------------------------------------------------------------------------------------------------- the card
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4f}"
+    return str(v)
+
+
+def model_card(record: dict) -> str:
+    """The adapter's model card (``README.md``): data, recipe, held-out metrics and how to load it."""
+    cfg = record["config"]
+    name = cfg["model"].get("model_name_or_path")
+    base = _portable(name) if name not in (None, ORGANISM) else "data/organism"
+    lines = ["---", "library_name: peft", "tags: [dpo, trl, lora, vision-language, hallucination]",
+             f"base_model: {base}", "---", "",
+             "# DPO LoRA adapter against object hallucination", "",
+             f"A LoRA adapter on the language model of {base}, trained with TRL's `DPOTrainer` "
+             "(`dpo_link.train`, `scripts/train_dpo.py`) on vision preference pairs: the preferred reply describes "
+             "the image faithfully, the dispreferred one names objects the image lacks (or gives the wrong yes/no "
+             "answer).", "", "## Data", ""]
+    for split, info in record["data"].items():
+        lines.append(f"- **{split}**: " + ", ".join(f"{k}: `{v}`" for k, v in info.items() if k != "config"))
+        if "config" in info:
+            lines.append("  - " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
+    lines += ["", "Sequence lengths (tokens, as the collator builds them): " + "; ".join(
+        f"{k}: longest {v['max_total']}, prompt {v['max_prompt']}, {v['image_tokens_per_image']} image tokens"
+        for k, v in record["lengths"].items()), "", "## Recipe", "", "| option | value |", "|---|---|"]
+    for k, v in cfg["dpo"].items():
+        lines.append(f"| {k} | {_fmt(v)} |")
+    m = cfg["model"]
+    for k in ("lora_r", "lora_alpha", "lora_dropout"):
+        lines.append(f"| {k} | {_fmt(m.get(k))} |")
+    lines.append(f"| LoRA target modules | `{cfg['lora_target_modules']}` |")
+    lines.append(f"| processes | {cfg['processes']} |")
+    t = record["train"]
+    lines += ["", f"Trained {t['global_step']} steps (training loss {_fmt(t['training_loss'])})"
+              + (f", resumed from {t['resumed_from']}" if t.get("resumed_from") else "") + ".", ""]
+    if "eval_after" in record:
+        lines += ["## Held-out DPO metrics", "",
+                  "Rewards are beta * (log pi_adapter - log pi_base) summed over the reply's tokens; the loss of the "
+                  f"untrained adapter is log 2 = {math.log(2):.4f}.", "",
+                  "| | " + " | ".join(REWARD_KEYS) + " |", "|---|" + "---|" * len(REWARD_KEYS)]
+        for when in ("eval_before", "eval_after"):
+            if when in record:
+                lines.append(f"| {when.replace('eval_', '')} training | "
+                             + " | ".join(_fmt(record[when][k]) for k in REWARD_KEYS) + " |")
+        lines.append("")
+    if "organism_eval" in record:
+        from .evaluate import evaluation_markdown
+
+        lines += ["## Effect on hallucination (organism, greedy decoding)", "",
+                  evaluation_markdown(record["organism_eval"]), ""]
+    lines += ["## Use", "", "```python", "from peft import PeftModel",
+              "from dleaf.organism.build import load_organism", "",
+              "model, processor = load_organism()  # or your base model and processor",
+              "model = PeftModel.from_pretrained(model, 'path/to/this/folder')", "```", "",
+              "Everything above is also in `dpo_run.json` next to this card.", "",
+              "## Environment", "", ", ".join(f"{k} {v}" for k, v in record["environment"].items()), ""]
+    return "\n".join(lines)
