@@ -385,6 +385,15 @@ def model_card(record: dict) -> str:
                 lines.append(f"| {when.replace('eval_', '')} training | "
                              + " | ".join(_fmt(record[when][k]) for k in REWARD_KEYS) + " |")
         lines.append("")
+    train_logs = [h for h in record.get("log_history", []) if "rewards/chosen" in h and "loss" in h]
+    if train_logs:
+        stride = max(1, math.ceil(len(train_logs) / 15))
+        shown = train_logs[::stride] + ([train_logs[-1]] if (len(train_logs) - 1) % stride else [])
+        lines += ["## Training log (TRL's logged metrics)", "",
+                  "| step | " + " | ".join(REWARD_KEYS) + " |", "|---|" + "---|" * len(REWARD_KEYS)]
+        for h in shown:
+            lines.append(f"| {h.get('step', '-')} | " + " | ".join(_fmt(h.get(k)) for k in REWARD_KEYS) + " |")
+        lines.append("")
     if "organism_eval" in record:
         from .evaluate import evaluation_markdown
 
