@@ -140,6 +140,26 @@ def test_self_generated_pairs_rank_decoders(monkeypatch, processor):
     assert [pairs.message_text(c) for c in ds["chosen"]] == good
 
 
+def test_self_generated_pairs_join_the_organism_data(monkeypatch, processor):
+    from dpo_link.train import build_datasets
+
+    def fake(model, proc, scenes, prompt, decoder, *a, **k):
+        good = [world.describe(s) for s in scenes]
+        if decoder.name == "dleaf":
+            return good
+        rng = __import__("numpy").random.default_rng(0)
+        return [pairs.inject_objects(s, d, pairs.absent_partners(s)[:1], rng) for s, d in zip(scenes, good)]
+
+    monkeypatch.setattr(pairs, "generate_replies", fake)
+    train, held_out, info = build_datasets(
+        ScriptArguments(n_train_pairs=6, n_eval_pairs=3, self_generated_scenes=4, dleaf_knobs='{"gamma": 0.7}'),
+        torch.nn.Linear(1, 1), processor)
+    assert len(train) == 10 and len(held_out) == 3
+    assert sorted(train["source"]) == ["ground_truth"] * 6 + ["self_generated"] * 4
+    assert info["self_generated"]["pairs"] == 4 and info["self_generated"]["decoders"][1]["knobs"] == {"gamma": 0.7}
+    validate.validate_preference_dataset(train, processor, 256)
+
+
 def test_generate_replies_runs_greedy_and_dleaf(tiny_dir):
     model, proc = _tiny(tiny_dir)
     model.eval()
