@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
@@ -150,20 +152,34 @@ def build_model(tokenizer, shape: OrganismShape = OrganismShape(), seed: int = 0
 
 
 def scale_projector_to_text(model, tokenizer) -> None:
-    """Rescale the projector's output layer so that image tokens enter the decoder at the scale of text embeddings.
+    """Centre and rescale the projector's output layer so that image tokens enter the decoder at the scale of text
+    embeddings, with their differences (what tells one patch from another) at that scale too.
 
     A randomly initialised CLIP tower emits features far larger than the decoder's token embeddings (about 50 times
-    here); the decoder then sees the image tokens as near-identical giants, and learning to read them stalls.
-    Real LLaVA checkpoints start from a pretrained projector stage for the same reason.
+    here) and nearly identical across patches (the spread across patches is about 1% of the norm). Scaled as they
+    come, the image tokens reach the decoder as one repeated vector with a faint signal on top: a frozen decoder
+    can be taught to read it, but once the decoder trains too it learns its language prior faster and stops
+    reading the image. So the projector's output bias removes the mean image token of a few rendered training
+    scenes, and its weights scale the remaining spread to the norm of a text embedding. Real LLaVA checkpoints
+    start from a pretrained projector stage for the same reason.
     """
     with torch.no_grad():
-        pix = torch.rand(4, 3, world.CANVAS, world.CANVAS) * 2 - 1
+        scenes = world.scenes("train", 16, world_seed=12345)
+        pix = torch.stack([torch.from_numpy(np.asarray(world.render(sc), dtype=np.float32)).permute(2, 0, 1)
+                           for sc in scenes]) / 255.0
+        mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+        pix = (pix - mean) / std
         feats = model.model.get_image_features(pixel_values=pix)
         feats = getattr(feats, "pooler_output", feats)
         feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
+        feats = feats.reshape(-1, feats.shape[-1])
+        centre = feats.mean(dim=0)
+        spread = (feats - centre).norm(dim=-1).mean()
         text_norm = model.get_input_embeddings().weight.norm(dim=-1).mean()
-        ratio = float(text_norm / feats.reshape(-1, feats.shape[-1]).norm(dim=-1).mean())
+        ratio = float(text_norm / spread)
         proj = model.model.multi_modal_projector.linear_2
+        proj.bias.sub_(centre)
         proj.weight.mul_(ratio)
         proj.bias.mul_(ratio)
 

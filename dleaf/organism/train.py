@@ -5,7 +5,10 @@ Stages (each with AdamW, linear warm-up and cosine decay):
 1. ``text``: the decoder (embeddings, Llama layers, LM head) is pretrained on text alone: descriptions of training
    scenes and theme statements, which carry the co-occurrence prior.
 2. ``align``: the vision tower and projector learn to feed the decoder, which is frozen, on image descriptions.
-3. ``joint``: everything trains on instruction data: descriptions and yes/no object questions.
+3. ``joint``: everything trains on instruction data: descriptions and yes/no object questions. Its learning rate
+   is low (2e-4): at 1e-3 the decoder relearned its language prior within about 100 steps and stopped reading the
+   image altogether (the loss gain from seeing the image fell from 0.39 to 0.002 nats per token and never came
+   back), in the organism and in the control alike; at 2e-4 the gain stays near 0.47.
 
 Every conversation starts with the LLaVA-style system prompt. The loss covers only the assistant's reply (and its
 </s>). The control organism is trained by the same code with ``prior=False``: its scenes, and its text, have no
@@ -42,10 +45,10 @@ class TrainConfig:
     batch_size: int = 32
     text_steps: int = 500
     align_steps: int = 500
-    joint_steps: int = 3000
+    joint_steps: int = 2500
     text_lr: float = 2e-3
     align_lr: float = 2e-3
-    joint_lr: float = 1e-3
+    joint_lr: float = 2e-4
     warmup: int = 50
     weight_decay: float = 0.01
     question_fraction: float = 0.3
