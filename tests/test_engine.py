@@ -279,6 +279,50 @@ def test_qwen_vl_models(name):
     assert model.config.vision_config._attn_implementation != engine.ATTENTION_NAME
 
 
+def _llava_next():
+    from PIL import Image
+    from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextProcessor)
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tok = build.build_tokenizer()
+    pinpoints = [[16, 32], [32, 16], [32, 32]]
+    images = LlavaNextImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                                        image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=images, tokenizer=tok, patch_size=8, image_token="<image>",
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    cfg = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=16, patch_size=8),
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="default", vision_feature_layer=-1)
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation("eager")
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray((rng.random((24, 30, 3)) * 255).astype("uint8")),
+                Image.fromarray((rng.random((32, 20, 3)) * 255).astype("uint8"))]
+    inputs = processor(text=["<image> describe the image .", "user : <image> what is in the image ?"],
+                       images=pictures, return_tensors="pt", padding=True)
+    assert (inputs["attention_mask"] == 0).any()  # different image sizes give different numbers of image tokens
+    return model, dict(inputs)
+
+
+@torch.no_grad()
+def test_llava_next():
+    model, inputs = _llava_next()
+    plain = model.generate(**inputs, max_new_tokens=5, **GEN)
+    with engine.attached(model, "dleaf", gamma=0.0):
+        zero = model.generate(**inputs, max_new_tokens=5, **GEN)
+    with engine.attached(model, "dleaf", trace=True, **STRONG) as iv:
+        strong = model.generate(**inputs, max_new_tokens=5, **GEN)
+    assert torch.equal(zero.sequences, plain.sequences) and _same_logits(zero.logits, plain.logits)
+    assert iv.flag_rate() > 0 and not _same_logits(strong.logits, plain.logits)
+
+
 def test_models_without_an_image_token_get_a_clear_error():
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2))
