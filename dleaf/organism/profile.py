@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .. import attention_stats, metrics, premise
+from ..premise_check import premise_rows
 from . import world
 from .chat import user_turn
 
@@ -121,14 +122,7 @@ def object_word_attention(model, processor, sequences, prompt_length_of, scenes:
 
 def premise_from_records(records: list[dict], n_bootstrap: int = 2000, seed: int = 0) -> list[premise.PremiseRow]:
     """The premise table from object-word records: LIAE and image-mass deficit (-mass), both 'larger = anomalous'."""
-    if not records:
-        return []
-    hall = np.array([r["hallucinated"] for r in records], dtype=bool)
-    signals = {
-        "liae": np.array([r["liae"] for r in records], dtype=float),
-        "image_mass_deficit": -np.array([r["mass"] for r in records], dtype=float),
-    }
-    return premise.premise_table(signals, hall, n_resamples=n_bootstrap, seed=seed)
+    return premise_rows(records, n_bootstrap, seed)
 
 
 def profile_model(model, processor, protocol: ProfileProtocol = ProfileProtocol(), progress=None) -> dict:
