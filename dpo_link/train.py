@@ -286,6 +286,8 @@ def run(script_args: ScriptArguments, training_args, model_args, model=None, pro
 
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
+        if eval_ds is not None and "task" in eval_ds.column_names and model_args.use_peft:
+            record["eval_by_task"] = held_out_by_task(trainer.model, processor, eval_ds, training_args)
         if script_args.organism_eval_images > 0:
             from .evaluate import compare_adapter
 
@@ -303,6 +305,36 @@ def run(script_args: ScriptArguments, training_args, model_args, model=None, pro
         (out / "dpo_run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         (out / "README.md").write_text(model_card(record))
     return record
+
+
+@torch.no_grad()
+def held_out_by_task(peft_model, processor, dataset, training_args) -> dict:
+    """Held-out DPO loss, reward accuracy and margin per ``task`` value, recomputed from plain logits
+    (:mod:`dpo_link.rewards`) with the adapter on and off."""
+    from .rewards import dpo_loss, implicit_rewards
+
+    was_training = peft_model.training
+    peft_model.eval()
+    collator = VisionPreferenceCollator(processor=processor, max_length=training_args.max_length)
+    device = next(peft_model.parameters()).device
+    size = training_args.per_device_eval_batch_size
+    chosen, rejected = [], []
+    for i in range(0, len(dataset), size):
+        batch = collator(list(dataset.select(range(i, min(i + size, len(dataset))))))
+        c, r = implicit_rewards(peft_model, {k: v.to(device) for k, v in batch.items()}, training_args.beta)
+        chosen.append(c.cpu())
+        rejected.append(r.cpu())
+    peft_model.train(was_training)
+    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    tasks = dataset["task"]
+    out = {}
+    for task in sorted(set(tasks)) + ["all"]:
+        idx = torch.tensor([t == task or task == "all" for t in tasks])
+        c, r = chosen[idx], rejected[idx]
+        out[task] = {"n": int(idx.sum()), "loss": float(dpo_loss(c, r).mean()),
+                     "rewards/chosen": float(c.mean()), "rewards/rejected": float(r.mean()),
+                     "rewards/accuracies": float((c > r).float().mean()), "rewards/margins": float((c - r).mean())}
+    return out
 
 
 def _target_modules(model):
@@ -384,6 +416,14 @@ def model_card(record: dict) -> str:
             if when in record:
                 lines.append(f"| {when.replace('eval_', '')} training | "
                              + " | ".join(_fmt(record[when][k]) for k in REWARD_KEYS) + " |")
+        lines.append("")
+    if "eval_by_task" in record:
+        lines += ["Per task, recomputed from plain logits (`dpo_link.rewards`), every pair weighted equally (TRL "
+                  "averages its logged reward metrics over evaluation batches, so its row above can differ slightly "
+                  "when the last batch is smaller):", "",
+                  "| task | pairs | " + " | ".join(REWARD_KEYS) + " |", "|---|---|" + "---|" * len(REWARD_KEYS)]
+        for task, m in record["eval_by_task"].items():
+            lines.append(f"| {task} | {m['n']} | " + " | ".join(_fmt(m[k]) for k in REWARD_KEYS) + " |")
         lines.append("")
     train_logs = [h for h in record.get("log_history", []) if "rewards/chosen" in h and "loss" in h]
     if train_logs:

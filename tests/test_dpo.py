@@ -302,6 +302,8 @@ def test_tiny_dpo_run_saves_a_loadable_adapter_and_card(tmp_path, tiny_dir):
         assert (out / f).exists(), f
     card = (out / "README.md").read_text()
     assert "Held-out DPO metrics" in card and "beta" in card and "organism ground truth" in card
+    assert record["eval_by_task"]["all"]["n"] == 8
+    assert record["eval_by_task"]["all"]["loss"] == pytest.approx(record["eval_after"]["loss"], abs=1e-4)
     assert json.loads((out / "dpo_run.json").read_text())["config"]["dpo"]["beta"] == 0.1
     base, proc2 = _tiny(tiny_dir)
     assert proc2.tokenizer.padding_side == "left"
