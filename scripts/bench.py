@@ -1,0 +1,93 @@
+"""Performance benchmark: decoding throughput and peak memory of plain greedy decoding (sdpa and eager), D-LEAF, PAI,
+SPIN and a VCD-style two-pass contrastive baseline, and teacher-forced scoring in one pass against step by step.
+
+    python scripts/bench.py --out runs/bench/bench.json                    # the full benchmark (tens of minutes on CPU)
+    python scripts/bench.py --models llava_shaped --batch_sizes 1 --repeats 3 --no_memory
+    python scripts/bench.py --llava_shape text_layers=8 --llava_shape text_hidden=256 --out runs/bench/small.json
+
+Models: ``organism`` (the committed checkpoint, or a random organism when none is present) and ``llava_shaped`` (a
+random LLaVA-1.5-shaped model scaled to a CPU: 576 image tokens, a 16-layer, 16-head Llama decoder). All logic lives
+in ``dleaf/bench.py``; see ``docs/performance.md`` for the measured tables and the cost model.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from dleaf import bench  # noqa: E402
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def _str_tuple(text: str) -> tuple[str, ...]:
+    return tuple(x for x in text.split(",") if x)
+
+
+def _shape_knobs(items: list[str], cls) -> dict:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"bad shape knob {item!r}; expected NAME=INT with NAME one of {', '.join(sorted(fields))}")
+        out[name] = int(value)
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = bench.BenchConfig()
+    ap.add_argument("--models", type=_str_tuple, default=d.models, help="comma-separated: organism,llava_shaped")
+    ap.add_argument("--configs", type=_str_tuple, default=d.configs, help=f"comma-separated from {','.join(bench.CONFIGS)}")
+    ap.add_argument("--batch_sizes", type=_int_tuple, default=d.batch_sizes)
+    ap.add_argument("--new_tokens", type=int, default=d.new_tokens)
+    ap.add_argument("--repeats", type=int, default=d.repeats)
+    ap.add_argument("--warmup", type=int, default=d.warmup)
+    ap.add_argument("--no_memory", action="store_true", help="skip the peak-memory runs")
+    ap.add_argument("--memory_models", type=_str_tuple, default=d.memory_models)
+    ap.add_argument("--score_models", type=_str_tuple, default=d.score_models)
+    ap.add_argument("--score_batch_sizes", type=_int_tuple, default=d.score_batch_sizes)
+    ap.add_argument("--score_tokens", type=int, default=d.score_tokens)
+    ap.add_argument("--score_repeats", type=int, default=d.score_repeats)
+    ap.add_argument("--llava_shape", action="append", default=[], metavar="NAME=INT",
+                    help="override a field of LlavaShape (repeatable)")
+    ap.add_argument("--organism_shape", action="append", default=[], metavar="NAME=INT",
+                    help="use a random organism with these OrganismShape fields instead of the checkpoint")
+    ap.add_argument("--random_organism", action="store_true", help="a random organism even if a checkpoint exists")
+    ap.add_argument("--device", default=d.device)
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    ap.add_argument("--out", default=None, help="JSON file for the results (written atomically)")
+    args = ap.parse_args(argv)
+    from dleaf.organism.build import OrganismShape
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    try:
+        cfg = bench.BenchConfig(
+            models=args.models, configs=args.configs, batch_sizes=args.batch_sizes, new_tokens=args.new_tokens,
+            repeats=args.repeats, warmup=args.warmup, memory=not args.no_memory, memory_models=args.memory_models,
+            score_models=args.score_models, score_batch_sizes=args.score_batch_sizes, score_tokens=args.score_tokens,
+            score_repeats=args.score_repeats,
+            llava_shape=bench.LlavaShape(**_shape_knobs(args.llava_shape, bench.LlavaShape)),
+            organism_shape=_shape_knobs(args.organism_shape, OrganismShape) or None,
+            use_checkpoint=not args.random_organism, device=args.device, seed=args.seed)
+    except ValueError as err:
+        ap.error(str(err))
+    result = bench.run_benchmark(cfg, args.out, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(bench.format_report(result))
+    if args.out:
+        print(f"\nwrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Smoke tests of the performance benchmark (tiny shapes, one repeat, a few tokens). No timing assertions: speed is
+measured by scripts/bench.py, never by tests."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dleaf import bench
+from dleaf.organism import build, world
+from dleaf.organism.profile import _prompt_batch
+
+TINY_ORGANISM = dict(text_hidden=32, text_layers=3, text_heads=4, text_intermediate=64)
+TINY_LLAVA = bench.LlavaShape(image_size=56, text_hidden=32, text_layers=4, text_heads=4, text_intermediate=64)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes gain nothing from threads, and on a shared CPU extra threads only wait for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny_cfg(**kw):
+    base = dict(batch_sizes=(1, 2), new_tokens=2, repeats=1, warmup=0, memory=False, score_batch_sizes=(1,),
+                score_tokens=3, score_repeats=1, check_tokens=3, llava_shape=TINY_LLAVA, organism_shape=TINY_ORGANISM)
+    return bench.BenchConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def padded():
+    """A tiny organism and a left-padded batch of three different prompts."""
+    shape = build.OrganismShape(**TINY_ORGANISM)
+    processor = build.build_processor(shape)
+    model = build.build_model(processor.tokenizer, shape, seed=0).eval()
+    prompts = [world.CAPTION_PROMPTS[0], world.QUESTION_TEMPLATE.format(obj="fork"), world.CAPTION_PROMPTS[1]]
+    batch = _prompt_batch(processor, world.scenes("adversarial", 3), prompts)
+    assert (batch["attention_mask"] == 0).any()
+    return model, batch
+
+
+def test_json_has_every_configuration_and_the_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    result = bench.run_benchmark(_tiny_cfg(batch_sizes=(1,)), out, log=lambda *_: None)
+    on_disk = json.loads(out.read_text())
+    assert on_disk["models"].keys() == result["models"].keys() == set(bench.MODELS)
+    assert not list(tmp_path.glob("*.tmp"))  # the atomic write left no temporary file
+    for name, entry in on_disk["models"].items():
+        assert entry["loop_equals_generate"] is True
+        assert set(entry["ops_per_step"]) == set(bench.CONFIGS) and entry["cost_model"]["step_macs"] > 0
+        assert entry["description"]["image_tokens"] > 0
+        assert set(entry["decoding"]) == {"1"}
+        for batch in entry["decoding"].values():
+            assert set(batch["configs"]) == set(bench.CONFIGS)
+            for config, row in batch["configs"].items():
+                for base in bench.BASELINES:
+                    for metric in ("decode", "e2e"):
+                        assert math.isfinite(row[f"{metric}_ratio_to_{base}"]) and row[f"{metric}_ratio_to_{base}"] > 0
+                assert row["repeats"] == 1
+            assert batch["configs"]["plain_eager"]["decode_ratio_to_plain_eager"] == 1.0
+        score = entry["scoring"]["1"]
+        assert score["speedup"] > 0 and score["max_abs_logprob_diff"] < 1e-4  # one pass == step by step
+    assert on_disk["models"]["llava_shaped"]["description"]["image_tokens"] == (56 // 14) ** 2
+    assert "plain_eager" in bench.format_report(on_disk)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_manual_loop_equals_generate_for_plain_greedy(padded, attention):
+    model, batch = padded
+    bench.set_text_attention(model, attention)
+    ours, times = bench.greedy_loop(model, [batch], 5)
+    assert torch.equal(ours, bench.generate_tokens(model, batch, 5))
+    assert set(times) == {"prefill_s", "decode_s"}
+
+
+@torch.no_grad()
+def test_contrastive_baseline_with_alpha_zero_equals_plain_greedy(padded):
+    model, batch = padded
+    bench.set_text_attention(model, "sdpa")
+    plain, _ = bench.greedy_loop(model, [batch], 5)
+    noised = {**batch, "pixel_values": bench.noised_pixels(batch["pixel_values"], 500)}
+    zero, _ = bench.greedy_loop(model, [batch, noised], 5, bench.contrastive_logits(alpha=0.0, beta=0.1))
+    assert torch.equal(zero, plain)
+    strong, _ = bench.greedy_loop(model, [batch, noised], 5, bench.contrastive_logits(alpha=5.0, beta=0.0))
+    assert strong.shape == plain.shape
+
+
+def test_memory_rows_and_ratios():
+    cfg = _tiny_cfg(models=("organism",), batch_sizes=(1,))
+    mem = {c: bench.memory_child({"model": "organism", "batch": 1, "config": c, "cfg": cfg.to_dict()})
+           for c in ("plain_eager", "plain_sdpa", "dleaf")}
+    mem = bench.memory_ratios(mem)
+    for row in mem.values():
+        assert row["peak_mb"] >= row["baseline_mb"] > 0 and row["extra_mb"] >= 0
+        assert {f"peak_ratio_to_{b}" for b in bench.BASELINES} <= row.keys()
+    assert mem["plain_eager"]["peak_ratio_to_plain_eager"] == 1.0
+    # the subprocess path (one fresh process) reports the same fields
+    sub = bench.measure_memory_cpu("organism", 1, "dleaf", cfg)
+    assert sub.keys() == mem["dleaf"].keys() - {f"{k}_ratio_to_{b}" for k in ("peak", "extra") for b in bench.BASELINES}
+
+
+def test_bad_configuration_is_refused_by_name():
+    with pytest.raises(ValueError, match="unknown configuration"):
+        bench.BenchConfig(configs=("plain_eager", "plain_sdpa", "opera"))
+    with pytest.raises(ValueError, match="plain_sdpa"):
+        bench.BenchConfig(configs=("plain_eager", "dleaf"))
+
+
+def test_cli_runs_and_writes_json(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+    spec = importlib.util.spec_from_file_location("bench_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "b.json"
+    script.main(["--models", "organism", "--batch_sizes", "1", "--new_tokens", "2", "--repeats", "1", "--warmup", "0",
+                 "--no_memory", "--score_models", "", "--configs", "plain_eager,plain_sdpa,dleaf_range",
+                 "--organism_shape", "text_hidden=32", "--organism_shape", "text_layers=3",
+                 "--organism_shape", "text_heads=4", "--out", str(out)])
+    rows = json.loads(out.read_text())["models"]["organism"]["decoding"]["1"]["configs"]
+    assert set(rows) == {"plain_eager", "plain_sdpa", "dleaf_range"}
