@@ -288,6 +288,20 @@ def test_lora_targets_only_the_language_model(tiny_dir):
     assert len(wrapped) == 2 * TINY.text_layers
 
 
+def test_the_organism_is_recorded_by_its_repository_path(monkeypatch, tiny_dir):
+    from peft import get_peft_model
+
+    from dpo_link.train import load_model
+
+    monkeypatch.setattr(build, "ORGANISM_DIR", Path(tiny_dir))
+    ta, ma = _configs("unused")
+    ma.model_name_or_path = None
+    model, proc = load_model(ma, ta)
+    peft_model = get_peft_model(model, lora_config(ma))
+    assert peft_model.peft_config["default"].base_model_name_or_path == "data/organism"
+    assert proc.tokenizer.padding_side == "left"
+
+
 def test_tiny_dpo_run_saves_a_loadable_adapter_and_card(tmp_path, tiny_dir):
     from peft import PeftModel
 
