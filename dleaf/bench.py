@@ -396,11 +396,16 @@ def run_config(model, inputs: dict, config: str, cfg: BenchConfig, new_tokens: i
 
 # ---------------------------------------------------------------------------------------------------- scoring
 @torch.no_grad()
-def stepwise_logprobs(model, prompt: dict, response: torch.Tensor) -> torch.Tensor:
+def stepwise_logprobs(model, prompt: dict, response: torch.Tensor, times: dict | None = None) -> torch.Tensor:
     """Teacher-forced log-probabilities of ``response`` (B, R) after ``prompt``, step by step: a prefill of the prompt
-    (whose last row scores response token 0), then one cached step per response token 0..R-2."""
+    (whose last row scores response token 0), then one cached step per response token 0..R-2. ``times``, when
+    given, receives the prefill's duration as ``prefill_s``."""
     stream = _Stream(model, prompt)
+    t0 = time.perf_counter()
     logits = [stream.prefill()]
+    if times is not None:
+        _sync(response.device)
+        times["prefill_s"] = time.perf_counter() - t0
     for i in range(response.shape[1] - 1):
         logits.append(stream.step(response[:, i]))
     logp = torch.log_softmax(torch.stack(logits, 1).float(), dim=-1)
@@ -408,8 +413,10 @@ def stepwise_logprobs(model, prompt: dict, response: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def score_once(model, prompt: dict, response: torch.Tensor, mode: str) -> tuple[torch.Tensor, float]:
-    """Score ``response`` with D-LEAF attached, in one pass (``mode="one_pass"``) or step by step; (logprobs, s)."""
+def score_once(model, prompt: dict, response: torch.Tensor, mode: str,
+               times: dict | None = None) -> tuple[torch.Tensor, float]:
+    """Score ``response`` with D-LEAF attached, in one pass (``mode="one_pass"``) or step by step; (logprobs, s).
+    Step by step, ``times`` receives the prompt prefill's share (``prefill_s``)."""
     set_text_attention(model, "eager")
     device = response.device
     n = prompt["input_ids"].shape[1]
@@ -422,7 +429,7 @@ def score_once(model, prompt: dict, response: torch.Tensor, mode: str) -> tuple[
             logp, _ = engine.response_logprobs(model, full, [n] * response.shape[0], iv)
             logp = logp[:, n:]
         elif mode == "stepwise":
-            logp = stepwise_logprobs(model, prompt, response)
+            logp = stepwise_logprobs(model, prompt, response, times)
         else:
             raise ValueError(f"mode must be 'one_pass' or 'stepwise', got {mode!r}")
         _sync(device)
@@ -615,17 +622,24 @@ def bench_scoring(model, inputs_by_batch: dict, cfg: BenchConfig, log=print) -> 
     out = {}
     for batch, prompt in inputs_by_batch.items():
         response = random_response(model, batch, cfg.score_tokens, cfg.seed, prompt["input_ids"].device)
-        times = {"one_pass": [], "stepwise": []}
+        times = {"one_pass": [], "stepwise": [], "prompt_prefill": []}
         logps = {}
         for round_ in range(1 + cfg.score_repeats):  # one warm-up round
             for mode in (("one_pass", "stepwise") if round_ % 2 == 0 else ("stepwise", "one_pass")):
-                logp, s = score_once(model, prompt, response, mode)
+                parts = {}
+                logp, s = score_once(model, prompt, response, mode, parts)
                 logps[mode] = logp
                 if round_ > 0:
                     times[mode].append(s)
+                    if "prefill_s" in parts:
+                        times["prompt_prefill"].append(parts["prefill_s"])
         one, step = _median(times["one_pass"]), _median(times["stepwise"])
+        pre = _median(times["prompt_prefill"])
         out[str(batch)] = {
             "response_tokens": cfg.score_tokens, "one_pass_s": one, "stepwise_s": step, "speedup": step / one,
+            "prompt_prefill_s": pre,
+            # the response's own share: what each mode spends beyond the prompt's prefill
+            "response_only_speedup": (step - pre) / (one - pre) if one > pre else float("inf"),
             "one_pass_tokens_per_s": batch * cfg.score_tokens / one,
             "stepwise_tokens_per_s": batch * cfg.score_tokens / step,
             "max_abs_logprob_diff": float((logps["one_pass"] - logps["stepwise"]).abs().max()),
@@ -770,5 +784,51 @@ def format_report(result: dict) -> str:
         for batch, s in entry.get("scoring", {}).items():
             lines.append(f"-- scoring a {s['response_tokens']}-token response with D-LEAF, batch {batch}: one pass "
                          f"{s['one_pass_s']:.3f} s, step by step {s['stepwise_s']:.3f} s, speed-up "
-                         f"x{s['speedup']:.2f} (max |logprob diff| {s['max_abs_logprob_diff']:.1e})")
+                         f"x{s['speedup']:.2f}; beyond the prompt's prefill ({s['prompt_prefill_s']:.3f} s) "
+                         f"x{s['response_only_speedup']:.2f} (max |logprob diff| {s['max_abs_logprob_diff']:.1e})")
     return "\n".join(lines)
+
+
+def markdown_tables(result: dict) -> str:
+    """The results as Markdown tables (for docs/performance.md): per model and batch size, the median decoding
+    throughput and its ratios, peak memory and scoring."""
+    out = []
+    for name, entry in result["models"].items():
+        d = entry["description"]
+        out.append(f"### {name} ({d['source']} weights): {d['layers']} layers, {d['heads']} heads, hidden {d['hidden']}, "
+                   f"{d['image_tokens']} image tokens, {d['prompt_tokens']}-token prompt\n")
+        for batch, dec in entry["decoding"].items():
+            rows = dec["configs"]
+            out.append(f"Batch {batch}, {next(iter(rows.values()))['repeats']} interleaved repeats, medians:\n")
+            out.append("| configuration | prefill s | ms / step | decode tok/s | / eager | / sdpa | end-to-end tok/s "
+                       "| / eager | / sdpa |")
+            out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+            for config, r in rows.items():
+                out.append(f"| {config} | {r['prefill_s']:.3f} | {r['step_ms']:.1f} | {r['decode_tokens_per_s']:.1f} | "
+                           f"{r['decode_ratio_to_plain_eager']:.2f} | {r['decode_ratio_to_plain_sdpa']:.2f} | "
+                           f"{r['e2e_tokens_per_s']:.1f} | {r['e2e_ratio_to_plain_eager']:.2f} | "
+                           f"{r['e2e_ratio_to_plain_sdpa']:.2f} |")
+            out.append("")
+        for batch, mem in entry.get("memory", {}).items():
+            out.append(f"Peak memory, batch {batch} (MB; extra = above the loaded model and inputs):\n")
+            out.append("| configuration | peak | extra | peak / eager | peak / sdpa | extra / eager | extra / sdpa |")
+            out.append("|---|---:|---:|---:|---:|---:|---:|")
+            for config, r in mem.items():
+                out.append(f"| {config} | {r['peak_mb']:.0f} | {r['extra_mb']:.0f} | {r['peak_ratio_to_plain_eager']:.2f} | "
+                           f"{r['peak_ratio_to_plain_sdpa']:.2f} | {r['extra_ratio_to_plain_eager']:.2f} | "
+                           f"{r['extra_ratio_to_plain_sdpa']:.2f} |")
+            out.append("")
+        if entry.get("scoring"):
+            out.append("Teacher-forced scoring with D-LEAF attached:\n")
+            out.append("| batch | response tokens | one pass s | step by step s | speed-up | prompt prefill s | "
+                       "speed-up beyond the prompt | max abs log-prob diff |")
+            out.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
+            for batch, sc in entry["scoring"].items():
+                out.append(f"| {batch} | {sc['response_tokens']} | {sc['one_pass_s']:.3f} | {sc['stepwise_s']:.3f} | "
+                           f"{sc['speedup']:.1f}x | {sc['prompt_prefill_s']:.3f} | {sc['response_only_speedup']:.1f}x | "
+                           f"{sc['max_abs_logprob_diff']:.1e} |")
+            out.append("")
+        if entry.get("ops_per_step"):
+            out.append("Operators dispatched by one decoding step (batch 1): " +
+                       ", ".join(f"{k} {v}" for k, v in entry["ops_per_step"].items()) + "\n")
+    return "\n".join(out)

@@ -63,6 +63,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     ap.add_argument("--out", default=None, help="JSON file for the results (written atomically)")
+    ap.add_argument("--markdown", default=None, help="also write the tables as Markdown to this file")
     args = ap.parse_args(argv)
     from dleaf.organism.build import OrganismShape
 
@@ -84,6 +85,11 @@ def main(argv=None) -> dict:
         ap.error(str(err))
     result = bench.run_benchmark(cfg, args.out, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(bench.format_report(result))
+    if args.markdown:
+        from pathlib import Path
+
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(bench.markdown_tables(result))
     if args.out:
         print(f"\nwrote {args.out}")
     return result

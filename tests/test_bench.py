@@ -66,7 +66,7 @@ def test_json_has_every_configuration_and_the_ratios(tmp_path):
         score = entry["scoring"]["1"]
         assert score["speedup"] > 0 and score["max_abs_logprob_diff"] < 1e-4  # one pass == step by step
     assert on_disk["models"]["llava_shaped"]["description"]["image_tokens"] == (56 // 14) ** 2
-    assert "plain_eager" in bench.format_report(on_disk)
+    assert "plain_eager" in bench.format_report(on_disk) and "| dleaf |" in bench.markdown_tables(on_disk)
 
 
 @torch.no_grad()
