@@ -14,6 +14,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -126,7 +127,9 @@ def plot_trace(trace: Trace, path: str | os.PathLike, sample: int = 0, tokens: S
         ax.set_xticklabels(list(tokens)[:T], rotation=90, fontsize=7)
     ax.set_yticks(range(sig.shape[0]))
     fig.colorbar(im, ax=ax, fraction=0.04)
-    iaf = np.nanmean(s["iaf"].numpy(), axis=0) if T else np.zeros((trace.num_layers, trace.num_heads))
+    with warnings.catch_warnings():  # unwatched layers are all NaN: their mean is NaN, drawn blank
+        warnings.simplefilter("ignore", RuntimeWarning)
+        iaf = np.nanmean(s["iaf"].numpy(), axis=0) if T else np.zeros((trace.num_layers, trace.num_heads))
     im2 = axes[1].imshow(np.ma.masked_invalid(iaf), aspect="auto", cmap="magma", origin="lower")
     axes[1].set_title("mean IAF per head")
     axes[1].set_xlabel("head")
