@@ -253,12 +253,21 @@ def summary_table(results: dict[str, dict], base: str = "greedy", n_resamples: i
                 f" ({d['diff']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}])"
         return text
 
+    base_row = next((r for r in table if r["label"] == base), None)
+
+    def count(row, key):
+        text = str(row[key])
+        if base_row is not None and row is not base_row:
+            text += f" ({row[key] - base_row[key]:+d})"
+        return text
+
     lines = ["| setting | CHAIR_s % | CHAIR_i % | recall % | hall. mentions | grounded mentions | words | "
              "POPE acc % | POPE F1 % | flag rate |", "|" + "---|" * 10]
     for row in table:
         lines.append(
             f"| {row['label']} | {cell(row, 'chair_s')} | {cell(row, 'chair_i')} | {cell(row, 'recall')} | "
-            f"{row['n_hallucinated_mentions']} | {row['n_grounded_mentions']} | {cell(row, 'mean_length', False)} | "
+            f"{count(row, 'n_hallucinated_mentions')} | {count(row, 'n_grounded_mentions')} | "
+            f"{cell(row, 'mean_length', False)} | "
             f"{cell(row, 'pope_accuracy')} | {cell(row, 'pope_f1')} | "
             f"{_rate(row['flag_rate'])} |")
     return table, "\n".join(lines) + "\n"
