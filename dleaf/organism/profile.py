@@ -181,6 +181,35 @@ def _pct(x) -> str:
     return "nan" if x is None or x != x else f"{100 * x:.1f}"
 
 
+def _checks(profile: dict) -> list[str]:
+    """The organism's design targets, each with the measured value and whether it is met (measured, not tuned)."""
+    models = profile["models"]
+    out = ["## Design targets (ORGANISM.md), as measured", "", "| target | measured | met |", "|---|---|---|"]
+
+    def row(text, value, ok):
+        out.append(f"| {text} | {value} | {'yes' if ok else '**no**'} |")
+
+    org = models.get("organism", {}).get("captions", {})
+    if "adversarial" in org:
+        a = org["adversarial"]
+        row("organism, adversarial: CHAIR_s >= 15%", _pct(a["chair_s"]), a["chair_s"] >= 0.15)
+        row("organism, adversarial: recall >= 60%", _pct(a["recall"]), a["recall"] >= 0.60)
+        share, chance = a.get("partner_share"), a.get("partner_chance")
+        if share is not None and chance is not None and share == share:
+            row("organism, adversarial: hallucinations mostly theme partners, well above chance",
+                f"{_pct(share)} vs chance {_pct(chance)}", share > 0.5 and share > 1.5 * chance)
+        row("organism, adversarial: additions outnumber substitutions",
+            f"{a['n_additions']} vs {a['n_substitutions']}", a["n_additions"] > a["n_substitutions"])
+    if "indist" in org:
+        row("organism, in-distribution: recall about 98%", _pct(org["indist"]["recall"]),
+            org["indist"]["recall"] >= 0.95)
+    ctl = models.get("control", {}).get("captions", {})
+    if "adversarial" in ctl:
+        c = ctl["adversarial"]
+        row("control, adversarial: does not hallucinate (CHAIR_s)", _pct(c["chair_s"]), c["chair_s"] <= 0.02)
+    return out + [""]
+
+
 def profile_markdown(profile: dict) -> str:
     """Markdown tables of a profile written by :func:`profile_model` for one or more models."""
     lines = ["# Organism hallucination profile", ""]
@@ -216,6 +245,7 @@ def profile_markdown(profile: dict) -> str:
             lines.append(f"Image share of attention per layer ({name}, {split}, mean over generated positions): "
                          + ", ".join(f"L{i} {s:.2f}" for i, s in enumerate(share)))
         lines.append("")
+    lines += _checks(profile)
     probes = {name: res["patch_probe"] for name, res in profile["models"].items() if "patch_probe" in res}
     if probes:
         lines += ["## Per-patch linear probe (object evidence is local to its patches)", "",
