@@ -8,12 +8,8 @@ from dleaf.organism.profile import VOCAB, _prompt_batch, object_word_attention
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    shape = build.OrganismShape(text_hidden=32, text_layers=3, text_heads=4, text_intermediate=64)
-    processor = build.build_processor(shape)
-    model = build.build_model(processor.tokenizer, shape, seed=0).eval()
-    model.set_attn_implementation("eager")
-    return model, processor
+def tiny(tiny_organism):
+    return tiny_organism
 
 
 def test_mention_offsets_point_at_the_first_token_of_each_object_word(tiny):
