@@ -57,11 +57,14 @@ def test_paired_difference_matches_a_brute_force_bootstrap():
 
 def test_pope_statistics_equal_the_metric_core():
     rows = [{"label": l, "answer": a} for l, a in [(True, "yes"), (True, "no ."), (False, "yes , there is"),
-                                                    (False, "no"), (True, "yes"), (False, "no")]]
+                                                    (False, "no"), (True, "yes"), (False, "no"), (True, "maybe"),
+                                                    (False, "a cup")]]
     p = study.pope_stats(rows)
-    pred, label = study._pope_arrays(rows)
-    assert study._pope_accuracy(pred, label) == pytest.approx(p["accuracy"]) == pytest.approx(4 / 6)
-    assert study._pope_f1(pred, label) == pytest.approx(p["f1"]) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    assert p["n_unparsed"] == 2
+    arrays = study._pope_arrays(rows)
+    # tp 2, fn 1, fp 1, tn 2, two unparsed answers (wrong, and neither fp nor fn)
+    assert study._pope_accuracy(*arrays) == pytest.approx(p["accuracy"]) == pytest.approx(4 / 8)
+    assert study._pope_f1(*arrays) == pytest.approx(p["f1"]) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
 
 
 def test_grid_file_resumes_and_drops_a_cut_line(tmp_path):

@@ -124,19 +124,24 @@ def pope_stats(rows: Sequence[dict]) -> dict:
 
 
 def _pope_arrays(rows):
-    pred = np.array([metrics.parse_yes_no(r["answer"]) is True for r in rows], float)
+    """``yes`` and ``no`` indicators per answer (both 0 for an unparsed answer) and the labels."""
+    parsed = [metrics.parse_yes_no(r["answer"]) for r in rows]
+    yes = np.array([p is True for p in parsed], float)
+    no = np.array([p is False for p in parsed], float)
     label = np.array([r["label"] for r in rows], float)
-    return pred, label
+    return yes, no, label
 
 
-def _pope_accuracy(pred, label, axis=-1):
-    return np.mean(pred == label, axis=axis)
+def _pope_accuracy(yes, no, label, axis=-1):
+    """(tp + tn) / n: an unparsed answer counts as wrong (as in :func:`dleaf.metrics.pope`)."""
+    return np.mean(yes * label + no * (1 - label), axis=axis)
 
 
-def _pope_f1(pred, label, axis=-1):
-    tp = np.sum(pred * label, axis=axis)
-    fp = np.sum(pred * (1 - label), axis=axis)
-    fn = np.sum((1 - pred) * label, axis=axis)
+def _pope_f1(yes, no, label, axis=-1):
+    """2 tp / (2 tp + fp + fn); an unparsed answer is neither a false positive nor a false negative."""
+    tp = np.sum(yes * label, axis=axis)
+    fp = np.sum(yes * (1 - label), axis=axis)
+    fn = np.sum(no * label, axis=axis)
     den = 2 * tp + fp + fn
     return np.divide(2 * tp, den, out=np.zeros(np.shape(tp), float), where=den != 0)
 
