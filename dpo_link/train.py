@@ -345,7 +345,7 @@ def _target_modules(model):
     return sorted(t) if isinstance(t, (set, list, tuple)) else t
 
 
-RECIPE_KEYS = ("beta", "loss_type", "learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs",
+RECIPE_KEYS = ("beta", "loss_type", "loss_weights", "learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs",
                "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "seed",
                "bf16", "use_cpu", "gradient_checkpointing", "weight_decay", "optim")
 
@@ -410,7 +410,10 @@ def model_card(record: dict) -> str:
     if "eval_after" in record:
         lines += ["## Held-out DPO metrics", "",
                   "Rewards are beta * (log pi_adapter - log pi_base) summed over the reply's tokens; the loss of the "
-                  f"untrained adapter is log 2 = {math.log(2):.4f}.", "",
+                  f"untrained adapter is log 2 = {math.log(2):.4f}."
+                  + (f" TRL's `loss` here is the weighted sum of the {' + '.join(cfg['dpo']['loss_type'])} terms; "
+                     "the DPO (sigmoid) loss alone is the `loss` of the per-task table below."
+                     if len(cfg["dpo"].get("loss_type") or []) > 1 else ""), "",
                   "| | " + " | ".join(REWARD_KEYS) + " |", "|---|" + "---|" * len(REWARD_KEYS)]
         for when in ("eval_before", "eval_after"):
             if when in record:
