@@ -358,3 +358,16 @@ def test_layer_range_must_fit_the_model(tiny):
     with pytest.raises(ValueError, match="does not fit"):
         engine.attach(model, "dleaf", layer_start=1, layer_end=9)
     assert not engine._MODULES
+
+
+@torch.no_grad()
+def test_scoring_rejects_mismatched_or_out_of_range_response_starts(tiny):
+    model, _, _, _, batch = tiny
+    n = batch["input_ids"].shape[1]
+    with engine.attached(model, "dleaf") as iv:
+        with pytest.raises(ValueError, match="2 entries for a batch of 3"):
+            engine.response_logprobs(model, batch, [n - 1, n - 1], iv)
+        with pytest.raises(ValueError, match="must lie in"):
+            engine.response_logprobs(model, batch, [0, n - 1, n - 1], iv)
+    with pytest.raises(ValueError, match="detached"):
+        engine.response_logprobs(model, batch, [n - 1] * 3, iv)
