@@ -448,15 +448,23 @@ def random_response(model, batch: int, length: int, seed: int = 0, device="cpu")
 
 
 # ---------------------------------------------------------------------------------------------------- memory
-def _rss_kb() -> int:
+def _status_kb(field: str) -> int | None:
+    """A ``/proc/self/status`` field in kB (``VmRSS``, ``VmHWM``), or None where there is no such file."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return None
+
+
+def _peak_kb() -> int:
+    """The resident-set high-water mark: ``VmHWM`` where the kernel reports it (reset by ``clear_refs``; with worker
+    threads alive, ``getrusage`` can keep reporting the peak from before the reset), else ``getrusage``."""
+    hwm = _status_kb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _reset_peak_rss() -> bool:
@@ -483,9 +491,9 @@ def memory_child(spec: dict) -> dict:
         noised = {**inputs, "pixel_values": noised_pixels(inputs["pixel_values"], cfg.vcd_noise_step, cfg.seed)}
     gc.collect()
     reset = _reset_peak_rss()
-    base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if reset else _rss_kb()
+    base_kb = _status_kb("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     run_config(model, inputs, spec["config"], cfg, noised=noised)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = _peak_kb()
     return {"baseline_mb": base_kb / 1024, "peak_mb": peak_kb / 1024, "extra_mb": (peak_kb - base_kb) / 1024,
             "peak_reset": reset}
 
@@ -681,6 +689,34 @@ def environment() -> dict:
     return env
 
 
+def bench_memory(name: str, model, inputs: dict, cfg: BenchConfig, log=print) -> dict:
+    """Peak memory of every configuration at every batch size (CPU: one fresh subprocess each)."""
+    out = {}
+    for batch in cfg.batch_sizes:
+        mem = {}
+        for config in cfg.configs:
+            if torch.device(cfg.device).type == "cuda":
+                mem[config] = measure_memory_cuda(model, inputs[batch], config, cfg)
+            else:
+                mem[config] = measure_memory_cpu(name, batch, config, cfg)
+            log(f"  memory batch {batch} {config}: +{mem[config]['extra_mb']:.1f} MB")
+        out[str(batch)] = memory_ratios(mem)
+    return out
+
+
+def run_memory_only(cfg: BenchConfig, out: str | Path, log=print) -> dict:
+    """Measure only peak memory (CPU) for ``cfg.memory_models`` and merge it into the JSON at ``out``."""
+    path = Path(out)
+    result = json.loads(path.read_text()) if path.is_file() else {"bench_config": cfg.to_dict(),
+                                                                     "environment": environment(), "models": {}}
+    for name in cfg.memory_models:
+        log(f"memory {name}")
+        entry = result["models"].setdefault(name, {})
+        entry["memory"] = bench_memory(name, None, None, cfg, log)
+        write_json_atomic(path, result)
+    return result
+
+
 def run_benchmark(cfg: BenchConfig, out: str | Path | None = None, log=print) -> dict:
     """Run the whole benchmark; write the JSON atomically to ``out`` after each model (when given)."""
     result = {"bench_config": cfg.to_dict(), "environment": environment(), "models": {},
@@ -698,16 +734,7 @@ def run_benchmark(cfg: BenchConfig, out: str | Path | None = None, log=print) ->
         if name in cfg.score_models:
             entry["scoring"] = bench_scoring(model, {b: inputs[b] for b in cfg.score_batch_sizes}, cfg, log)
         if cfg.memory and name in cfg.memory_models:
-            entry["memory"] = {}
-            for batch in cfg.batch_sizes:
-                mem = {}
-                for config in cfg.configs:
-                    if torch.device(cfg.device).type == "cuda":
-                        mem[config] = measure_memory_cuda(model, inputs[batch], config, cfg)
-                    else:
-                        mem[config] = measure_memory_cpu(name, batch, config, cfg)
-                    log(f"  memory batch {batch} {config}: +{mem[config]['extra_mb']:.1f} MB")
-                entry["memory"][str(batch)] = memory_ratios(mem)
+            entry["memory"] = bench_memory(name, model, inputs, cfg, log)
         result["models"][name] = entry
         if out is not None:
             write_json_atomic(out, result)

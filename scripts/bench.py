@@ -49,6 +49,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=d.repeats)
     ap.add_argument("--warmup", type=int, default=d.warmup)
     ap.add_argument("--no_memory", action="store_true", help="skip the peak-memory runs")
+    ap.add_argument("--memory_only", action="store_true",
+                    help="measure only peak memory (CPU) and merge it into the JSON given by --out")
     ap.add_argument("--memory_models", type=_str_tuple, default=d.memory_models)
     ap.add_argument("--score_models", type=_str_tuple, default=d.score_models)
     ap.add_argument("--score_batch_sizes", type=_int_tuple, default=d.score_batch_sizes)
@@ -83,7 +85,13 @@ def main(argv=None) -> dict:
             use_checkpoint=not args.random_organism, device=args.device, seed=args.seed)
     except ValueError as err:
         ap.error(str(err))
-    result = bench.run_benchmark(cfg, args.out, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if args.memory_only:
+        if not args.out:
+            ap.error("--memory_only needs --out (the JSON to merge the memory results into)")
+        result = bench.run_memory_only(cfg, args.out, log)
+    else:
+        result = bench.run_benchmark(cfg, args.out, log)
     print(bench.format_report(result))
     if args.markdown:
         from pathlib import Path
