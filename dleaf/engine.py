@@ -294,6 +294,7 @@ class Intervention:
         device = self._state["image"].device
         self._state["columns"] = torch.arange(past, past + n, device=device)
         self._state["first_column"] = past
+        self._state["image_keys"] = {}  # key length -> image mask over the keys, built once per forward call
         if self.trace is not None:
             self._state["record"] = {"columns": self._state["columns"].cpu(), "layers": {}}
         return None
@@ -380,10 +381,23 @@ class Intervention:
         # The suffix of rows that any sample treats as active (all rows in scoring, the last one at prefill).
         first = max(0, min(self._state["first_active"] - self._state["first_column"], q_len - 1))
         active = self._active(columns[first:])  # (B, Qa)
-        image = self._state["image"]
-        if image.shape[1] < k_len:
-            image = torch.nn.functional.pad(image, (0, k_len - image.shape[1]))
-        image = image[:, :k_len]
+        pad_rows, prefix = first, None
+        if first > 0 and self.unwatched == "sdpa" and attention_mask is not None and not torch.is_grad_enabled():
+            # The rows before the active suffix are never changed: with unwatched="sdpa" (speed over bit-exactness)
+            # they take the fast kernel, and only the active rows are computed eagerly (prefill: one row, not Q x K).
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            prefix, _ = sdpa_attention_forward(module, query[:, :, :first], key, value, attention_mask[:, :, :first],
+                                               dropout=dropout, scaling=scaling, **kwargs)
+            query, attention_mask, first = query[:, :, first:], attention_mask[:, :, first:], 0
+
+        def finish(out, weights):
+            out = out.transpose(1, 2).contiguous()
+            if prefix is None:
+                return out, weights
+            return torch.cat([prefix, out], dim=1), None
+
+        image = self._image_keys(k_len)
         v = _repeat_kv(value, getattr(module, "num_key_value_groups", 1))
         cfg = self.config
 
@@ -396,7 +410,7 @@ class Intervention:
 
             weights = _eager_weights(module, query, key, attention_mask, scaling, pre_softmax=boost)
             weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
-            return torch.matmul(weights, v).transpose(1, 2).contiguous(), weights
+            return finish(torch.matmul(weights, v), weights)
 
         weights = _eager_weights(module, query, key, attention_mask, scaling)
         weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
@@ -410,18 +424,106 @@ class Intervention:
             out = torch.matmul(weights, v)
             scale = torch.where(damp, torch.full_like(mass, cfg.scale), torch.ones_like(mass)).to(out.dtype)
             out = torch.cat([out[:, :, :first], out[:, :, first:] * scale[..., None]], dim=2)
-            return out.transpose(1, 2).contiguous(), weights
+            return finish(out, weights)
 
-        new_rows, record = self._dleaf_rows(layer, rows, image, active)
+        if rows.shape[2] == 1:
+            new_rows, record = self._dleaf_one_row(layer, rows, image, active)
+        else:
+            new_rows, record = self._dleaf_rows(layer, rows, image, active)
         if self.trace is not None and "record" in self._state:
-            pad = first
+            pad = pad_rows
             record = {k: torch.nn.functional.pad(t, (pad, 0), value=(math.nan if t.is_floating_point() else 0))
                       .to("cpu") for k, t in record.items()}
             for k in ("flag", "corrected"):
                 record[k] = record[k].bool()
             self._state["record"]["layers"][layer] = record
-        weights = torch.cat([weights[:, :, :first], new_rows], dim=2)
-        return torch.matmul(weights, v).transpose(1, 2).contiguous(), weights
+        if first == 0:
+            weights = new_rows
+        elif torch.is_grad_enabled():
+            weights = torch.cat([weights[:, :, :first], new_rows], dim=2)
+        else:  # no autograd: write the corrected rows in place instead of copying the whole (B, H, Q, K) matrix
+            weights[:, :, first:] = new_rows
+        return finish(torch.matmul(weights, v), weights)
+
+    def _image_keys(self, k_len: int) -> torch.Tensor:
+        """The image mask over ``k_len`` keys, padded or cut once per forward call and shared by every layer."""
+        cache = self._state["image_keys"]
+        if k_len not in cache:
+            image = self._state["image"]
+            if image.shape[1] < k_len:
+                image = torch.nn.functional.pad(image, (0, k_len - image.shape[1]))
+            cache[k_len] = image[:, :k_len]
+        return cache[k_len]
+
+    def _inv_log_image(self, dtype) -> torch.Tensor:
+        """1 / log |I| per sample (0 where |I| <= 1), shape (B, 1), cached per dtype for the sequence."""
+        key = ("inv_log_image", dtype)
+        if key not in self._state:
+            n = self._state["image"].sum(dim=-1).to(dtype)
+            big = n > 1
+            safe = torch.where(big, n, torch.full_like(n, 2.0))
+            self._state[key] = torch.where(big, 1.0 / torch.log(safe), torch.zeros_like(n))[:, None]
+        return self._state[key]
+
+    def _dleaf_one_row(self, layer, rows, image, active):
+        """:meth:`_dleaf_rows` for a single active query row (every decoding step, and the prefill's last row), with
+        the image mass and profile computed once and shared by the layer signal and IAF, and the running statistics
+        read directly (no cumulative sums over one row). Same formulas; equal up to floating-point rounding of the
+        running sums."""
+        cfg: DLeafConfig = self.config
+        st = self._state
+        masked = torch.where(image[:, None, None, :], rows, 0.0)  # (B, H, 1, K)
+        mass = masked.sum(dim=-1)  # (B, H, 1)
+        ok = mass > 0
+        p = masked / torch.where(ok, mass, torch.ones_like(mass))[..., None]
+        if cfg.layer_signal == "liae":
+            if cfg.liae_variant == "mixed":
+                q = p.mean(dim=1)  # (B, 1, K)
+                signal = -torch.special.xlogy(q, q).sum(dim=-1)  # (B, 1)
+            else:
+                signal = -torch.special.xlogy(p, p).sum(dim=-1).mean(dim=1)
+            if cfg.liae_normalize:
+                signal = signal * self._inv_log_image(rows.dtype)
+        else:
+            signal = -mass.mean(dim=1)
+        if cfg.iaf_variant == "mass":
+            iaf = mass
+        else:
+            h_norm = -torch.special.xlogy(p, p).sum(dim=-1) * self._inv_log_image(rows.dtype)[:, :, None]
+            iaf = mass * (1.0 - h_norm)
+        signal = signal.to(torch.float64)  # (B, 1)
+
+        count = st["count"][:, layer, None]
+        if cfg.threshold == "running":
+            n = count.clamp(min=1)
+            mean = st["total"][:, layer, None] / n
+            tau = mean + cfg.kappa * (st["squares"][:, layer, None] / n - mean * mean).clamp(min=0).sqrt()
+        else:
+            tau = st["best"][:, layer, None] + cfg.margin
+        ready = count >= cfg.warmup
+        if cfg.localization == "threshold":
+            flag = active & ready & (signal > tau)
+        elif cfg.localization == "everywhere":
+            flag = active
+        else:
+            draw = torch.rand(active.shape, generator=self._generator, device=active.device)
+            flag = active & (draw < cfg.random_rate)
+
+        s_act = torch.where(active, signal, 0.0)[:, 0]
+        st["count"][:, layer].add_(active[:, 0])
+        st["total"][:, layer].add_(s_act)
+        st["squares"][:, layer].add_(s_act * s_act)
+        best = st["best"][:, layer]
+        torch.minimum(best, torch.where(active[:, 0], signal[:, 0], math.inf), out=best)
+
+        best_head, selected = select_heads(iaf, cfg.head_selection, cfg.bottom_k)
+        corrected = selected & flag[:, None, :]
+        new_rows = fuse_heads(rows, best_head, corrected, self._gamma(rows))
+        record = None
+        if self.trace is not None:
+            tau = torch.where(ready, tau, torch.full_like(tau, math.nan))
+            record = {"signal": signal, "tau": tau, "flag": flag, "iaf": iaf, "corrected": corrected}
+        return new_rows, record
 
     def _dleaf_rows(self, layer, rows, image, active):
         """Flag, rank and fuse the active rows of one layer; update the running state. Returns the new rows and the

@@ -371,3 +371,15 @@ def test_scoring_rejects_mismatched_or_out_of_range_response_starts(tiny):
             engine.response_logprobs(model, batch, [0, n - 1, n - 1], iv)
     with pytest.raises(ValueError, match="detached"):
         engine.response_logprobs(model, batch, [n - 1] * 3, iv)
+
+
+@torch.no_grad()
+def test_fast_unwatched_path_agrees_with_the_exact_one(tiny):
+    model, _, _, _, batch = tiny
+    with engine.attached(model, "dleaf", layer_start=1, layer_end=2, **STRONG):
+        exact = model.generate(**batch, max_new_tokens=8, **GEN)
+    with engine.attached(model, "dleaf", layer_start=1, layer_end=2, unwatched="sdpa", **STRONG):
+        fast = model.generate(**batch, max_new_tokens=8, **GEN)
+    assert torch.equal(exact.sequences, fast.sequences)
+    for a, b in zip(exact.logits, fast.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
