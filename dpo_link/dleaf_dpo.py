@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from scipy.stats import binomtest
 
 from dleaf.config import DLeafConfig
 
@@ -45,8 +46,9 @@ def base_model_of(model):
 def dpo_loss(chosen: np.ndarray | torch.Tensor, rejected: np.ndarray | torch.Tensor) -> dict:
     """DPO statistics of implicit rewards on pairs: ``loss`` = mean ``-log sigmoid(r_w - r_l)`` (log 2 when every
     margin is 0), ``accuracy`` = share of pairs with ``r_w > r_l`` (TRL's ``rewards/accuracies``; ties count as
-    wrong), ``ties`` = share with ``r_w == r_l``, ``margin`` = mean ``r_w - r_l``, and ``n`` pairs. Computed in
-    float64. Mismatched lengths or no pair are errors."""
+    wrong), ``ties`` = share with ``r_w == r_l``, ``accuracy_p_value`` = two-sided sign test (binomial, p = 1/2) of
+    the pairs with a nonzero margin (NaN when every margin is 0), ``margin`` = mean ``r_w - r_l``, and ``n`` pairs.
+    Computed in float64. Mismatched lengths or no pair are errors."""
     c = torch.as_tensor(np.asarray(chosen, dtype=np.float64))
     r = torch.as_tensor(np.asarray(rejected, dtype=np.float64))
     if c.shape != r.shape or c.dim() != 1:
@@ -55,9 +57,12 @@ def dpo_loss(chosen: np.ndarray | torch.Tensor, rejected: np.ndarray | torch.Ten
     if c.numel() == 0:
         raise ValueError("no pairs: the DPO loss of an empty preference set is undefined")
     m = c - r
+    wins, decided = int((m > 0).sum()), int((m != 0).sum())
+    sign_p = float(binomtest(wins, decided, 0.5).pvalue) if decided else float("nan")
     return {"n": int(c.numel()), "loss": float(-torch.nn.functional.logsigmoid(m).mean()),
             "accuracy": float((m > 0).double().mean()), "ties": float((m == 0).double().mean()),
-            "margin": float(m.mean()), "chosen": float(c.mean()), "rejected": float(r.mean())}
+            "accuracy_p_value": sign_p, "margin": float(m.mean()), "chosen": float(c.mean()),
+            "rejected": float(r.mean())}
 
 
 def _split(seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -146,6 +146,22 @@ def measure_pairs(peft_model, processor, rows: Sequence[dict], config: DLeafConf
     sh = C.shuffled(np.arange(len(ci)), p.seed)
     out["pairs"]["shuffled"] = C.pair_agreement(r["dleaf"][sh, 0], r["dleaf"][sh, 1], r_theta[:, 0], r_theta[:, 1],
                                                 permutations=p.permutations, **kw)
+    tasks = [row.get("task") for row in rows]
+    if all(t is not None for t in tasks) and len(set(tasks)) > 1:
+        say("per task")
+        out["by_task"] = {}
+        for task in sorted(set(tasks)):
+            idx = [i for i, t in enumerate(tasks) if t == task]
+            if len(idx) < C.MIN_ROWS:
+                continue
+            out["by_task"][task] = {
+                "n_pairs": len(idx),
+                "dpo": {name: dleaf_dpo.dpo_loss(v[idx, 0], v[idx, 1])
+                        for name, v in [("adapter", r_theta), ("dleaf", r["dleaf"])]},
+                "sequence": C.correlations(r["dleaf"][idx], r_theta[idx], permutations=p.permutations,
+                                           names=("r_D", "r_theta"), **kw),
+                "pairs": C.pair_agreement(r["dleaf"][idx, 0], r["dleaf"][idx, 1], r_theta[idx, 0], r_theta[idx, 1],
+                                          permutations=p.permutations, **kw)}
     say("scale")
     out["scale"] = C.scale_fit(r["dleaf"], r_theta, p.beta, **kw)
     if kinds is not None:
@@ -248,14 +264,16 @@ def report_markdown(report: dict) -> str:
              f"({pr['n_rows']} replies), beta = {pr['beta']}; D-LEAF knobs {cfg['dleaf']}.",
              f"Intervals: bootstrap percentile {int(100 * cfg['protocol']['confidence'])}% "
              f"({cfg['protocol']['n_resamples']} resamples of pairs; token-level: of replies); p: two-sided "
-             f"permutation ({cfg['protocol']['permutations']} permutations of pairs). D-LEAF flagged {100 * pr['flag_rate']:.2f}% of "
+             f"permutation ({cfg['protocol']['permutations']} permutations of pairs). "
+             f"D-LEAF flagged {100 * pr['flag_rate']:.2f}% of "
              f"(reply position, layer) cells and corrected {100 * pr['corrected_share']:.2f}% of (position, layer, "
              "head) cells.", "",
              "## D-LEAF as a DPO step", "",
-             "| policy | DPO loss | reward accuracy | ties | mean margin | mean r(chosen) | mean r(rejected) |",
-             "|---|---|---|---|---|---|---|"]
+             "| policy | DPO loss | reward accuracy (sign-test p) | ties | mean margin | mean r(chosen) | "
+             "mean r(rejected) |", "|---|---|---|---|---|---|---|"]
     for name, d in pr["dpo"].items():
-        lines.append(f"| {name} | {d['loss']:.6f} | {d['accuracy']:.3f} | {d['ties']:.3f} | {_f(d['margin'], 4)} | "
+        lines.append(f"| {name} | {d['loss']:.6f} | {d['accuracy']:.3f} ({_p(d['accuracy_p_value'])}) | "
+                     f"{d['ties']:.3f} | {_f(d['margin'], 4)} | "
                      f"{_f(d['chosen'], 4)} | {_f(d['rejected'], 4)} |")
     lines.append(f"\nlog 2 = {math.log(2):.6f}.")
     if "curve" in pr:
@@ -285,6 +303,19 @@ def report_markdown(report: dict) -> str:
         sa_s = _ci(sa) + (f" ({sa['chance']:.3f})" if "chance" in sa else "")
         lines.append(f"| {name} | {_ci(d['margins']['pearson'])} | {_ci(d['margins']['spearman'])} | {sa_s} | "
                      f"{d['n_signed']} |")
+    if "by_task" in pr:
+        lines += ["", "## Per task (D-LEAF against the adapter)", "",
+                  "| task | pairs | DPO loss adapter / D-LEAF | accuracy adapter / D-LEAF (sign-test p) | "
+                  "sequence Spearman | "
+                  "margin Spearman | sign agreement (chance) |", "|---|---|---|---|---|---|---|"]
+        for task, d in pr["by_task"].items():
+            sa = d["pairs"]["sign_agreement"]
+            lines.append(f"| {task} | {d['n_pairs']} | {d['dpo']['adapter']['loss']:.4f} / "
+                         f"{d['dpo']['dleaf']['loss']:.6f} | {d['dpo']['adapter']['accuracy']:.3f} / "
+                         f"{d['dpo']['dleaf']['accuracy']:.3f} ({_p(d['dpo']['dleaf']['accuracy_p_value'])}) | "
+                         f"{_ci(d['sequence']['spearman'])} | "
+                         f"{_ci(d['pairs']['margins']['spearman'])} | {_ci(sa)}"
+                         + (f" ({sa['chance']:.3f})" if "chance" in sa else "") + " |")
     sc = pr["scale"]
     lines += ["", "## Scale", "",
               (sc["note"] if sc.get("note") else
@@ -341,6 +372,7 @@ def _save_atomic(fig, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.chmod(tmp, 0o644)  # mkstemp makes the file private; a figure is for reading
     os.replace(tmp, path)
 
 
@@ -421,3 +453,44 @@ def _jsonable(x):
     if isinstance(x, (np.floating, np.integer, np.bool_)):
         return x.item()
     return x
+
+
+# ---------------------------------------------------------------------------------------------- study hook
+def study_step(out_dir: str | Path, n_pairs: int = 100, knobs: dict | None = None, seed: int = 0) -> dict | None:
+    """The correspondence step of ``scripts/study.py``: the committed organism and its adapter on the adapter's
+    held-out pairs (the first ``n_pairs``), the report written to ``out_dir``. Returns ``summary`` (one line),
+    ``agrees`` (D-LEAF is a DPO descent step on these pairs: negative slope at gamma 0, loss below log 2 at its
+    gamma, reward accuracy above 1/2 by a sign test at 5%) and ``markdown``; None when no adapter is committed."""
+    import json
+
+    from dleaf.organism import world
+    from dleaf.organism.build import DATA_DIR, load_organism
+
+    from .pairs import EVAL_WORLD_SEED, OrganismPairConfig, organism_examples
+    from .reward_shift import load_adapter
+
+    adapter = DATA_DIR / "organism_dpo"
+    if not (adapter / "adapter_config.json").is_file():
+        return None
+    run = json.loads((adapter / "dpo_run.json").read_text()) if (adapter / "dpo_run.json").is_file() else {}
+    beta = float(run.get("config", {}).get("dpo", {}).get("beta") or 0.1)
+    model, processor = load_organism()
+    peft_model = load_adapter(model, adapter)
+    config = DLeafConfig(**(knobs or {}))
+    protocol = CorrespondenceProtocol(beta=beta, seed=seed)
+    pair_cfg = OrganismPairConfig(n=n_pairs, world_seed=EVAL_WORLD_SEED)
+    pr = measure_pairs(peft_model, processor, organism_examples(pair_cfg), config, protocol, world.OBJECTS)
+    report = {"config": {"model": "data/organism", "adapter": "data/organism_dpo",
+                         "data": {"source": "organism held-out pairs", "config": dataclasses.asdict(pair_cfg)},
+                         "dleaf": knobs or "defaults", "dleaf_config": dataclasses.asdict(config),
+                         "protocol": dataclasses.asdict(protocol)},
+              "pairs_report": pr}
+    write_report(report, out_dir)
+    d, a = pr["dpo"]["dleaf"], pr["dpo"]["adapter"]
+    rho = pr["sequence"]["dleaf"]["spearman"]
+    slope = pr["slope"]["slope"]
+    agrees = bool(slope < 0 and d["loss"] < math.log(2) and d["accuracy"] > 0.5 and d["accuracy_p_value"] < 0.05)
+    summary = (f"D-LEAF's DPO loss {d['loss']:.6f} against log 2 = {math.log(2):.6f} (adapter {a['loss']:.4f}), "
+               f"reward accuracy {d['accuracy']:.3f} (adapter {a['accuracy']:.3f}), slope at gamma 0 {slope:.3g}; "
+               f"Spearman of r_D and r_theta {_ci(rho)} on {pr['n_pairs']} held-out pairs")
+    return {"summary": summary, "agrees": agrees, "markdown": report_markdown(report)}

@@ -147,7 +147,8 @@ def test_identical_policies_give_zero_rewards_and_loss_log2(processor, rows):
             n = sl.stop - sl.start
             ci += range(off, off + n)
             ri += range(off + n, off + 2 * n)
-        assert dleaf_dpo.dpo_loss(r[ci], r[ri])["loss"] == math.log(2)
+        stats = dleaf_dpo.dpo_loss(r[ci], r[ri])
+        assert stats["loss"] == math.log(2) and math.isnan(stats["accuracy_p_value"])
     curve = dleaf_dpo.loss_curve(peft_model, [b for b, _ in batches], 0.1, DLeafConfig(), [0.0])
     assert curve[0]["loss"] == math.log(2) and curve[0]["ties"] == 1.0
 
@@ -329,6 +330,11 @@ def test_bad_inputs_are_named():
     assert math.isnan(sc["s"]) and "0 on every row" in sc["note"]
     single = dleaf_dpo.dpo_loss([0.3], [0.1])
     assert single["n"] == 1 and single["accuracy"] == 1.0  # one pair has a loss, but no correlation
+    assert single["accuracy_p_value"] == 1.0
+    from scipy.stats import binomtest
+
+    many = dleaf_dpo.dpo_loss(np.r_[np.ones(15), np.zeros(5)], np.zeros(20))
+    assert many["accuracy_p_value"] == pytest.approx(binomtest(15, 15).pvalue) and many["ties"] == 0.25
     with pytest.raises(ValueError, match="same length"):
         dleaf_dpo.dpo_loss([0.3, 0.1], [0.1])
     with pytest.raises(ValueError, match="no pairs"):
@@ -423,7 +429,7 @@ def organism_report():
     if not ORGANISM_READY:
         pytest.skip("needs the committed organism (data/organism) and its DPO adapter (data/organism_dpo)")
     from dleaf.organism.build import load_organism
-    from dpo_link.report import CorrespondenceProtocol, measure_pairs
+    from dpo_link.report import CorrespondenceProtocol, measure_generations, measure_pairs
 
     model, processor = load_organism()
     peft_model = rs.load_adapter(model, ROOT / "data" / "organism_dpo")
@@ -432,12 +438,19 @@ def organism_report():
     rows_ = pairs.organism_examples(pairs.OrganismPairConfig(n=24, world_seed=pairs.EVAL_WORLD_SEED))
     protocol = CorrespondenceProtocol(beta=beta, gammas=(0.0, 0.5), batch_size=12, n_resamples=200,
                                       permutations=200)
-    return measure_pairs(peft_model, processor, rows_, DLeafConfig(), protocol, vocabulary=world.OBJECTS), run
+    report = measure_pairs(peft_model, processor, rows_, DLeafConfig(), protocol, vocabulary=world.OBJECTS)
+    scenes = world.scenes("adversarial", 8, 0)
+    with peft_model.disable_adapter():
+        replies = pairs.generate_replies(peft_model.get_base_model(), processor, scenes, world.CAPTION_PROMPTS[0],
+                                         pairs.Decoder("greedy"))
+    gen_rows = rs.response_rows([world.render(s) for s in scenes], [world.CAPTION_PROMPTS[0]] * 8, replies,
+                                objects=[list(s.objects) for s in scenes])
+    generations = measure_generations(peft_model, processor, gen_rows, DLeafConfig(), protocol, world.OBJECTS)
+    return report, run, generations
 
 
-@pytest.mark.slow
-def test_every_statistic_on_the_organism_with_its_adapter(organism_report):
-    pr, run = organism_report
+def test_every_statistic_on_the_organism_with_its_adapter(organism_report):  # about 15 s on one thread
+    pr, run, gen = organism_report
     # the adapter learned something on held-out pairs, as its card says
     assert pr["dpo"]["adapter"]["accuracy"] > 0.5 and pr["dpo"]["adapter"]["loss"] < math.log(2)
     assert pr["dpo"]["dleaf"]["n"] == 24 and 0 <= pr["flag_rate"] <= 1
@@ -453,6 +466,8 @@ def test_every_statistic_on_the_organism_with_its_adapter(organism_report):
     assert pr["curve"][0]["loss"] == math.log(2)
     fd = pr["slope"]["finite_difference"]["central"]
     assert fd == pytest.approx(pr["slope"]["slope"], rel=0.1, abs=1e-4)
+    # free generations: the base model's own greedy captions
+    assert gen["n"] == 8 and set(gen["sequence"]) == set(C.CORRELATIONS) and "all" in gen["tokens"]
 
 
 def test_pairs_as_units_of_resampling_and_permutation():
@@ -468,3 +483,13 @@ def test_pairs_as_units_of_resampling_and_permutation():
     assert res.shape == (30, 2) and abs(np.corrcoef(res.ravel(), lengths.ravel())[0, 1]) < 1e-10
     with pytest.raises(ValueError, match="at least 3 rows"):
         C.correlation(x[:1], y[:1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ORGANISM_READY, reason="needs data/organism and data/organism_dpo")
+def test_study_step_on_the_organism(tmp_path):
+    from dpo_link.report import study_step
+
+    res = study_step(tmp_path / "c", n_pairs=8)
+    assert set(res) == {"summary", "agrees", "markdown"} and isinstance(res["agrees"], bool)
+    assert "held-out pairs" in res["summary"] and (tmp_path / "c" / "correspondence.json").is_file()
