@@ -424,6 +424,10 @@ class RandomTargetIntervention(engine.Intervention):
         super().__init__(model, config, trace=trace)
         self._null_generator = torch.Generator().manual_seed(seed)
 
+    def _dleaf_one_row(self, layer, rows, image, active):
+        # the engine's one-row fast path returns no record without a trace; the general path has the same formulas
+        return self._dleaf_rows(layer, rows, image, active)
+
     def _dleaf_rows(self, layer, rows, image, active):
         _, record = super()._dleaf_rows(layer, rows, image, active)
         B, H, Q, _ = rows.shape

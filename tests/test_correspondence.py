@@ -206,6 +206,20 @@ def test_random_target_null_keeps_dleafs_sites_and_strength(processor, rows):
     zero = rs.score(model, batch, DLeafConfig(gamma=0.0, kappa=0.0),
                     intervention_factory=rs.random_target_factory(0))
     assert torch.equal(zero.logprobs, base.logprobs)
+    # during generation (one active row per step) the null still fuses toward a random head
+    from dleaf.organism.profile import _prompt_batch
+
+    inputs = _prompt_batch(processor, world.scenes("adversarial", 2, 0), [world.CAPTION_PROMPTS[0]] * 2)
+    with torch.no_grad():
+        iv = rs.random_target_factory(0)(model, DLeafConfig(gamma=1.0, localization="everywhere"), False)
+        try:
+            nulled = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_scores=True,
+                                    return_dict_in_generate=True)
+        finally:
+            iv.detach()
+        plain = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_scores=True,
+                               return_dict_in_generate=True)
+    assert not torch.allclose(nulled.scores[0], plain.scores[0])
 
 
 # ------------------------------------------------------------------------------------------------ statistics
