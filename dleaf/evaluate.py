@@ -923,7 +923,10 @@ def run_evaluation(args: EvalArguments, model=None, processor=None, benchmark: B
     benchmark = benchmark or build_benchmark(args)
     config = run_config(args, benchmark)
     run_dir = Path(args.output_dir)
-    state = PartialState()
+    import torch
+
+    # Without an accelerator, processes launched by accelerate only form a group when told to use the CPU.
+    state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
     ids = benchmark.ids
     error = None

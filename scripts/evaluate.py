@@ -7,7 +7,7 @@
         --coco_instances annotations/instances_val2014.json --coco_captions annotations/captions_val2014.json \
         --output_dir runs/llava_chair
     python scripts/evaluate.py --benchmark pope_file --pope_files coco_pope_random.json --pope_images val2014/ ...
-    accelerate launch --num_processes 2 --cpu scripts/evaluate.py --benchmark organism_caption --output_dir runs/x
+    CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes 2 scripts/evaluate.py --benchmark organism_caption --output_dir runs/x
     python scripts/evaluate.py --compare runs/greedy runs/dleaf --table_out runs/table.md
     python scripts/evaluate.py recipe.yaml          # the same flags as YAML keys
 

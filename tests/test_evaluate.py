@@ -383,11 +383,15 @@ def test_two_process_accelerate_run_equals_one_process(tmp_path, tiny):
     one = subprocess.run([sys.executable, *common, "--output_dir", str(tmp_path / "one")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *common,
-                          "--output_dir", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True,
+    # accelerate 1.x starts a single process for "--cpu --num_processes 2"; two CPU processes need the multi-GPU
+    # launcher with no GPU visible (docs/dpo.md)
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          *[a for a in common if a != "--no_progress"], "--output_dir", str(tmp_path / "two")],
+                         cwd=ROOT, env={**env, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True,
                          timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert "[0/2]" in two.stderr and "[1/2]" in two.stderr  # two processes, each with its shard
     assert _files(tmp_path / "one") == _files(tmp_path / "two")
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted([ev.CONFIG, ev.GENERATIONS, ev.METRICS])
     m = json.loads((tmp_path / "two" / ev.METRICS).read_text())
