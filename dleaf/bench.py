@@ -47,7 +47,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,6 +54,7 @@ from pathlib import Path
 import torch
 
 from . import engine
+from .io import write_json_atomic
 
 CONFIGS = ("plain_sdpa", "plain_eager", "dleaf", "dleaf_range", "pai", "spin", "vcd")
 MODELS = ("organism", "llava_shaped")
@@ -657,21 +657,7 @@ def bench_scoring(model, inputs_by_batch: dict, cfg: BenchConfig, log=print) -> 
     return out
 
 
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
 
 
 def environment() -> dict:
@@ -713,7 +699,7 @@ def run_memory_only(cfg: BenchConfig, out: str | Path, log=print) -> dict:
         log(f"memory {name}")
         entry = result["models"].setdefault(name, {})
         entry["memory"] = bench_memory(name, None, None, cfg, log)
-        write_json_atomic(path, result)
+        write_json_atomic(result, path, indent=1)
     return result
 
 
@@ -737,7 +723,7 @@ def run_benchmark(cfg: BenchConfig, out: str | Path | None = None, log=print) ->
             entry["memory"] = bench_memory(name, model, inputs, cfg, log)
         result["models"][name] = entry
         if out is not None:
-            write_json_atomic(out, result)
+            write_json_atomic(result, out, indent=1)
         del model, inputs
         gc.collect()
     return result

@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ import numpy as np
 import yaml
 
 from . import metrics
+from .io import write_json_atomic, write_text_atomic
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 PROTOCOL_DIR = DATA_DIR / "protocols"
@@ -80,35 +80,6 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise EvaluationInputError(f"{what} {path} is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}") from e
     except UnicodeDecodeError as e:
         raise EvaluationInputError(f"{what} {path} is not UTF-8 text: {e}") from e
-
-
-def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """Write ``obj`` as JSON via a temporary file in the same folder and ``os.replace``: readers never see half a
-    file, and a kill leaves the previous version intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, allow_nan=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_text_atomic(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _row_line(row: dict) -> str:
@@ -850,7 +821,7 @@ def consolidate(run_dir: str | os.PathLike, ids: Sequence[str]) -> dict[str, dic
         rewrite |= len(rows) != before
     if rewrite or (shards and not main.exists()):
         text = "".join(_row_line(rows[rid]) for rid in sorted(rows, key=order.__getitem__))
-        _write_text_atomic(text, main)
+        write_text_atomic(text, main)
     for shard in shards:
         shard.unlink()
     return rows

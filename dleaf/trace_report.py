@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from .engine import Trace
+from .io import write_text_atomic
 
 
 def _clean(x):
@@ -58,14 +59,7 @@ def trace_dict(trace: Trace, tokens: Sequence[Sequence[str]] | None = None, conf
 
 def write_trace_json(trace: Trace, path: str | os.PathLike, tokens=None, config=None) -> Path:
     """Write :func:`trace_dict` to ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(trace_dict(trace, tokens, config), f)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(json.dumps(trace_dict(trace, tokens, config)) + "\n", path)
 
 
 def trace_summary(trace: Trace, sample: int = 0, top: int = 3) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dleaf.config import DLeafConfig
-from dleaf.organism.profile import write_json_atomic, write_text_atomic
+from dleaf.io import write_json_atomic, write_text_atomic
 
 from . import correspondence as C
 from . import dleaf_dpo

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from dleaf.organism import build, study
-from dleaf.organism.profile import write_json_atomic, write_text_atomic
+from dleaf.io import write_json_atomic, write_text_atomic
 
 S = study.setting
 

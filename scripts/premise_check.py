@@ -19,7 +19,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from dleaf import evaluate, premise, premise_check
-from dleaf.organism.profile import write_json_atomic, write_text_atomic
+from dleaf.io import write_json_atomic, write_text_atomic
 
 
 @dataclasses.dataclass

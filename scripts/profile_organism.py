@@ -13,8 +13,8 @@ import torch
 
 from dleaf.premise import PremiseRow, plot_premise
 from dleaf.organism import build, world
-from dleaf.organism.profile import (ProfileProtocol, patch_probe, profile_markdown, profile_model,
-                                    write_json_atomic, write_text_atomic)
+from dleaf.io import write_json_atomic, write_text_atomic
+from dleaf.organism.profile import ProfileProtocol, patch_probe, profile_markdown, profile_model
 
 
 def main(argv=None):

@@ -9,13 +9,8 @@ model had while generating greedily.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import attention_stats, metrics, premise
@@ -155,26 +150,6 @@ def profile_model(model, processor, protocol: ProfileProtocol = ProfileProtocol(
                               protocol.answer_max_new_tokens, protocol.batch_size)
         result["pope"][neg] = metrics.pope(answers, [q.label for q in questions]).as_dict()
     return result
-
-
-def write_json_atomic(obj, path: str | os.PathLike) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file and a rename, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, allow_nan=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def write_text_atomic(text: str, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _pct(x) -> str:

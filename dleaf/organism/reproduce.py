@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import evaluate
+from ..io import write_json_atomic, write_text_atomic
 from . import build
 
 ADAPTER = build.DATA_DIR / "organism_dpo"
@@ -200,7 +201,7 @@ def run_study(out_dir: str | Path, cfg: StudyConfig = StudyConfig(), progress: b
     else:
         say("[study] decoding overhead")
         overhead = measure_overhead(cfg)
-        evaluate.write_json_atomic(overhead, overhead_path)
+        write_json_atomic(overhead, overhead_path)
     link = None
     if cfg.correspondence and correspondence is not None:
         say("[study] correspondence suite")
@@ -218,6 +219,6 @@ def run_study(out_dir: str | Path, cfg: StudyConfig = StudyConfig(), progress: b
         md += ["## D-LEAF and DPO", "", link["markdown"], ""]
     report = {"config": dataclasses.asdict(cfg), "claims": claims, "overhead": overhead, "correspondence": link,
               "metrics": {f"{b}/{s}": m for (b, s), m in metrics.items()}, "seconds": time.time() - t0}
-    evaluate.write_json_atomic(report, out / "report.json")
-    evaluate._write_text_atomic("\n".join(md) + "\n", out / "report.md")
+    write_json_atomic(report, out / "report.json")
+    write_text_atomic("\n".join(md) + "\n", out / "report.md")
     return report
