@@ -456,32 +456,62 @@ def _jsonable(x):
 
 
 # ---------------------------------------------------------------------------------------------- study hook
-def study_step(out_dir: str | Path, n_pairs: int = 100, knobs: dict | None = None, seed: int = 0) -> dict | None:
-    """The correspondence step of ``scripts/study.py``: the committed organism and its adapter on the adapter's
-    held-out pairs (the first ``n_pairs``), the report written to ``out_dir``. Returns ``summary`` (one line),
-    ``agrees`` (D-LEAF is a DPO descent step on these pairs: negative slope at gamma 0, loss below log 2 at its
-    gamma, reward accuracy above 1/2 by a sign test at 5%) and ``markdown``; None when no adapter is committed."""
+def study_step(out_dir: str | Path, n_pairs: int = 100, knobs: dict | None = None, seed: int = 0,
+               model: str = "organism", adapter: str | Path | None = None, dataset: str | Path | None = None,
+               dataset_split: str = "test", column_map: dict | None = None, dtype: str = "float32") -> dict | None:
+    """The correspondence step of ``scripts/study.py``, the report written to ``out_dir``.
+
+    On the organism (the default): the committed organism and its adapter (``data/organism_dpo``) on the adapter's
+    held-out pairs (the first ``n_pairs``); None when no adapter is committed. On a real checkpoint (``model`` a hub
+    id or folder): ``adapter`` trained on it and the first ``n_pairs`` held-out preference pairs of ``dataset``
+    (see :func:`dpo_link.pairs.load_preference_dataset`), on the GPU when there is one.
+
+    Returns ``summary`` (one line), ``agrees`` (D-LEAF is a DPO descent step on these pairs: negative slope at
+    gamma 0, loss below log 2 at its gamma, reward accuracy above 1/2 by a sign test at 5%) and ``markdown``.
+    """
     import json
+
+    import torch
 
     from dleaf.organism import world
     from dleaf.organism.build import DATA_DIR, load_organism
 
-    from .pairs import EVAL_WORLD_SEED, OrganismPairConfig, organism_examples
+    from .pairs import EVAL_WORLD_SEED, OrganismPairConfig, load_preference_dataset, organism_examples
     from .reward_shift import load_adapter
 
-    adapter = DATA_DIR / "organism_dpo"
-    if not (adapter / "adapter_config.json").is_file():
-        return None
+    organism = model == "organism"
+    adapter = Path(adapter) if adapter else (DATA_DIR / "organism_dpo" if organism else None)
+    if adapter is None or not (adapter / "adapter_config.json").is_file():
+        if organism:
+            return None
+        raise FileNotFoundError(f"no PEFT adapter at {adapter}: pass the output_dir of scripts/train_dpo.py")
+    if not organism and dataset is None:
+        raise ValueError(f"the correspondence suite on {model!r} needs held-out preference pairs (dataset=)")
     run = json.loads((adapter / "dpo_run.json").read_text()) if (adapter / "dpo_run.json").is_file() else {}
     beta = float(run.get("config", {}).get("dpo", {}).get("beta") or 0.1)
-    model, processor = load_organism()
-    peft_model = load_adapter(model, adapter)
+    if organism:
+        base, processor = load_organism()
+        pair_cfg = OrganismPairConfig(n=n_pairs, world_seed=EVAL_WORLD_SEED)
+        rows, vocabulary = organism_examples(pair_cfg), world.OBJECTS
+        data = {"source": "organism held-out pairs", "config": dataclasses.asdict(pair_cfg)}
+    else:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(model)
+        base = AutoModelForImageTextToText.from_pretrained(model, attn_implementation="eager",
+                                                           dtype=getattr(torch, dtype)).eval()
+        if torch.cuda.is_available():
+            base.to("cuda")
+        rows = [dict(r) for r in load_preference_dataset(dataset, dataset_split, column_map, limit=n_pairs)]
+        vocabulary = None
+        data = {"source": "disk", "path": str(dataset), "split": dataset_split, "n": len(rows)}
+    peft_model = load_adapter(base, adapter)
     config = DLeafConfig(**(knobs or {}))
     protocol = CorrespondenceProtocol(beta=beta, seed=seed)
-    pair_cfg = OrganismPairConfig(n=n_pairs, world_seed=EVAL_WORLD_SEED)
-    pr = measure_pairs(peft_model, processor, organism_examples(pair_cfg), config, protocol, world.OBJECTS)
-    report = {"config": {"model": "data/organism", "adapter": "data/organism_dpo",
-                         "data": {"source": "organism held-out pairs", "config": dataclasses.asdict(pair_cfg)},
+    pr = measure_pairs(peft_model, processor, rows, config, protocol, vocabulary)
+    report = {"config": {"model": "data/organism" if organism else model,
+                         "adapter": "data/organism_dpo" if organism and adapter == DATA_DIR / "organism_dpo"
+                         else str(adapter), "data": data,
                          "dleaf": knobs or "defaults", "dleaf_config": dataclasses.asdict(config),
                          "protocol": dataclasses.asdict(protocol)},
               "pairs_report": pr}

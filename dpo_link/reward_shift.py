@@ -207,6 +207,19 @@ def _model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS and not k.startswith("_")}
 
 
+def _on_model_device(batch: dict, model) -> dict:
+    """``batch`` with its tensors on ``model``'s device and its image tensors in the model's floating dtype."""
+    param = next(model.parameters())
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            v = v.to(param.device)
+            if k in ("pixel_values", "pixel_values_videos") and v.is_floating_point():
+                v = v.to(param.dtype)
+        out[k] = v
+    return out
+
+
 def score(model, batch: dict, method: DLeafConfig | None = None, trace: bool = False,
           intervention_factory=None, gamma_override: torch.Tensor | None = None) -> Scored:
     """Teacher-forced log-probabilities of each row's reply under ``model`` (plain when ``method`` is None, else
@@ -218,6 +231,7 @@ def score(model, batch: dict, method: DLeafConfig | None = None, trace: bool = F
     ``gamma_override`` is passed to the intervention (a 0-d tensor; see ``Intervention.gamma_override``).
     Gradients flow when called outside ``torch.no_grad``.
     """
+    batch = _on_model_device(batch, model)
     inputs = _model_inputs(batch)
     start = response_start(batch)
     if trace and method is None:
@@ -261,9 +275,9 @@ def score(model, batch: dict, method: DLeafConfig | None = None, trace: bool = F
                 idx = torch.tensor([where[int(c)] for c in cols], dtype=torch.long)
             except KeyError as e:  # pragma: no cover - the engine traces every row from the last prompt token on
                 raise RuntimeError(f"the trace misses position {e} of row {b}") from None
-            mass.append(tr["iaf"][idx].detach().double().numpy())
-            corrected.append(tr["corrected"][idx].numpy())
-            flagged.append(tr["flag"][idx].numpy())
+            mass.append(tr["iaf"][idx].detach().double().cpu().numpy())
+            corrected.append(tr["corrected"][idx].cpu().numpy())
+            flagged.append(tr["flag"][idx].cpu().numpy())
         out.mass, out.corrected, out.flagged = mass, corrected, flagged
     if batch.get("_duplicated"):
         n = mask.shape[0] // 2
@@ -383,7 +397,7 @@ def score_rows(peft_model, batches: Iterable[tuple[dict, slice]], beta: float, p
                 if mass:
                     masses["adapter"] += pol.mass
             n = ref.mask.shape[0]
-            ids += [batch["input_ids"][b][ref.mask[b]].cpu().numpy() for b in range(n)]
+            ids += [batch["input_ids"][b][ref.mask[b].cpu()].cpu().numpy() for b in range(n)]
             if progress:
                 progress(k)
     finally:

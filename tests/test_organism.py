@@ -121,3 +121,33 @@ def test_training_is_deterministic_from_the_seed_and_saves_a_loadable_checkpoint
         assert not proj.weight.any() and not proj.bias.any()
     assert set(log_a["stages"]) == {"text", "align", "joint"}
     assert len(log_a["stages"]["joint"]["image_gap"]) == 2
+
+
+def test_resuming_at_a_stage_boundary_gives_the_weights_of_one_run(tmp_path):
+    from dleaf.organism.train import train
+
+    def cfg(out, **kw):
+        base = dict(output_dir=str(out), text_steps=2, align_steps=2, joint_steps=2, refine_steps=2, batch_size=4,
+                    warmup=1, log_every=1, probe_every=2, text_layers=2, text_heads=2, text_hidden=32,
+                    text_intermediate=64, threads=1, refine_vision_lr=3e-3)
+        return TrainConfig(**{**base, **kw})
+
+    whole = train(cfg(tmp_path / "whole"), progress=False)
+    train(cfg(tmp_path / "three", refine_steps=0), progress=False)
+    resumed = train(cfg(tmp_path / "resumed", resume_from=str(tmp_path / "three")), progress=False)
+    assert list(resumed["stages"]) == ["text", "align", "joint", "refine"]
+    assert resumed["resumed_from"]["stages"] == ["text", "align", "joint"]
+    assert resumed["stages"]["refine"]["loss_first"] == whole["stages"]["refine"]["loss_first"]
+    ma, _ = build.load_organism(tmp_path / "whole")
+    mb, _ = build.load_organism(tmp_path / "resumed")
+    for (name, pa), pb in zip(ma.state_dict().items(), mb.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    # the refine stage moved the vision tower (its own learning rate) and the decoder
+    m3, _ = build.load_organism(tmp_path / "three")
+    for part in ("model.vision_tower", "model.language_model"):
+        assert any(not torch.equal(p, m3.state_dict()[k]) for k, p in ma.state_dict().items() if k.startswith(part))
+    # a saved run trained with other settings is refused, naming them
+    with pytest.raises(ValueError, match="joint_lr=0.0002 there but 0.001 here"):
+        train(cfg(tmp_path / "x", resume_from=str(tmp_path / "three"), joint_lr=1e-3), progress=False)
+    with pytest.raises(FileNotFoundError, match="no training_log.json"):
+        train(cfg(tmp_path / "x", resume_from=str(tmp_path)), progress=False)

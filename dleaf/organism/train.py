@@ -9,6 +9,14 @@ Stages (each with AdamW, linear warm-up and cosine decay):
    is low (2e-4) and the text stage short (150 steps): with a longer text stage or a higher joint rate the
    unfrozen decoder found its language prior cheaper than the image and stopped reading it (docs/organism.md has
    the runs).
+4. ``refine`` (optional, ``refine_steps``): a second joint stage in which the vision tower and projector learn
+   faster (``refine_vision_lr``) than the decoder (``refine_lr``), once the decoder is committed to reading the
+   image, so that it reads the objects' identity better.
+
+A run can continue from a checkpoint this code saved after some stages (``resume_from``): the stages its log
+records are checked against the configuration and skipped, and training goes on with the next one. Every stage has
+its own optimizer and random stream and the scenes continue where the log says, so stopping at a stage boundary
+and resuming gives the same weights as one run (with ``threads=1``).
 
 Every conversation starts with the LLaVA-style system prompt. The loss covers only the assistant's reply (and its
 </s>). The control organism is trained by the same code with ``prior=False``: its scenes, and its text, have no
@@ -32,7 +40,7 @@ import torch
 from . import build, world
 from .chat import user_turn
 
-STAGES = ("text", "align", "joint")
+STAGES = ("text", "align", "joint", "refine")
 
 
 @dataclasses.dataclass
@@ -49,6 +57,9 @@ class TrainConfig:
     text_lr: float = 2e-3
     align_lr: float = 2e-3
     joint_lr: float = 2e-4
+    refine_steps: int = 0
+    refine_lr: float = 2e-4
+    refine_vision_lr: float = 1e-3
     warmup: int = 50
     weight_decay: float = 0.01
     question_fraction: float = 0.3
@@ -59,12 +70,13 @@ class TrainConfig:
     log_every: int = 50
     probe_every: int = 250
     threads: int = 0
+    resume_from: str | None = None
 
     def __post_init__(self):
         for name in ("batch_size", "warmup", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
-        for name in ("text_steps", "align_steps", "joint_steps"):
+        for name in ("text_steps", "align_steps", "joint_steps", "refine_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.question_fraction <= 1.0:
@@ -142,12 +154,46 @@ def _set_trainable(model, stage: str) -> list[torch.nn.Parameter]:
     vision = [model.model.vision_tower, model.model.multi_modal_projector]
     for p in model.parameters():
         p.requires_grad_(False)
-    train = {"text": decoder, "align": vision, "joint": decoder + vision}[stage]
+    train = {"text": decoder, "align": vision, "joint": decoder + vision, "refine": decoder + vision}[stage]
     for module in train:
         for p in module.parameters():
             p.requires_grad_(True)
     build.make_vision_patch_local(model)  # the zeroed attention outputs stay zero and frozen
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def _param_groups(model, stage: str, config: TrainConfig) -> list[dict]:
+    """The optimizer's parameter groups: one learning rate per stage, except ``refine`` (decoder and vision apart)."""
+    params = _set_trainable(model, stage)
+    if stage != "refine":
+        return [{"params": params, "lr": getattr(config, f"{stage}_lr")}]
+    vision = {id(p) for m in (model.model.vision_tower, model.model.multi_modal_projector) for p in m.parameters()}
+    return [{"params": [p for p in params if id(p) not in vision], "lr": config.refine_lr},
+            {"params": [p for p in params if id(p) in vision], "lr": config.refine_vision_lr}]
+
+
+# Settings that must agree between a saved run and the run that resumes it, besides each completed stage's own.
+_RESUME_KEYS = ("seed", "prior", "batch_size", "warmup", "weight_decay", "question_fraction", "text_hidden",
+                "text_layers", "text_heads", "text_intermediate")
+_STAGE_KEYS = {"text": ("text_steps", "text_lr"), "align": ("align_steps", "align_lr"),
+               "joint": ("joint_steps", "joint_lr"), "refine": ("refine_steps", "refine_lr", "refine_vision_lr")}
+
+
+def _resume_state(config: TrainConfig) -> tuple[dict, list[str]]:
+    """The saved log of ``config.resume_from`` and the stages it completed, checked against ``config``."""
+    path = Path(config.resume_from) / "training_log.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"resume_from={config.resume_from!r}: no training_log.json there; pass a folder "
+                                "written by scripts/train_organism.py")
+    log = json.loads(path.read_text())
+    saved, done = log["config"], [s for s in STAGES if s in log["stages"]]
+    if done != list(STAGES[:len(done)]):
+        raise ValueError(f"resume_from={config.resume_from!r}: its log has stages {done}, not a prefix of {STAGES}")
+    keys = list(_RESUME_KEYS) + [k for s in done for k in _STAGE_KEYS[s]]
+    bad = [f"{k}={saved.get(k)!r} there but {getattr(config, k)!r} here" for k in keys if saved.get(k) != getattr(config, k)]
+    if bad:
+        raise ValueError(f"resume_from={config.resume_from!r} was trained with other settings: " + "; ".join(bad))
+    return log, done
 
 
 def train(config: TrainConfig, progress: bool = True) -> dict:
@@ -156,21 +202,31 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     processor = build.build_processor(config.shape)
-    model = build.build_model(processor.tokenizer, config.shape, seed=config.seed)
+    log: dict = {"config": dataclasses.asdict(config), "stages": {}}
+    if config.resume_from:
+        saved, done = _resume_state(config)
+        log["stages"] = {s: saved["stages"][s] for s in done}
+        log["resumed_from"] = {"path": str(config.resume_from), "stages": done}
+        model = build.load_organism(config.resume_from)[0]
+    else:
+        done = []
+        model = build.build_model(processor.tokenizer, config.shape, seed=config.seed)
     model.set_attn_implementation("sdpa")
     model.train()
-    log: dict = {"config": dataclasses.asdict(config), "stages": {}}
     corpus = world.text_corpus(config.text_steps * config.batch_size, world_seed=config.seed, prior=config.prior)
     scene_index = 0
     probe_batch = conversation_batch(processor, world.scenes("indist", 64, config.seed, config.prior),
                                      np.random.default_rng(12345), config.question_fraction)
     for stage in STAGES:
         steps = getattr(config, f"{stage}_steps")
+        if stage in done:
+            scene_index += steps * config.batch_size if stage != "text" else 0
+            continue
         if steps == 0:
             continue
-        params = _set_trainable(model, stage)
-        lr = getattr(config, f"{stage}_lr")
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+        groups = _param_groups(model, stage, config)
+        params = [p for g in groups for p in g["params"]]
+        opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, n=steps: _schedule(s, n, config.warmup))
         rng = np.random.default_rng([config.seed, STAGES.index(stage)])
         losses, gaps, t0 = [], [], time.time()

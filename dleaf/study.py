@@ -1,0 +1,381 @@
+"""The study, end to end: every method through the evaluation harness, the decoding overhead, the correspondence
+suite, and a report (markdown, JSON, figures) that sets the measured numbers beside the paper's claims.
+
+Two targets, one code path:
+
+- the organism (the default): captions of adversarial organism scenes and yes/no questions with adversarial
+  negatives, the committed organism and its DPO adapter (``data/organism_dpo``), the adapter's held-out pairs;
+- a real checkpoint (``model`` a hub id or folder): CHAIR on COCO val2014 (``coco_images``, ``coco_instances``,
+  ``coco_captions``) and POPE question files (``pope_files``, ``pope_images``), a DPO adapter trained on it with
+  ``scripts/train_dpo.py`` (``adapter``; without one the DPO rows and the correspondence suite are skipped and the
+  report says so), and held-out preference pairs for the correspondence suite (``preference_data``).
+
+Each step writes into the run folder and is skipped when its output is already there (the harness itself resumes a
+half-finished evaluation), so an interrupted study resumes where it stopped; everything is seeded, so two runs give
+the same numbers. Under ``accelerate launch`` the evaluations are sharded over the processes (the harness does it);
+the overhead, the correspondence suite and the report run on process 0 alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import evaluate
+from .io import write_json_atomic, write_text_atomic
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+ORGANISM_ADAPTER = DATA_DIR / "organism_dpo"
+
+#: (label, method, uses the DPO adapter)
+SETTINGS = (
+    ("greedy", "greedy", False),
+    ("pai", "pai", False),
+    ("spin", "spin", False),
+    ("dleaf", "dleaf", False),
+    ("dpo", "greedy", True),
+    ("dleaf_dpo", "dleaf", True),
+)
+ORGANISM_BENCHMARKS = ("organism_caption", "organism_pope")
+CHECKPOINT_BENCHMARKS = ("coco_chair", "pope_file")
+BENCHMARKS = ORGANISM_BENCHMARKS  # the default target's
+
+CLAIMS = {
+    "chair": "53% relative CHAIR improvement over greedy decoding",
+    "pope": "about +4 points of POPE accuracy and F1",
+    "overhead": "negligible overhead",
+    "link": "D-LEAF's correction corresponds to a DPO step",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """What fixes a study run.
+
+    ``n_images``: images per benchmark (organism: adversarial split, default 300; the yes/no benchmark asks two
+    questions per image; a real checkpoint: the first N COCO images and the first N questions of each POPE file,
+    default the whole protocol). The timing repeats, batch and length, and the correspondence suite's size. The
+    target: ``model`` ("organism" or a hub id / checkpoint folder) and its inputs (see the module docstring).
+    """
+
+    n_images: int | None = None
+    timing_repeats: int = 3
+    timing_batch: int = 8
+    timing_tokens: int = 32
+    correspondence: bool = True
+    correspondence_pairs: int = 100
+    model: str = "organism"
+    adapter: str | None = None
+    coco_images: str | None = None
+    coco_instances: str | None = None
+    coco_captions: str | None = None
+    pope_files: tuple[str, ...] = ()
+    pope_images: str | None = None
+    preference_data: str | None = None
+    preference_split: str = "test"
+    column_map: str | None = None
+    dtype: str = "float32"
+    attn_implementation: str | None = None
+    batch_size: int | None = None
+
+    def __post_init__(self):
+        for name in ("timing_repeats", "timing_batch", "timing_tokens", "correspondence_pairs"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"StudyConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("n_images", "batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"StudyConfig.{name} must be positive (or None for the default), got "
+                                 f"{getattr(self, name)}")
+        object.__setattr__(self, "pope_files", tuple(self.pope_files))
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"StudyConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.organism:
+            extra = [n for n in ("coco_images", "coco_instances", "coco_captions", "pope_images", "preference_data")
+                     if getattr(self, n)] + (["pope_files"] if self.pope_files else [])
+            if extra:
+                raise ValueError(f"{', '.join(extra)} given, but the study's model is the organism; pass --model "
+                                 "(a hub id or checkpoint folder) to study a real checkpoint on COCO and POPE")
+            return
+        missing = [n for n in ("coco_images", "coco_instances", "pope_images") if not getattr(self, n)]
+        if not self.pope_files:
+            missing.append("pope_files")
+        if missing:
+            raise ValueError(f"a study of {self.model!r} needs {', '.join(missing)} (COCO val2014 images and "
+                             "instances for CHAIR, the POPE question files and their images)")
+        if self.adapter and self.correspondence and not self.preference_data:
+            raise ValueError("the correspondence suite needs held-out preference pairs for a real checkpoint: pass "
+                             "preference_data (a save_to_disk folder, parquet or JSON lines file), or turn the "
+                             "suite off")
+        if self.adapter and not (Path(self.adapter) / "adapter_config.json").is_file():
+            raise ValueError(f"adapter={self.adapter!r} has no adapter_config.json: pass the output_dir of "
+                             "scripts/train_dpo.py")
+
+    @property
+    def organism(self) -> bool:
+        return self.model == "organism"
+
+    @property
+    def benchmarks(self) -> tuple[str, str]:
+        return ORGANISM_BENCHMARKS if self.organism else CHECKPOINT_BENCHMARKS
+
+    @property
+    def images(self) -> int | None:
+        return (self.n_images or 300) if self.organism else self.n_images
+
+    @property
+    def adapter_path(self) -> str | None:
+        if self.adapter:
+            return self.adapter
+        if self.organism and (ORGANISM_ADAPTER / "adapter_config.json").is_file():
+            return str(ORGANISM_ADAPTER)
+        return None
+
+    @property
+    def settings(self) -> tuple[tuple[str, str, bool], ...]:
+        return tuple(s for s in SETTINGS if not s[2] or self.adapter_path)
+
+    @property
+    def generation_batch(self) -> int:
+        return self.batch_size or (100 if self.organism else 8)
+
+
+def _eval_dir(out: Path, bench: str, label: str) -> Path:
+    return out / "evals" / f"{bench}_{label}"
+
+
+def eval_arguments(cfg: StudyConfig, out: Path, bench: str, label: str, method: str, adapter: bool,
+                   progress: bool = True) -> evaluate.EvalArguments:
+    """The harness arguments of one (benchmark, setting) cell of the study."""
+    common = dict(benchmark=bench, output_dir=str(_eval_dir(out, bench, label)), method=method,
+                  adapter=cfg.adapter_path if adapter else None, limit=cfg.images, batch_size=cfg.generation_batch,
+                  progress=progress, model=cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
+    if bench == "organism_caption":
+        return evaluate.EvalArguments(**common, splits=["adversarial"])
+    if bench == "organism_pope":
+        return evaluate.EvalArguments(**common, splits=["adversarial"], negatives=["adversarial"])
+    if bench == "coco_chair":
+        return evaluate.EvalArguments(**common, coco_images=cfg.coco_images, coco_instances=cfg.coco_instances,
+                                      coco_captions=cfg.coco_captions)
+    return evaluate.EvalArguments(**common, pope_files=list(cfg.pope_files), pope_images=cfg.pope_images)
+
+
+def run_evaluations(out: Path, cfg: StudyConfig, progress: bool = True, say: Callable = print) -> dict:
+    """Every setting on both benchmarks through :func:`dleaf.evaluate.run_evaluation` (resumable; sharded under
+    ``accelerate launch``). The base model is loaded once; a setting with the adapter loads it merged."""
+    base = None
+    metrics = {}
+    for label, method, adapter in cfg.settings:
+        for bench in cfg.benchmarks:
+            args = eval_arguments(cfg, out, bench, label, method, adapter, progress)
+            run_dir = Path(args.output_dir)
+            if (run_dir / evaluate.METRICS).is_file():
+                metrics[(bench, label)] = json.loads((run_dir / evaluate.METRICS).read_text())
+                continue
+            say(f"[study] {bench}: {label}")
+            model = processor = None
+            if not adapter:
+                if base is None:
+                    base = evaluate.load_model(dataclasses.replace(args, adapter=None))
+                model, processor = base
+            res = evaluate.run_evaluation(args, model, processor)
+            if res is not None:
+                metrics[(bench, label)] = res
+    return metrics
+
+
+def _timing_batch(cfg: StudyConfig, processor):
+    """``timing_batch`` caption prompts of the study's caption benchmark, as processor outputs."""
+    from .organism.chat import user_turn
+
+    args = eval_arguments(cfg, Path("."), cfg.benchmarks[0], "timing", "greedy", False, progress=False)
+    items = evaluate.build_benchmark(dataclasses.replace(args, limit=None)).items[:cfg.timing_batch]
+    processor.tokenizer.padding_side = "left"
+    texts = [processor.apply_chat_template(user_turn(it.prompt), add_generation_prompt=True, tokenize=False)
+             for it in items]
+    return processor(text=texts, images=[it.image() for it in items], return_tensors="pt", padding=True)
+
+
+def measure_overhead(cfg: StudyConfig, model=None, processor=None) -> dict:
+    """Tokens per second of plain greedy decoding and of D-LEAF on the study's model, interleaved in this process
+    (median of ``timing_repeats``; the device synchronised around each run), and their ratio.
+    ``docs/performance.md`` has the full benchmark."""
+    import torch
+
+    from . import engine
+
+    if model is None:
+        args = eval_arguments(cfg, Path("."), cfg.benchmarks[0], "timing", "greedy", False, progress=False)
+        model, processor = evaluate.load_model(args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in _timing_batch(cfg, processor).items()}
+    if batch["pixel_values"].is_floating_point():
+        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    n = len(batch["input_ids"])
+    gen = dict(max_new_tokens=cfg.timing_tokens, min_new_tokens=cfg.timing_tokens, do_sample=False)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = {"greedy": [], "dleaf": []}
+    with torch.no_grad():
+        model.generate(**batch, **gen)  # warm-up
+        for _ in range(cfg.timing_repeats):
+            for name in times:
+                with engine.attached(model, None if name == "greedy" else name):
+                    sync()
+                    t0 = time.perf_counter()
+                    model.generate(**batch, **gen)
+                    sync()
+                    times[name].append(time.perf_counter() - t0)
+    tokens = n * cfg.timing_tokens
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"tokens_per_second": {k: tokens / v for k, v in med.items()},
+            "dleaf_over_greedy_throughput": med["greedy"] / med["dleaf"], "repeats": cfg.timing_repeats,
+            "batch": n, "new_tokens": cfg.timing_tokens, "device": device,
+            "attn_implementation": model.config._attn_implementation}
+
+
+def _sections(metrics: dict, bench: str, label: str) -> list[dict]:
+    res = metrics.get((bench, label))
+    return list(res["sections"].values()) if res else []
+
+
+def _mean(sections: list[dict], key: str) -> float:
+    vals = [s[key] for s in sections if s.get(key) is not None]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def claims_table(metrics: dict, overhead: dict | None, link: dict | None,
+                 benchmarks: tuple[str, str] = ORGANISM_BENCHMARKS, target: str = "the organism"
+                 ) -> tuple[list[dict], str]:
+    """The paper's claims point by point, with what was measured here and whether it agrees. With several
+    sections (POPE files: random, popular, adversarial), the POPE claim is judged on their mean."""
+    rows = []
+    caption, yesno = benchmarks
+    g, d = _sections(metrics, caption, "greedy"), _sections(metrics, caption, "dleaf")
+    if g and d:
+        gs, ds = _mean(g, "chair_s"), _mean(d, "chair_s")
+        rel = (gs - ds) / gs if gs else math.nan
+        rows.append({"claim": CLAIMS["chair"],
+                     "measured": f"CHAIR_s {100 * gs:.1f}% -> {100 * ds:.1f}% "
+                                 f"({100 * rel:+.1f}% relative; recall {100 * _mean(g, 'recall'):.1f}% -> "
+                                 f"{100 * _mean(d, 'recall'):.1f}%)",
+                     "agrees": bool(rel >= 0.25)})
+    gp, dp = _sections(metrics, yesno, "greedy"), _sections(metrics, yesno, "dleaf")
+    if gp and dp:
+        da, df = _mean(dp, "accuracy") - _mean(gp, "accuracy"), _mean(dp, "f1") - _mean(gp, "f1")
+        where = f" (mean of {len(gp)} question sets)" if len(gp) > 1 else ""
+        rows.append({"claim": CLAIMS["pope"],
+                     "measured": f"accuracy {100 * da:+.1f} points, F1 {100 * df:+.1f} points{where}",
+                     "agrees": bool(da >= 0.02 and df >= 0.02)})
+    if overhead:
+        r = overhead["dleaf_over_greedy_throughput"]
+        rows.append({"claim": CLAIMS["overhead"],
+                     "measured": f"D-LEAF decodes at {r:.2f} of greedy's tokens per second (batch "
+                                 f"{overhead['batch']}, {overhead.get('device', 'cpu')})", "agrees": bool(r >= 0.9)})
+    if link:
+        rows.append({"claim": CLAIMS["link"], "measured": link["summary"], "agrees": link.get("agrees")})
+    lines = [f"| paper's claim | measured on {target} | agrees |", "|---|---|---|"]
+    for r in rows:
+        mark = "yes" if r["agrees"] else ("-" if r["agrees"] is None else "**no**")
+        lines.append(f"| {r['claim']} | {r['measured']} | {mark} |")
+    return rows, "\n".join(lines) + "\n"
+
+
+def plot_methods(metrics: dict, path: Path, settings=SETTINGS, benchmarks: tuple[str, str] = ORGANISM_BENCHMARKS,
+                 titles: tuple[str, str] = ("captions, adversarial split", "yes/no questions, adversarial negatives")
+                 ) -> Path:
+    """CHAIR_s, CHAIR_i and recall (captions) and POPE accuracy, F1 and yes-ratio per setting, as grouped bars
+    (means over a benchmark's sections)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = [s[0] for s in settings]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, bench, keys, title in ((axes[0], benchmarks[0], ("chair_s", "chair_i", "recall"), titles[0]),
+                                   (axes[1], benchmarks[1], ("accuracy", "f1", "yes_ratio"), titles[1])):
+        x = np.arange(len(labels))
+        width = 0.8 / len(keys)
+        for i, key in enumerate(keys):
+            vals = [100 * _mean(_sections(metrics, bench, lab), key) for lab in labels]
+            ax.bar(x + (i - (len(keys) - 1) / 2) * width, vals, width, label=key)
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=20)
+        ax.set_ylabel("%")
+        ax.set_ylim(0, 100)
+        ax.set_title(title)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def run_study(out_dir: str | Path, cfg: StudyConfig = StudyConfig(), progress: bool = True, say: Callable = print,
+              correspondence: Callable[[Path, StudyConfig], dict | None] | None = None) -> dict | None:
+    """Run (or resume) the whole study into ``out_dir``; returns the report dict (None on processes other than 0
+    under ``accelerate launch``) and writes report.{md,json} and methods.png. ``correspondence(out_dir /
+    "correspondence", cfg)`` runs the correspondence suite and returns a dict with a one-line ``summary`` and
+    ``agrees`` (or None when it is not available)."""
+    from accelerate import PartialState
+
+    import torch
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    metrics = run_evaluations(out, cfg, progress, say)
+    if not PartialState(cpu=not torch.cuda.is_available()).is_main_process:
+        return None
+    overhead_path = out / "overhead.json"
+    if overhead_path.is_file():
+        overhead = json.loads(overhead_path.read_text())
+    else:
+        say("[study] decoding overhead")
+        overhead = measure_overhead(cfg)
+        write_json_atomic(overhead, overhead_path)
+    link, link_note = None, None
+    if not cfg.correspondence:
+        link_note = "not run (turned off)"
+    elif not cfg.adapter_path:
+        link_note = "not run: no DPO adapter was given (train one with scripts/train_dpo.py and pass --adapter)"
+    elif correspondence is None:
+        link_note = "not run: the correspondence suite (dpo_link) is not available"
+    else:
+        say("[study] correspondence suite")
+        link = correspondence(out / "correspondence", cfg)
+    target = "the organism" if cfg.organism else cfg.model
+    claims, claims_md = claims_table(metrics, overhead, link, cfg.benchmarks, target)
+    table = evaluate.comparison_table([_eval_dir(out, b, s[0]) for b in cfg.benchmarks for s in cfg.settings])
+    if cfg.organism:
+        titles = ("captions, adversarial split", "yes/no questions, adversarial negatives")
+        intro = (f"{cfg.images} adversarial images per benchmark (captions; yes/no questions with adversarial "
+                 "negatives), greedy decoding, the committed organism and DPO adapter. The organism misses parts of "
+                 "its design (docs/organism.md): read these numbers as measurements of this model.")
+    else:
+        titles = ("CHAIR, COCO val2014", "POPE (mean over question files)")
+        intro = (f"{cfg.model} on CHAIR (COCO val2014, {cfg.images or 'every'} image(s) of the protocol's list) and "
+                 f"POPE ({', '.join(Path(f).stem for f in cfg.pope_files)}; "
+                 f"{cfg.images or 'every'} question(s) per file), greedy decoding"
+                 + (f", DPO adapter {cfg.adapter}." if cfg.adapter else "; no DPO adapter, so no DPO rows."))
+    plot_methods(metrics, out / "methods.png", cfg.settings, cfg.benchmarks, titles)
+    md = [f"# The study on {target}", "", intro, "",
+          "## The paper's claims, point by point", "", claims_md, "## Every setting", "", table, "",
+          "![methods](methods.png)", ""]
+    if link and link.get("markdown"):
+        md += ["## D-LEAF and DPO", "", link["markdown"], ""]
+    elif link_note:
+        md += ["## D-LEAF and DPO", "", f"The correspondence suite was {link_note}.", ""]
+    report = {"config": dataclasses.asdict(cfg), "claims": claims, "overhead": overhead, "correspondence": link,
+              "metrics": {f"{b}/{s}": m for (b, s), m in metrics.items()}, "seconds": time.time() - t0}
+    write_json_atomic(report, out / "report.json")
+    write_text_atomic("\n".join(md) + "\n", out / "report.md")
+    return report
