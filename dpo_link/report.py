@@ -418,17 +418,18 @@ def plot_report(report: dict, out: Path) -> list[str]:
         written.append("loss_gamma.png")
     freq = np.asarray(a["correction_frequency"])
     dm = np.asarray(a["mass_change"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * freq.shape[0] + 2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, min(0.5 * freq.shape[0] + 2, 9)), layout="constrained")
     im = axes[0].imshow(freq, cmap="viridis", aspect="auto")
     axes[0].set_title("D-LEAF correction frequency", fontsize=9)
-    fig.colorbar(im, ax=axes[0])
+    fig.colorbar(im, ax=axes[0], label="share of positions corrected")
     lim = float(np.nanmax(np.abs(dm))) or 1.0
     im = axes[1].imshow(dm, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
     axes[1].set_title("DPO: image mass under adapter - base", fontsize=9)
-    fig.colorbar(im, ax=axes[1])
+    fig.colorbar(im, ax=axes[1], label="change in image mass")
+    step_h, step_l = -(-freq.shape[1] // 8), -(-freq.shape[0] // 16)  # at most 8 / 16 ticks: readable on 32 x 32
     for ax in axes:
         ax.set_xlabel("head"), ax.set_ylabel("layer")
-        ax.set_xticks(range(freq.shape[1])), ax.set_yticks(range(freq.shape[0]))
+        ax.set_xticks(range(0, freq.shape[1], step_h)), ax.set_yticks(range(0, freq.shape[0], step_l))
     _save_atomic(fig, out / "heads.png"), plt.close(fig)
     written.append("heads.png")
     return written
