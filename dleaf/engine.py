@@ -152,7 +152,11 @@ def fuse_heads(rows: torch.Tensor, best: torch.Tensor, corrected: torch.Tensor, 
     """
     B, H, Q, K = rows.shape
     target = torch.gather(rows, 1, best[..., None].expand(B, 1, Q, K))
-    return rows + gamma * corrected[..., None].to(rows.dtype) * (target - rows)
+    # lerp computes a + w (b - a) for |w| < 0.5 (so w = 0 returns a bit for bit) in one pass over the rows
+    weight = gamma * corrected[..., None].to(rows.dtype)
+    if not torch.is_tensor(weight) or weight.dtype != rows.dtype:
+        weight = torch.as_tensor(weight, dtype=rows.dtype, device=rows.device)
+    return torch.lerp(rows, target.expand(B, H, Q, K), weight)
 
 
 class Trace:
@@ -472,15 +476,18 @@ class Intervention:
         running sums."""
         cfg: DLeafConfig = self.config
         st = self._state
+        B, H, _, K = rows.shape
         masked = torch.where(image[:, None, None, :], rows, 0.0)  # (B, H, 1, K)
         mass = masked.sum(dim=-1)  # (B, H, 1)
-        ok = mass > 0
-        p = masked / torch.where(ok, mass, torch.ones_like(mass))[..., None]
+        safe = torch.where(mass > 0, mass, torch.ones_like(mass))
+        p = None
         if cfg.layer_signal == "liae":
             if cfg.liae_variant == "mixed":
-                q = p.mean(dim=1)  # (B, 1, K)
+                # the head-mixed profile mean_h masked_h / mass_h as one batched product (B, 1, H) @ (B, H, K)
+                q = torch.bmm((1.0 / (H * safe)).transpose(1, 2), masked.view(B, H, K))  # (B, 1, K)
                 signal = -torch.special.xlogy(q, q).sum(dim=-1)  # (B, 1)
             else:
+                p = masked / safe[..., None]
                 signal = -torch.special.xlogy(p, p).sum(dim=-1).mean(dim=1)
             if cfg.liae_normalize:
                 signal = signal * self._inv_log_image(rows.dtype)
@@ -489,6 +496,7 @@ class Intervention:
         if cfg.iaf_variant == "mass":
             iaf = mass
         else:
+            p = masked / safe[..., None] if p is None else p
             h_norm = -torch.special.xlogy(p, p).sum(dim=-1) * self._inv_log_image(rows.dtype)[:, :, None]
             iaf = mass * (1.0 - h_norm)
         signal = signal.to(torch.float64)  # (B, 1)

@@ -102,7 +102,10 @@ def test_teacher_forced_scoring_equals_step_by_step_decoding(tiny, method, knobs
 
 
 @torch.no_grad()
-def test_trace_statistics_equal_brute_force_from_output_attentions(tiny):
+@pytest.mark.parametrize("path", ["scoring", "generation"])
+def test_trace_statistics_equal_brute_force_from_output_attentions(tiny, path):
+    """Every traced statistic against a loop over output_attentions, for the multi-row path (one-pass scoring) and
+    the one-row path (each decoding step)."""
     model, _, _, _, batch = tiny
     out = model.generate(**batch, max_new_tokens=6, do_sample=False)
     n = batch["input_ids"].shape[1]
@@ -110,12 +113,17 @@ def test_trace_statistics_equal_brute_force_from_output_attentions(tiny):
             "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(out[:, n:])], 1)}
     cfg = DLeafConfig(gamma=0.0, warmup=1, kappa=0.5, liae_normalize=False, iaf_variant="focus")
     with engine.attached(model, cfg, trace=True) as iv:
-        engine.response_logprobs(model, full, [n] * out.shape[0], iv)
+        if path == "scoring":
+            engine.response_logprobs(model, full, [n] * out.shape[0], iv)
+            last = out.shape[1]
+        else:
+            assert torch.equal(model.generate(**batch, max_new_tokens=6, do_sample=False), out)  # gamma 0
+            last = out.shape[1] - 1  # the last token is never fed back
     attentions = model(**full, output_attentions=True).attentions
     image_id = model.config.image_token_id
     for b in range(out.shape[0]):
         tr = iv.trace.sample(b)
-        assert tr["positions"].tolist() == list(range(n - 1, out.shape[1]))
+        assert tr["positions"].tolist() == list(range(n - 1, last))
         img = [k for k in range(out.shape[1]) if int(out[b, k]) == image_id]
         for j, t in enumerate(tr["positions"].tolist()):
             for layer, att in enumerate(attentions):
