@@ -332,8 +332,10 @@ class Intervention:
         # Beam search reorders the cache rows with index_select: row i now holds old row index[i], bit for bit.
         same = (new[:, None, :] == old[None, :, :]).all(dim=-1)
         index = same.to(torch.int8).argmax(dim=1)
-        for key in ("image", "count", "total", "squares", "best", "active_from"):
+        for key in ("image", "active_from"):
             self._state[key] = self._state[key].index_select(0, index)
+        stats = self._state["stats"]
+        stats.copy_(stats.index_select(2, index))  # in place: the per-layer views stay valid
         if self.trace is not None:
             self.trace._reorder(index)
 
@@ -358,11 +360,12 @@ class Intervention:
             "first_active": first_active,
             "image": image,
             "active_from": active_from,
-            "count": torch.zeros(b, L, dtype=torch.float64, device=dev),
-            "total": torch.zeros(b, L, dtype=torch.float64, device=dev),
-            "squares": torch.zeros(b, L, dtype=torch.float64, device=dev),
-            "best": torch.full((b, L), math.inf, dtype=torch.float64, device=dev),
+            # the running statistics per layer and sample: count, total, sum of squares, best (minimum) signal
+            "stats": torch.stack([torch.zeros(L, b, 1, dtype=torch.float64, device=dev)] * 3
+                                 + [torch.full((L, b, 1), math.inf, dtype=torch.float64, device=dev)]),
         }
+        # per layer, (count, total, squares, best) as (B, 1) views, made once per sequence (no indexing per step)
+        self._state["layer_stats"] = [tuple(t.unbind(0)) for t in self._state["stats"].unbind(1)]
         if isinstance(self.config, DLeafConfig) and self.config.localization == "random" and self._generator is None:
             self._generator = torch.Generator(device=dev).manual_seed(self.config.seed)
 
@@ -501,13 +504,13 @@ class Intervention:
             iaf = mass * (1.0 - h_norm)
         signal = signal.to(torch.float64)  # (B, 1)
 
-        count = st["count"][:, layer, None]
+        count, total, squares, best = st["layer_stats"][layer]  # (B, 1) views of the running state
         if cfg.threshold == "running":
             n = count.clamp(min=1)
-            mean = st["total"][:, layer, None] / n
-            tau = mean + cfg.kappa * (st["squares"][:, layer, None] / n - mean * mean).clamp(min=0).sqrt()
+            mean = total / n
+            tau = mean + cfg.kappa * (squares / n - mean * mean).clamp(min=0).sqrt()
         else:
-            tau = st["best"][:, layer, None] + cfg.margin
+            tau = best + cfg.margin
         ready = count >= cfg.warmup
         if cfg.localization == "threshold":
             flag = active & ready & (signal > tau)
@@ -517,12 +520,12 @@ class Intervention:
             draw = torch.rand(active.shape, generator=self._generator, device=active.device)
             flag = active & (draw < cfg.random_rate)
 
-        s_act = torch.where(active, signal, 0.0)[:, 0]
-        st["count"][:, layer].add_(active[:, 0])
-        st["total"][:, layer].add_(s_act)
-        st["squares"][:, layer].add_(s_act * s_act)
-        best = st["best"][:, layer]
-        torch.minimum(best, torch.where(active[:, 0], signal[:, 0], math.inf), out=best)
+        with torch.no_grad():  # the state only feeds comparisons: no gradient
+            s_act = torch.where(active, signal, 0.0)
+            count.add_(active)
+            total.add_(s_act)
+            squares.addcmul_(s_act, s_act)
+            torch.minimum(best, torch.where(active, signal, math.inf), out=best)
 
         best_head, selected = select_heads(iaf, cfg.head_selection, cfg.bottom_k)
         corrected = selected & flag[:, None, :]
@@ -547,12 +550,13 @@ class Intervention:
 
         act = active.to(torch.float64)
         s_act = torch.where(active, signal, torch.zeros_like(signal))
-        count = self._state["count"][:, layer, None] + torch.cumsum(act, 1) - act
-        total = self._state["total"][:, layer, None] + torch.cumsum(s_act, 1) - s_act
-        squares = self._state["squares"][:, layer, None] + torch.cumsum(s_act * s_act, 1) - s_act * s_act
+        count0, total0, squares0, best0 = self._state["layer_stats"][layer]  # (B, 1) views of the running state
+        count = count0 + torch.cumsum(act, 1) - act
+        total = total0 + torch.cumsum(s_act, 1) - s_act
+        squares = squares0 + torch.cumsum(s_act * s_act, 1) - s_act * s_act
         s_inf = torch.where(active, signal, torch.full_like(signal, math.inf))
         prev_best = torch.cat([torch.full_like(s_inf[:, :1], math.inf), torch.cummin(s_inf, 1).values[:, :-1]], 1)
-        best = torch.minimum(self._state["best"][:, layer, None], prev_best)
+        best = torch.minimum(best0, prev_best)
         if cfg.threshold == "running":
             mean = total / count.clamp(min=1)
             var = (squares / count.clamp(min=1) - mean * mean).clamp(min=0)
@@ -569,10 +573,11 @@ class Intervention:
             flag = active & (draw < cfg.random_rate)
         tau = torch.where(ready, tau, torch.full_like(tau, math.nan))
 
-        self._state["count"][:, layer] += act.sum(1)
-        self._state["total"][:, layer] += s_act.sum(1)
-        self._state["squares"][:, layer] += (s_act * s_act).sum(1)
-        self._state["best"][:, layer] = torch.minimum(self._state["best"][:, layer], s_inf.min(1).values)
+        with torch.no_grad():  # the state only feeds comparisons: no gradient
+            count0 += act.sum(1, keepdim=True)
+            total0 += s_act.sum(1, keepdim=True)
+            squares0 += (s_act * s_act).sum(1, keepdim=True)
+            torch.minimum(best0, s_inf.min(1, keepdim=True).values, out=best0)
 
         best_head, selected = select_heads(iaf, cfg.head_selection, cfg.bottom_k)
         corrected = selected & flag[:, None, :]
