@@ -103,7 +103,7 @@ def test_training_is_deterministic_from_the_seed_and_saves_a_loadable_checkpoint
     from dleaf.organism.train import train
 
     def run(out):
-        cfg = TrainConfig(output_dir=str(out), text_steps=3, align_steps=2, joint_steps=3, batch_size=4, warmup=2,
+        cfg = TrainConfig(output_dir=str(out), text_steps=3, align_steps=2, joint_steps=3, refine_steps=2, batch_size=4, warmup=2,
                           log_every=1, probe_every=2, text_layers=2, text_heads=2, text_hidden=32,
                           text_intermediate=64, threads=1)
         return train(cfg, progress=False)
@@ -119,7 +119,7 @@ def test_training_is_deterministic_from_the_seed_and_saves_a_loadable_checkpoint
         assert torch.equal(pa, pb), name
     for proj in build.vision_attention_outputs(ma):
         assert not proj.weight.any() and not proj.bias.any()
-    assert set(log_a["stages"]) == {"text", "align", "joint"}
+    assert set(log_a["stages"]) == {"text", "align", "joint", "refine"}
     assert len(log_a["stages"]["joint"]["image_gap"]) == 2
 
 
