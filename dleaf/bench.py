@@ -14,6 +14,7 @@ Configurations (:data:`CONFIGS`):
 ``dleaf_range``     D-LEAF watching a restricted layer range, ``unwatched="sdpa"`` on the other layers
 ``dleaf_sdpa``      D-LEAF watching every layer with ``unwatched="sdpa"``: the rows D-LEAF never changes (all but
                     the last at prefill) go through sdpa, only the active rows eagerly
+``dleaf_compiled``  ``dleaf_sdpa`` with the per-token step compiled (``compile=True``; compiled in the warm-up)
 ``pai``             PAI's attention part (engine, layers from 2, eager on watched layers)
 ``spin``            SPIN (engine, every layer, eager)
 ``vcd``             a two-pass contrastive baseline in the style of VCD: two caches, one forward of each per step,
@@ -58,7 +59,7 @@ import torch
 from . import engine
 from .io import write_json_atomic
 
-CONFIGS = ("plain_sdpa", "plain_eager", "dleaf", "dleaf_range", "dleaf_sdpa", "pai", "spin", "vcd")
+CONFIGS = ("plain_sdpa", "plain_eager", "dleaf", "dleaf_range", "dleaf_sdpa", "dleaf_compiled", "pai", "spin", "vcd")
 MODELS = ("organism", "llava_shaped")
 BASELINES = ("plain_eager", "plain_sdpa")
 
@@ -370,6 +371,8 @@ def method_of(config: str, num_layers: int, cfg: BenchConfig) -> tuple[str, str 
         return "eager", "dleaf", {}
     if config == "dleaf_sdpa":
         return "eager", "dleaf", {"unwatched": "sdpa"}
+    if config == "dleaf_compiled":
+        return "eager", "dleaf", {"unwatched": "sdpa", "compile": True}
     if config == "dleaf_range":
         a, b = cfg.dleaf_range
         start = min(int(math.floor(a * num_layers)), num_layers - 1)

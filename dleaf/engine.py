@@ -159,6 +159,81 @@ def fuse_heads(rows: torch.Tensor, best: torch.Tensor, corrected: torch.Tensor, 
     return torch.lerp(rows, target.expand(B, H, Q, K), weight)
 
 
+def one_row_step(rows, image, active, count, total, squares, best, inv_log, gamma, draw, cfg: DLeafConfig):
+    """D-LEAF on one query row of one layer: the layer signal, the causal threshold, the flag, IAF, the selected heads
+    and the fused rows; the running statistics ``count``, ``total``, ``squares``, ``best`` ((B, 1) float64 views of
+    the intervention's state) are updated in place.
+
+    ``rows`` (B, H, 1, K) post-softmax attention, ``image`` (B, K) bool, ``active`` (B, 1) bool, ``inv_log`` (B, 1)
+    ``1 / log |I|``, ``gamma`` a float or 0-d tensor, ``draw`` (B, 1) uniform draws for ``localization="random"``
+    (else None). The same formulas as the multi-row path, with the image mass computed once and shared by the signal
+    and IAF and the statistics read directly (no cumulative sums over one row); equal up to floating-point rounding of
+    the running sums. No host synchronisation and no branching on tensor values, so it can be compiled or captured.
+    Returns ``(new_rows, signal, tau, ready, flag, iaf, corrected)``.
+    """
+    B, H, _, K = rows.shape
+    masked = torch.where(image[:, None, None, :], rows, 0.0)  # (B, H, 1, K)
+    mass = masked.sum(dim=-1)  # (B, H, 1)
+    safe = torch.where(mass > 0, mass, torch.ones_like(mass))
+    p = None
+    if cfg.layer_signal == "liae":
+        if cfg.liae_variant == "mixed":
+            # the head-mixed profile mean_h masked_h / mass_h as one batched product (B, 1, H) @ (B, H, K)
+            q = torch.bmm((1.0 / (H * safe)).transpose(1, 2), masked.view(B, H, K))  # (B, 1, K)
+            signal = -torch.special.xlogy(q, q).sum(dim=-1)  # (B, 1)
+        else:
+            p = masked / safe[..., None]
+            signal = -torch.special.xlogy(p, p).sum(dim=-1).mean(dim=1)
+        if cfg.liae_normalize:
+            signal = signal * inv_log
+    else:
+        signal = -mass.mean(dim=1)
+    if cfg.iaf_variant == "mass":
+        iaf = mass
+    else:
+        p = masked / safe[..., None] if p is None else p
+        h_norm = -torch.special.xlogy(p, p).sum(dim=-1) * inv_log[:, :, None]
+        iaf = mass * (1.0 - h_norm)
+    signal = signal.to(torch.float64)  # (B, 1)
+
+    if cfg.threshold == "running":
+        n = count.clamp(min=1)
+        mean = total / n
+        tau = mean + cfg.kappa * (squares / n - mean * mean).clamp(min=0).sqrt()
+    else:
+        tau = best + cfg.margin
+    ready = count >= cfg.warmup
+    if cfg.localization == "threshold":
+        flag = active & ready & (signal > tau)
+    elif cfg.localization == "everywhere":
+        flag = active
+    else:
+        flag = active & (draw < cfg.random_rate)
+
+    with torch.no_grad():  # the state only feeds comparisons: no gradient
+        s_act = torch.where(active, signal, 0.0)
+        count.add_(active)
+        total.add_(s_act)
+        squares.addcmul_(s_act, s_act)
+        torch.minimum(best, torch.where(active, signal, math.inf), out=best)
+
+    best_head, selected = select_heads(iaf, cfg.head_selection, cfg.bottom_k)
+    corrected = selected & flag[:, None, :]
+    new_rows = fuse_heads(rows, best_head, corrected, gamma)
+    return new_rows, signal, tau, ready, flag, iaf, corrected
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def _compiled_one_row_step():
+    """:func:`one_row_step` compiled once per process (``torch.compile``, dynamic shapes: the key length grows every
+    step). The first call of each configuration compiles (tens of seconds on a CPU)."""
+    if "one_row_step" not in _COMPILED:
+        _COMPILED["one_row_step"] = torch.compile(one_row_step, dynamic=True)
+    return _COMPILED["one_row_step"]
+
+
 class Trace:
     """What D-LEAF saw and did at every active position, per sample: each layer's signal and threshold, the flagged
     layers, each head's IAF, and the corrected heads. Filled while attached with ``trace=True``.
@@ -223,10 +298,11 @@ class Trace:
 class Intervention:
     """A method attached to a model. Use :func:`attach` (or :func:`attached` as a context manager)."""
 
-    def __init__(self, model, config: MethodConfig, trace: bool = False, unwatched: str = "eager"):
+    def __init__(self, model, config: MethodConfig, trace: bool = False, unwatched: str = "eager",
+                 compile: bool = False):
         if unwatched not in ("eager", "sdpa"):
             raise ValueError(f"unwatched must be 'eager' (exact) or 'sdpa' (faster), got {unwatched!r}")
-        self.model, self.config, self.unwatched = model, config, unwatched
+        self.model, self.config, self.unwatched, self.compile = model, config, unwatched, bool(compile)
         self.image_token_id = image_token_id(model)
         self.modules = text_attention_modules(model)
         text_config = _text_config(model)
@@ -473,63 +549,16 @@ class Intervention:
         return self._state[key]
 
     def _dleaf_one_row(self, layer, rows, image, active):
-        """:meth:`_dleaf_rows` for a single active query row (every decoding step, and the prefill's last row), with
-        the image mass and profile computed once and shared by the layer signal and IAF, and the running statistics
-        read directly (no cumulative sums over one row). Same formulas; equal up to floating-point rounding of the
-        running sums."""
+        """:meth:`_dleaf_rows` for a single active query row (every decoding step, and the prefill's last row); see
+        :func:`one_row_step`. With ``compile=True`` the step runs as one compiled region."""
         cfg: DLeafConfig = self.config
-        st = self._state
-        B, H, _, K = rows.shape
-        masked = torch.where(image[:, None, None, :], rows, 0.0)  # (B, H, 1, K)
-        mass = masked.sum(dim=-1)  # (B, H, 1)
-        safe = torch.where(mass > 0, mass, torch.ones_like(mass))
-        p = None
-        if cfg.layer_signal == "liae":
-            if cfg.liae_variant == "mixed":
-                # the head-mixed profile mean_h masked_h / mass_h as one batched product (B, 1, H) @ (B, H, K)
-                q = torch.bmm((1.0 / (H * safe)).transpose(1, 2), masked.view(B, H, K))  # (B, 1, K)
-                signal = -torch.special.xlogy(q, q).sum(dim=-1)  # (B, 1)
-            else:
-                p = masked / safe[..., None]
-                signal = -torch.special.xlogy(p, p).sum(dim=-1).mean(dim=1)
-            if cfg.liae_normalize:
-                signal = signal * self._inv_log_image(rows.dtype)
-        else:
-            signal = -mass.mean(dim=1)
-        if cfg.iaf_variant == "mass":
-            iaf = mass
-        else:
-            p = masked / safe[..., None] if p is None else p
-            h_norm = -torch.special.xlogy(p, p).sum(dim=-1) * self._inv_log_image(rows.dtype)[:, :, None]
-            iaf = mass * (1.0 - h_norm)
-        signal = signal.to(torch.float64)  # (B, 1)
-
-        count, total, squares, best = st["layer_stats"][layer]  # (B, 1) views of the running state
-        if cfg.threshold == "running":
-            n = count.clamp(min=1)
-            mean = total / n
-            tau = mean + cfg.kappa * (squares / n - mean * mean).clamp(min=0).sqrt()
-        else:
-            tau = best + cfg.margin
-        ready = count >= cfg.warmup
-        if cfg.localization == "threshold":
-            flag = active & ready & (signal > tau)
-        elif cfg.localization == "everywhere":
-            flag = active
-        else:
+        draw = None
+        if cfg.localization == "random":
             draw = torch.rand(active.shape, generator=self._generator, device=active.device)
-            flag = active & (draw < cfg.random_rate)
-
-        with torch.no_grad():  # the state only feeds comparisons: no gradient
-            s_act = torch.where(active, signal, 0.0)
-            count.add_(active)
-            total.add_(s_act)
-            squares.addcmul_(s_act, s_act)
-            torch.minimum(best, torch.where(active, signal, math.inf), out=best)
-
-        best_head, selected = select_heads(iaf, cfg.head_selection, cfg.bottom_k)
-        corrected = selected & flag[:, None, :]
-        new_rows = fuse_heads(rows, best_head, corrected, self._gamma(rows))
+        inv_log = self._inv_log_image(rows.dtype)
+        step = _compiled_one_row_step() if self.compile else one_row_step
+        new_rows, signal, tau, ready, flag, iaf, corrected = step(
+            rows, image, active, *self._state["layer_stats"][layer], inv_log, self._gamma(rows), draw, cfg)
         record = None
         if self.trace is not None:
             tau = torch.where(ready, tau, torch.full_like(tau, math.nan))
@@ -604,16 +633,20 @@ class Intervention:
 
 
 def attach(model, method: str | MethodConfig = "dleaf", *, trace: bool = False, unwatched: str = "eager",
-           **knobs) -> Intervention:
+           compile: bool = False, **knobs) -> Intervention:
     """Attach a method to ``model`` (a config object, or a name from :data:`dleaf.config.METHODS` with ``knobs``).
 
     Returns the :class:`Intervention`; call its ``detach()`` or use it as a context manager. The model must be in
     eval mode for results that match plain decoding (dropout is honoured as the model's own attention does).
+
+    ``unwatched="sdpa"`` runs the layers D-LEAF does not watch, and the rows it never changes, on sdpa (faster, equal
+    to eager up to rounding). ``compile=True`` runs D-LEAF's per-token work (:func:`one_row_step`) as one compiled
+    region: fewer operator dispatches per layer, after a compilation of tens of seconds on first use.
     """
     config = method_config(method, **knobs) if isinstance(method, str) else method
     if knobs and not isinstance(method, str):
         raise ValueError("pass knobs with a method name, or a config object alone")
-    return Intervention(model, config, trace=trace, unwatched=unwatched)._attach()
+    return Intervention(model, config, trace=trace, unwatched=unwatched, compile=compile)._attach()
 
 
 @contextlib.contextmanager

@@ -391,3 +391,19 @@ def test_fast_unwatched_path_agrees_with_the_exact_one(tiny):
     assert torch.equal(exact.sequences, fast.sequences)
     for a, b in zip(exact.logits, fast.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_step_gives_the_same_generation(tiny):
+    """compile=True runs the per-token step through torch.compile (slow: it compiles): same tokens, same logits and
+    the same flags as the plain step."""
+    model, _, _, _, batch = tiny
+    outs, rates = [], []
+    for comp in (False, True):
+        with engine.attached(model, "dleaf", compile=comp, trace=True, **STRONG) as iv:
+            outs.append(model.generate(**batch, max_new_tokens=8, **GEN))
+        rates.append(iv.flag_rate())
+    assert torch.equal(outs[0].sequences, outs[1].sequences) and rates[0] == rates[1] > 0
+    for a, b in zip(outs[0].logits, outs[1].logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
