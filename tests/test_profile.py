@@ -87,3 +87,21 @@ def test_protocol_rejects_training_split():
         ProfileProtocol(caption_splits=("train",))
     with pytest.raises(ValueError, match="must be positive"):
         ProfileProtocol(n_images=0)
+
+
+def test_design_targets_table_judges_each_target_from_the_numbers():
+    from dleaf.organism.profile import _checks
+
+    caption = dict(chair_s=0.2, recall=0.9, partner_share=0.8, partner_chance=0.4, n_additions=3, n_substitutions=1)
+    premise_rows = [dict(signal="liae", layer=0, auroc=0.66, ci_low=0.52, ci_high=0.70),
+                    dict(signal="liae", layer=1, auroc=float("nan"), ci_low=float("nan"), ci_high=float("nan"))]
+    profile = {"models": {"organism": {"captions": {"adversarial": caption, "indist": dict(caption, recall=0.99)},
+                                       "premise": {"adversarial": premise_rows}},
+                          "control": {"captions": {"adversarial": dict(caption, chair_s=0.01)}}}}
+    rows = [r for r in _checks(profile) if r.startswith("| ") and not r.startswith("| target")]
+    assert len(rows) == 7 and all(r.endswith("| yes |") for r in rows)
+    assert "best liae layer 0: 0.660 [0.520, 0.700]" in rows[4]
+    premise_rows[0].update(auroc=0.66, ci_low=0.49)  # interval touches 0.5: not met
+    caption.update(partner_share=0.55)  # mostly partners but not 1.5 x chance: not met
+    rows = [r for r in _checks(profile) if r.startswith("| ") and not r.startswith("| target")]
+    assert [r.endswith("| **no** |") for r in rows] == [False, False, True, False, True, False, False]

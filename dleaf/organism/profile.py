@@ -175,6 +175,12 @@ def _checks(profile: dict) -> list[str]:
                 f"{_pct(share)} vs chance {_pct(chance)}", share > 0.5 and share > 1.5 * chance)
         row("organism, adversarial: additions outnumber substitutions",
             f"{a['n_additions']} vs {a['n_substitutions']}", a["n_additions"] > a["n_substitutions"])
+    rows = [r for r in models.get("organism", {}).get("premise", {}).get("adversarial", []) if r["auroc"] == r["auroc"]]
+    if rows:
+        top = max(rows, key=lambda r: r["auroc"])
+        row("organism, adversarial premise: some layer's signal reaches AUROC 0.65, interval clear of 0.5",
+            f"best {top['signal']} layer {top['layer']}: {top['auroc']:.3f} [{top['ci_low']:.3f}, {top['ci_high']:.3f}]",
+            top["auroc"] >= 0.65 and top["ci_low"] > 0.5)
     if "indist" in org:
         row("organism, in-distribution: recall about 98%", _pct(org["indist"]["recall"]),
             org["indist"]["recall"] >= 0.95)
