@@ -21,6 +21,7 @@ works with the default ``DynamicCache``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any
 
@@ -159,6 +160,27 @@ def fuse_heads(rows: torch.Tensor, best: torch.Tensor, corrected: torch.Tensor, 
     return torch.lerp(rows, target.expand(B, H, Q, K), weight)
 
 
+def threshold_flags(signal, active, count, total, squares, best, draw, cfg: DLeafConfig):
+    """The causal threshold and the flags of one layer: ``tau`` from the running statistics of earlier active
+    positions (``count``, ``total``, ``squares``, ``best``, broadcast against ``signal``), ``ready`` (at least
+    ``warmup`` earlier positions) and ``flag`` by ``cfg.localization`` (``draw``: uniform draws for ``"random"``,
+    else unused). Returns ``(tau, ready, flag)``; shared by the one-row and the multi-row paths."""
+    if cfg.threshold == "running":
+        n = count.clamp(min=1)
+        mean = total / n
+        tau = mean + cfg.kappa * (squares / n - mean * mean).clamp(min=0).sqrt()
+    else:
+        tau = best + cfg.margin
+    ready = count >= cfg.warmup
+    if cfg.localization == "threshold":
+        flag = active & ready & (signal > tau)
+    elif cfg.localization == "everywhere":
+        flag = active
+    else:
+        flag = active & (draw < cfg.random_rate)
+    return tau, ready, flag
+
+
 def one_row_step(rows, image, active, count, total, squares, best, inv_log, gamma, draw, cfg: DLeafConfig):
     """D-LEAF on one query row of one layer: the layer signal, the causal threshold, the flag, IAF, the selected heads
     and the fused rows; the running statistics ``count``, ``total``, ``squares``, ``best`` ((B, 1) float64 views of
@@ -195,20 +217,7 @@ def one_row_step(rows, image, active, count, total, squares, best, inv_log, gamm
         h_norm = -torch.special.xlogy(p, p).sum(dim=-1) * inv_log[:, :, None]
         iaf = mass * (1.0 - h_norm)
     signal = signal.to(torch.float64)  # (B, 1)
-
-    if cfg.threshold == "running":
-        n = count.clamp(min=1)
-        mean = total / n
-        tau = mean + cfg.kappa * (squares / n - mean * mean).clamp(min=0).sqrt()
-    else:
-        tau = best + cfg.margin
-    ready = count >= cfg.warmup
-    if cfg.localization == "threshold":
-        flag = active & ready & (signal > tau)
-    elif cfg.localization == "everywhere":
-        flag = active
-    else:
-        flag = active & (draw < cfg.random_rate)
+    tau, ready, flag = threshold_flags(signal, active, count, total, squares, best, draw, cfg)
 
     with torch.no_grad():  # the state only feeds comparisons: no gradient
         s_act = torch.where(active, signal, 0.0)
@@ -223,15 +232,11 @@ def one_row_step(rows, image, active, count, total, squares, best, inv_log, gamm
     return new_rows, signal, tau, ready, flag, iaf, corrected
 
 
-_COMPILED: dict[str, Any] = {}
-
-
+@functools.cache
 def _compiled_one_row_step():
     """:func:`one_row_step` compiled once per process (``torch.compile``, dynamic shapes: the key length grows every
     step). The first call of each configuration compiles (tens of seconds on a CPU)."""
-    if "one_row_step" not in _COMPILED:
-        _COMPILED["one_row_step"] = torch.compile(one_row_step, dynamic=True)
-    return _COMPILED["one_row_step"]
+    return torch.compile(one_row_step, dynamic=True)
 
 
 class Trace:
@@ -586,20 +591,10 @@ class Intervention:
         s_inf = torch.where(active, signal, torch.full_like(signal, math.inf))
         prev_best = torch.cat([torch.full_like(s_inf[:, :1], math.inf), torch.cummin(s_inf, 1).values[:, :-1]], 1)
         best = torch.minimum(best0, prev_best)
-        if cfg.threshold == "running":
-            mean = total / count.clamp(min=1)
-            var = (squares / count.clamp(min=1) - mean * mean).clamp(min=0)
-            tau = mean + cfg.kappa * var.sqrt()
-        else:
-            tau = best + cfg.margin
-        ready = count >= cfg.warmup
-        if cfg.localization == "threshold":
-            flag = active & ready & (signal > tau)
-        elif cfg.localization == "everywhere":
-            flag = active.clone()
-        else:
+        draw = None
+        if cfg.localization == "random":
             draw = torch.rand(active.shape, generator=self._generator, device=active.device)
-            flag = active & (draw < cfg.random_rate)
+        tau, ready, flag = threshold_flags(signal, active, count, total, squares, best, draw, cfg)
         tau = torch.where(ready, tau, torch.full_like(tau, math.nan))
 
         with torch.no_grad():  # the state only feeds comparisons: no gradient

@@ -879,6 +879,15 @@ def _from_main(obj, state):
     return box[0]
 
 
+def process_state():
+    """This process's ``accelerate.PartialState``. Without an accelerator, processes launched by accelerate only form
+    a group when told to use the CPU."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def run_evaluation(args: EvalArguments, model=None, processor=None, benchmark: Benchmark | None = None
                    ) -> dict | None:
     """Evaluate (or resume) one run; returns the metrics dict on process 0 and None on the others.
@@ -886,7 +895,6 @@ def run_evaluation(args: EvalArguments, model=None, processor=None, benchmark: B
     ``model``/``processor`` may be given (already loaded); otherwise :func:`load_model` loads them. Under
     ``accelerate launch`` the pending items are sharded across processes (see the module docstring).
     """
-    from accelerate import PartialState
     from tqdm.auto import tqdm
 
     if not args.output_dir:
@@ -894,10 +902,7 @@ def run_evaluation(args: EvalArguments, model=None, processor=None, benchmark: B
     benchmark = benchmark or build_benchmark(args)
     config = run_config(args, benchmark)
     run_dir = Path(args.output_dir)
-    import torch
-
-    # Without an accelerator, processes launched by accelerate only form a group when told to use the CPU.
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state()
     rank, world = state.process_index, state.num_processes
     ids = benchmark.ids
     error = None

@@ -325,15 +325,11 @@ def run_study(out_dir: str | Path, cfg: StudyConfig = StudyConfig(), progress: b
     under ``accelerate launch``) and writes report.{md,json} and methods.png. ``correspondence(out_dir /
     "correspondence", cfg)`` runs the correspondence suite and returns a dict with a one-line ``summary`` and
     ``agrees`` (or None when it is not available)."""
-    from accelerate import PartialState
-
-    import torch
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     metrics = run_evaluations(out, cfg, progress, say)
-    if not PartialState(cpu=not torch.cuda.is_available()).is_main_process:
+    if not evaluate.process_state().is_main_process:
         return None
     overhead_path = out / "overhead.json"
     if overhead_path.is_file():
