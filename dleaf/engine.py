@@ -131,10 +131,10 @@ def select_heads(iaf: torch.Tensor, rule: str = "below_mean", k: int = 1) -> tup
     IAF other than h*; ``"all_but_best"``: every h != h*.
     """
     best = iaf.argmax(dim=1, keepdim=True)
-    heads = torch.arange(iaf.shape[1], device=iaf.device)[None, :, None]
     if rule == "below_mean":
-        selected = iaf < iaf.mean(dim=1, keepdim=True)
-    elif rule == "all_but_best":
+        return best, iaf < iaf.mean(dim=1, keepdim=True)
+    heads = torch.arange(iaf.shape[1], device=iaf.device)[None, :, None]
+    if rule == "all_but_best":
         selected = heads != best
     elif rule == "bottom_k":
         rank = iaf.argsort(dim=1, stable=True).argsort(dim=1)  # 0 = lowest IAF
@@ -160,76 +160,86 @@ def fuse_heads(rows: torch.Tensor, best: torch.Tensor, corrected: torch.Tensor, 
     return torch.lerp(rows, target.expand(B, H, Q, K), weight)
 
 
-def threshold_flags(signal, active, count, total, squares, best, draw, cfg: DLeafConfig):
-    """The causal threshold and the flags of one layer: ``tau`` from the running statistics of earlier active
-    positions (``count``, ``total``, ``squares``, ``best``, broadcast against ``signal``), ``ready`` (at least
-    ``warmup`` earlier positions) and ``flag`` by ``cfg.localization`` (``draw``: uniform draws for ``"random"``,
-    else unused). Returns ``(tau, ready, flag)``; shared by the one-row and the multi-row paths."""
+def causal_threshold(count, total, squares, best, cfg: DLeafConfig):
+    """The causal threshold ``tau`` of a layer from the running statistics of earlier active positions (``count``,
+    ``total``, ``squares``, ``best``, any matching shapes: one layer, or every watched layer at once) and ``ready``
+    (at least ``warmup`` earlier positions). Shared by the one-row and the multi-row paths."""
     if cfg.threshold == "running":
         n = count.clamp(min=1)
         mean = total / n
         tau = mean + cfg.kappa * (squares / n - mean * mean).clamp(min=0).sqrt()
     else:
         tau = best + cfg.margin
-    ready = count >= cfg.warmup
+    return tau, count >= cfg.warmup
+
+
+def flag_gate(active, ready, draw, cfg: DLeafConfig):
+    """Where a layer may be flagged, before its signal is known: by ``cfg.localization``, ``active & ready``
+    (``"threshold"``: flagged where the signal also exceeds ``tau``), ``active`` (``"everywhere"``) or
+    ``active & (draw < random_rate)`` (``"random"``, ``draw`` uniform)."""
     if cfg.localization == "threshold":
-        flag = active & ready & (signal > tau)
-    elif cfg.localization == "everywhere":
-        flag = active
-    else:
-        flag = active & (draw < cfg.random_rate)
-    return tau, ready, flag
+        return active & ready
+    if cfg.localization == "everywhere":
+        return active
+    return active & (draw < cfg.random_rate)
 
 
-def one_row_step(rows, image, active, count, total, squares, best, inv_log, gamma, draw, cfg: DLeafConfig):
-    """D-LEAF on one query row of one layer: the layer signal, the causal threshold, the flag, IAF, the selected heads
-    and the fused rows; the running statistics ``count``, ``total``, ``squares``, ``best`` ((B, 1) float64 views of
-    the intervention's state) are updated in place.
+def layer_flags(signal, gate, tau, cfg: DLeafConfig):
+    """The flags of a layer: ``gate & (signal > tau)`` for ``localization="threshold"``, else ``gate``."""
+    return gate & (signal > tau) if cfg.localization == "threshold" else gate
 
-    ``rows`` (B, H, 1, K) post-softmax attention, ``image`` (B, K) bool, ``active`` (B, 1) bool, ``inv_log`` (B, 1)
-    ``1 / log |I|``, ``gamma`` a float or 0-d tensor, ``draw`` (B, 1) uniform draws for ``localization="random"``
-    (else None). The same formulas as the multi-row path, with the image mass computed once and shared by the signal
-    and IAF and the statistics read directly (no cumulative sums over one row); equal up to floating-point rounding of
-    the running sums. No host synchronisation and no branching on tensor values, so it can be compiled or captured.
-    Returns ``(new_rows, signal, tau, ready, flag, iaf, corrected)``.
+
+def one_row_step(rows, image_col, image_row, gate, tau, inv_log, gamma, cfg: DLeafConfig, inplace: bool = False):
+    """D-LEAF on one query row of one layer: the layer signal, the flag, IAF, the selected heads and the fused rows.
+
+    ``rows`` (B, H, 1, K) post-softmax attention; ``image_col`` (B, K, 1) and ``image_row`` (B, 1, K) the image-key
+    mask as numbers of ``rows``' dtype; ``gate`` (B, 1) bool and ``tau`` (B, 1) float64, the flag gate and the causal
+    threshold of this layer (:func:`flag_gate`, :func:`causal_threshold`: they depend only on earlier positions, so
+    the caller computes them for every layer at once); ``inv_log`` (B, 1) ``1 / log |I|``; ``gamma`` a float or a
+    0-d tensor. ``inplace`` writes the fused rows into ``rows`` (no autograd). The same formulas as the multi-row
+    path, written for one row with few operators: the image mass as one product with the mask (shared by the signal
+    and IAF), the head-mixed profile as one batched product, the fusion as one ``lerp``. No host synchronisation and
+    no branching on tensor values, so it can be compiled or captured.
+    Returns ``(new_rows, signal, flag, iaf, corrected)``: ``signal`` (B, 1) float64, ``flag`` (B, 1), ``iaf`` and
+    ``corrected`` (B, H, 1).
     """
     B, H, _, K = rows.shape
-    masked = torch.where(image[:, None, None, :], rows, 0.0)  # (B, H, 1, K)
-    mass = masked.sum(dim=-1)  # (B, H, 1)
-    safe = torch.where(mass > 0, mass, torch.ones_like(mass))
+    r = rows.reshape(B, H, K)
+    mass = torch.linalg.vecdot(r, image_row)[..., None]  # (B, H, 1): the masked sum, as the multi-row path has it
+    safe = torch.where(mass > 0, mass, 1.0)
     p = None
     if cfg.layer_signal == "liae":
         if cfg.liae_variant == "mixed":
-            # the head-mixed profile mean_h masked_h / mass_h as one batched product (B, 1, H) @ (B, H, K)
-            q = torch.bmm((1.0 / (H * safe)).transpose(1, 2), masked.view(B, H, K))  # (B, 1, K)
-            signal = -torch.special.xlogy(q, q).sum(dim=-1)  # (B, 1)
+            # the head-mixed profile mean_h (a_h restricted to I) / mass_h as one product (B, 1, H) @ (B, H, K)
+            q = torch.bmm((1.0 / (H * safe)).transpose(1, 2), r) * image_row  # (B, 1, K)
+            neg_entropy = torch.special.xlogy(q, q).sum(dim=-1)  # (B, 1)
         else:
-            p = masked / safe[..., None]
-            signal = -torch.special.xlogy(p, p).sum(dim=-1).mean(dim=1)
-        if cfg.liae_normalize:
-            signal = signal * inv_log
+            p = r * image_row / safe
+            neg_entropy = torch.special.xlogy(p, p).sum(dim=-1).mean(dim=1, keepdim=True)
+        signal = neg_entropy * -inv_log if cfg.liae_normalize else -neg_entropy
     else:
         signal = -mass.mean(dim=1)
     if cfg.iaf_variant == "mass":
         iaf = mass
     else:
-        p = masked / safe[..., None] if p is None else p
-        h_norm = -torch.special.xlogy(p, p).sum(dim=-1) * inv_log[:, :, None]
-        iaf = mass * (1.0 - h_norm)
-    signal = signal.to(torch.float64)  # (B, 1)
-    tau, ready, flag = threshold_flags(signal, active, count, total, squares, best, draw, cfg)
-
-    with torch.no_grad():  # the state only feeds comparisons: no gradient
-        s_act = torch.where(active, signal, 0.0)
-        count.add_(active)
-        total.add_(s_act)
-        squares.addcmul_(s_act, s_act)
-        torch.minimum(best, torch.where(active, signal, math.inf), out=best)
+        p = r * image_row / safe if p is None else p
+        iaf = mass * (1.0 + torch.special.xlogy(p, p).sum(dim=-1, keepdim=True) * inv_log[:, :, None])
+    signal = signal.to(torch.float64)
+    flag = layer_flags(signal, gate, tau, cfg)
 
     best_head, selected = select_heads(iaf, cfg.head_selection, cfg.bottom_k)
-    corrected = selected & flag[:, None, :]
-    new_rows = fuse_heads(rows, best_head, corrected, gamma)
-    return new_rows, signal, tau, ready, flag, iaf, corrected
+    corrected = selected & flag[:, :, None]
+    target = torch.gather(rows, 1, best_head[..., None].expand(B, 1, 1, K))
+    if torch.is_tensor(gamma):
+        weight = gamma * corrected.to(rows.dtype)
+    else:
+        weight = torch.where(corrected, gamma, 0.0).to(rows.dtype)
+    # lerp computes a + w (b - a) for |w| < 0.5, so w = 0 (uncorrected heads, gamma 0) returns a bit for bit
+    if inplace:
+        new_rows = rows.lerp_(target, weight[..., None])
+    else:
+        new_rows = torch.lerp(rows, target.expand(B, H, 1, K), weight[..., None])
+    return new_rows, signal, flag, iaf, corrected
 
 
 @functools.cache
@@ -380,11 +390,14 @@ class Intervention:
         self._state["columns"] = torch.arange(past, past + n, device=device)
         self._state["first_column"] = past
         self._state["image_keys"] = {}  # key length -> image mask over the keys, built once per forward call
+        self._state["active_rows"] = {}  # first active row -> (B, Qa) active mask, built once per forward call
+        self._state.pop("row_context", None)
         if self.trace is not None:
             self._state["record"] = {"columns": self._state["columns"].cpu(), "layers": {}}
         return None
 
     def _post_forward(self, module, args, kwargs, output):
+        self._flush_row_signals()
         cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
         self._state["fingerprint"] = self._fingerprint(cache)
         if self.trace is not None and "record" in self._state:
@@ -468,7 +481,9 @@ class Intervention:
             raise RuntimeError(f"D-LEAF expected {columns.shape[0]} query rows, the attention got {q_len}")
         # The suffix of rows that any sample treats as active (all rows in scoring, the last one at prefill).
         first = max(0, min(self._state["first_active"] - self._state["first_column"], q_len - 1))
-        active = self._active(columns[first:])  # (B, Qa)
+        active = self._state["active_rows"].get(first)
+        if active is None:
+            active = self._state["active_rows"][first] = self._active(columns[first:])  # (B, Qa)
         pad_rows, prefix = first, None
         if first > 0 and self.unwatched == "sdpa" and attention_mask is not None and not torch.is_grad_enabled():
             # The rows before the active suffix are never changed: with unwatched="sdpa" (speed over bit-exactness)
@@ -543,6 +558,16 @@ class Intervention:
             cache[k_len] = image[:, :k_len]
         return cache[k_len]
 
+    def _image_numbers(self, k_len: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image mask over ``k_len`` keys as numbers of ``dtype``, shaped (B, K, 1) and (B, 1, K); once per
+        forward call."""
+        cache = self._state["image_keys"]
+        key = (k_len, dtype)
+        if key not in cache:
+            image = self._image_keys(k_len).to(dtype)
+            cache[key] = (image[:, :, None], image[:, None, :])
+        return cache[key]
+
     def _inv_log_image(self, dtype) -> torch.Tensor:
         """1 / log |I| per sample (0 where |I| <= 1), shape (B, 1), cached per dtype for the sequence."""
         key = ("inv_log_image", dtype)
@@ -555,20 +580,62 @@ class Intervention:
 
     def _dleaf_one_row(self, layer, rows, image, active):
         """:meth:`_dleaf_rows` for a single active query row (every decoding step, and the prefill's last row); see
-        :func:`one_row_step`. With ``compile=True`` the step runs as one compiled region."""
+        :func:`one_row_step`. The thresholds of every watched layer come from :meth:`_row_context`, made once per
+        forward call, and the running statistics are updated for every layer at once after the forward call
+        (:meth:`_flush_row_signals`). With ``compile=True`` the step runs as one compiled region."""
         cfg: DLeafConfig = self.config
-        draw = None
+        ctx = self._row_context(active)
+        i = layer - ctx["first_layer"]
+        gate = ctx["gate"][i]
         if cfg.localization == "random":
             draw = torch.rand(active.shape, generator=self._generator, device=active.device)
-        inv_log = self._inv_log_image(rows.dtype)
+            gate = flag_gate(active, None, draw, cfg)
+        image_col, image_row = self._image_numbers(rows.shape[-1], rows.dtype)
         step = _compiled_one_row_step() if self.compile else one_row_step
-        new_rows, signal, tau, ready, flag, iaf, corrected = step(
-            rows, image, active, *self._state["layer_stats"][layer], inv_log, self._gamma(rows), draw, cfg)
+        new_rows, signal, flag, iaf, corrected = step(
+            rows, image_col, image_row, gate, ctx["tau"][i], self._inv_log_image(rows.dtype), self._gamma(rows), cfg,
+            inplace=not torch.is_grad_enabled())
+        ctx["signals"][layer] = signal
         record = None
         if self.trace is not None:
-            tau = torch.where(ready, tau, torch.full_like(tau, math.nan))
+            tau = torch.where(ctx["ready"][i], ctx["tau"][i], math.nan)
             record = {"signal": signal, "tau": tau, "flag": flag, "iaf": iaf, "corrected": corrected}
         return new_rows, record
+
+    def _row_context(self, active: torch.Tensor) -> dict:
+        """Per forward call of the one-row path: every watched layer's causal threshold and flag gate, computed at
+        once from the running statistics (they depend only on earlier positions), as per-layer views."""
+        ctx = self._state.get("row_context")
+        if ctx is None:
+            cfg: DLeafConfig = self.config
+            lo, hi = min(self.watched), max(self.watched) + 1
+            count, total, squares, best = self._state["stats"][:, lo:hi].unbind(0)  # each (Lw, B, 1)
+            tau, ready = causal_threshold(count, total, squares, best, cfg)
+            gate = flag_gate(active, ready, None, cfg) if cfg.localization != "random" else ready
+            gate = gate.expand(ready.shape)  # "everywhere": the active rows, the same for every layer
+            ctx = {"first_layer": lo, "last_layer": hi, "active": active, "tau": tau.unbind(0),
+                   "ready": ready.unbind(0), "gate": gate.unbind(0), "signals": {}}
+            self._state["row_context"] = ctx
+        return ctx
+
+    def _flush_row_signals(self) -> None:
+        """After a forward call of the one-row path: fold every watched layer's signal into its running statistics
+        (count, total, sum of squares, best), all layers in one set of operations."""
+        ctx = self._state.pop("row_context", None)
+        if ctx is None or not ctx["signals"]:
+            return
+        lo, hi, active = ctx["first_layer"], ctx["last_layer"], ctx["active"]
+        if sorted(ctx["signals"]) != list(range(lo, hi)):
+            raise RuntimeError(f"D-LEAF saw layers {sorted(ctx['signals'])} of the watched [{lo}, {hi}) in one forward "
+                               "call; every watched layer must run once per call")
+        signal = torch.stack([ctx["signals"][layer] for layer in range(lo, hi)])  # (Lw, B, 1)
+        count, total, squares, best = self._state["stats"][:, lo:hi].unbind(0)
+        with torch.no_grad():  # the state only feeds comparisons: no gradient
+            s_act = torch.where(active, signal.detach(), 0.0)
+            count.add_(active)
+            total.add_(s_act)
+            squares.addcmul_(s_act, s_act)
+            torch.minimum(best, torch.where(active, signal.detach(), math.inf), out=best)
 
     def _dleaf_rows(self, layer, rows, image, active):
         """Flag, rank and fuse the active rows of one layer; update the running state. Returns the new rows and the
@@ -594,7 +661,8 @@ class Intervention:
         draw = None
         if cfg.localization == "random":
             draw = torch.rand(active.shape, generator=self._generator, device=active.device)
-        tau, ready, flag = threshold_flags(signal, active, count, total, squares, best, draw, cfg)
+        tau, ready = causal_threshold(count, total, squares, best, cfg)
+        flag = layer_flags(signal, flag_gate(active, ready, draw, cfg), tau, cfg)
         tau = torch.where(ready, tau, torch.full_like(tau, math.nan))
 
         with torch.no_grad():  # the state only feeds comparisons: no gradient
