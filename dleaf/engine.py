@@ -189,64 +189,75 @@ def layer_flags(signal, gate, tau, cfg: DLeafConfig):
     return gate & (signal > tau) if cfg.localization == "threshold" else gate
 
 
-def one_row_step(rows, image_col, image_row, gate, tau, inv_log, gamma, cfg: DLeafConfig, inplace: bool = False):
+def one_row_step(rows, image_col, image_row, gate, tau, neg_inv_log, gamma, cfg: DLeafConfig,
+                 inplace: bool = False):
     """D-LEAF on one query row of one layer: the layer signal, the flag, IAF, the selected heads and the fused rows.
 
     ``rows`` (B, H, 1, K) post-softmax attention; ``image_col`` (B, K, 1) and ``image_row`` (B, 1, K) the image-key
     mask as numbers of ``rows``' dtype; ``gate`` (B, 1) bool and ``tau`` (B, 1) float64, the flag gate and the causal
     threshold of this layer (:func:`flag_gate`, :func:`causal_threshold`: they depend only on earlier positions, so
-    the caller computes them for every layer at once); ``inv_log`` (B, 1) ``1 / log |I|``; ``gamma`` a float or a
-    0-d tensor. ``inplace`` writes the fused rows into ``rows`` (no autograd). The same formulas as the multi-row
-    path, written for one row with few operators: the image mass as one product with the mask (shared by the signal
-    and IAF), the head-mixed profile as one batched product, the fusion as one ``lerp``. No host synchronisation and
-    no branching on tensor values, so it can be compiled or captured.
-    Returns ``(new_rows, signal, flag, iaf, corrected)``: ``signal`` (B, 1) float64, ``flag`` (B, 1), ``iaf`` and
-    ``corrected`` (B, H, 1).
+    the caller computes them for every layer at once); ``neg_inv_log`` (B, 1) ``-1 / log |I|``; ``gamma`` a float or
+    a 0-d tensor. ``inplace`` writes the fused rows into ``rows`` (no autograd). The same formulas as the multi-row
+    path, written for one row with few operators: the image mass as one masked dot product (shared by the signal and
+    IAF), the head-mixed profile as one batched product, the fusion as one ``lerp``. No host synchronisation and no
+    branching on tensor values, so it can be compiled or captured.
+    Returns ``(new_rows, signal, flag, iaf, corrected)``: ``signal`` (B, 1) in ``rows``' dtype, ``flag`` (B, 1),
+    ``iaf`` and ``corrected`` (B, H, 1).
     """
     B, H, _, K = rows.shape
     r = rows.reshape(B, H, K)
     mass = torch.linalg.vecdot(r, image_row)[..., None]  # (B, H, 1): the masked sum, as the multi-row path has it
-    safe = torch.where(mass > 0, mass, 1.0)
+    safe = mass + (mass == 0)  # 1 where a head has no image mass (its masked row is all zeros)
     p = None
     if cfg.layer_signal == "liae":
         if cfg.liae_variant == "mixed":
             # the head-mixed profile mean_h (a_h restricted to I) / mass_h as one product (B, 1, H) @ (B, H, K)
-            q = torch.bmm((1.0 / (H * safe)).transpose(1, 2), r) * image_row  # (B, 1, K)
+            q = torch.bmm(torch.reciprocal(H * safe).transpose(1, 2), r) * image_row  # (B, 1, K)
             neg_entropy = torch.special.xlogy(q, q).sum(dim=-1)  # (B, 1)
         else:
             p = r * image_row / safe
             neg_entropy = torch.special.xlogy(p, p).sum(dim=-1).mean(dim=1, keepdim=True)
-        signal = neg_entropy * -inv_log if cfg.liae_normalize else -neg_entropy
+        signal = neg_entropy * neg_inv_log if cfg.liae_normalize else -neg_entropy
     else:
         signal = -mass.mean(dim=1)
     if cfg.iaf_variant == "mass":
         iaf = mass
     else:
         p = r * image_row / safe if p is None else p
-        iaf = mass * (1.0 + torch.special.xlogy(p, p).sum(dim=-1, keepdim=True) * inv_log[:, :, None])
-    signal = signal.to(torch.float64)
-    flag = layer_flags(signal, gate, tau, cfg)
+        iaf = mass * (1.0 - torch.special.xlogy(p, p).sum(dim=-1, keepdim=True) * neg_inv_log[:, :, None])
+    flag = layer_flags(signal, gate, tau, cfg)  # a float32 signal compares with the float64 tau exactly
 
     best_head, selected = select_heads(iaf, cfg.head_selection, cfg.bottom_k)
     corrected = selected & flag[:, :, None]
     target = torch.gather(rows, 1, best_head[..., None].expand(B, 1, 1, K))
-    if torch.is_tensor(gamma):
-        weight = gamma * corrected.to(rows.dtype)
-    else:
-        weight = torch.where(corrected, gamma, 0.0).to(rows.dtype)
+    weight = (corrected * gamma)[..., None]
+    if weight.dtype != rows.dtype:
+        weight = weight.to(rows.dtype)
     # lerp computes a + w (b - a) for |w| < 0.5, so w = 0 (uncorrected heads, gamma 0) returns a bit for bit
     if inplace:
-        new_rows = rows.lerp_(target, weight[..., None])
+        new_rows = rows.lerp_(target, weight)
     else:
-        new_rows = torch.lerp(rows, target.expand(B, H, 1, K), weight[..., None])
+        new_rows = torch.lerp(rows, target.expand(B, H, 1, K), weight)
     return new_rows, signal, flag, iaf, corrected
 
 
+def one_row_attention(scores, mask, scaling: float, image_col, image_row, gate, tau, neg_inv_log, gamma,
+                      cfg: DLeafConfig):
+    """The watched layer's work on one query row between the two attention products: scale, mask and softmax the
+    row's scores ``query @ key^T`` (B, H, 1, K) exactly as eager attention does, then :func:`one_row_step`. This is
+    the region ``attach(..., compile=True)`` compiles: one call in place of the operators of both."""
+    scores = scores * scaling
+    if mask is not None:
+        scores = scores + mask
+    rows = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+    return one_row_step(rows, image_col, image_row, gate, tau, neg_inv_log, gamma, cfg)
+
+
 @functools.cache
-def _compiled_one_row_step():
-    """:func:`one_row_step` compiled once per process (``torch.compile``, dynamic shapes: the key length grows every
-    step). The first call of each configuration compiles (tens of seconds on a CPU)."""
-    return torch.compile(one_row_step, dynamic=True)
+def _compiled_one_row_attention():
+    """:func:`one_row_attention` compiled once per process (``torch.compile``, dynamic shapes: the key length grows
+    every step). The first call of each configuration compiles (seconds to tens of seconds on a CPU)."""
+    return torch.compile(one_row_attention, dynamic=True)
 
 
 class Trace:
@@ -515,6 +526,15 @@ class Intervention:
             weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
             return finish(torch.matmul(weights, v), weights)
 
+        if self.compile and isinstance(cfg, DLeafConfig) and query.shape[2] == 1 and not (module.training and dropout):
+            # decoding step (or the prefill's last row with unwatched="sdpa"): the products stay eager, the softmax
+            # and D-LEAF between them run as one compiled region
+            scores = torch.matmul(query, _repeat_kv(key, getattr(module, "num_key_value_groups", 1)).transpose(2, 3))
+            mask = None if attention_mask is None else attention_mask[:, :, :, :k_len]
+            weights, record = self._dleaf_one_row_compiled(layer, scores, mask, scaling, active)
+            self._keep_record(layer, record, pad_rows)
+            return finish(torch.matmul(weights, v), weights)
+
         weights = _eager_weights(module, query, key, attention_mask, scaling)
         weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
         rows = weights[:, :, first:]  # (B, H, Qa, K)
@@ -533,13 +553,7 @@ class Intervention:
             new_rows, record = self._dleaf_one_row(layer, rows, image, active)
         else:
             new_rows, record = self._dleaf_rows(layer, rows, image, active)
-        if self.trace is not None and "record" in self._state:
-            pad = pad_rows
-            record = {k: torch.nn.functional.pad(t, (pad, 0), value=(math.nan if t.is_floating_point() else 0))
-                      .to("cpu") for k, t in record.items()}
-            for k in ("flag", "corrected"):
-                record[k] = record[k].bool()
-            self._state["record"]["layers"][layer] = record
+        self._keep_record(layer, record, pad_rows)
         if first == 0:
             weights = new_rows
         elif torch.is_grad_enabled():
@@ -547,6 +561,16 @@ class Intervention:
         else:  # no autograd: write the corrected rows in place instead of copying the whole (B, H, Q, K) matrix
             weights[:, :, first:] = new_rows
         return finish(torch.matmul(weights, v), weights)
+
+    def _keep_record(self, layer: int, record: dict | None, pad: int) -> None:
+        """Store a layer's trace record for this forward call, padded to every query row, on the CPU."""
+        if self.trace is None or "record" not in self._state:
+            return
+        record = {k: torch.nn.functional.pad(t, (pad, 0), value=(math.nan if t.is_floating_point() else 0)).to("cpu")
+                  for k, t in record.items()}
+        for k in ("flag", "corrected"):
+            record[k] = record[k].bool()
+        self._state["record"]["layers"][layer] = record
 
     def _image_keys(self, k_len: int) -> torch.Tensor:
         """The image mask over ``k_len`` keys, padded or cut once per forward call and shared by every layer."""
@@ -578,11 +602,31 @@ class Intervention:
             self._state[key] = torch.where(big, 1.0 / torch.log(safe), torch.zeros_like(n))[:, None]
         return self._state[key]
 
+    def _neg_inv_log_image(self, dtype) -> torch.Tensor:
+        """``-1 / log |I|`` (see :meth:`_inv_log_image`), cached per dtype for the sequence."""
+        key = ("neg_inv_log_image", dtype)
+        if key not in self._state:
+            self._state[key] = -self._inv_log_image(dtype)
+        return self._state[key]
+
     def _dleaf_one_row(self, layer, rows, image, active):
         """:meth:`_dleaf_rows` for a single active query row (every decoding step, and the prefill's last row); see
         :func:`one_row_step`. The thresholds of every watched layer come from :meth:`_row_context`, made once per
         forward call, and the running statistics are updated for every layer at once after the forward call
-        (:meth:`_flush_row_signals`). With ``compile=True`` the step runs as one compiled region."""
+        (:meth:`_flush_row_signals`)."""
+        args = self._one_row_inputs(layer, active, rows.shape[-1], rows.dtype)
+        out = one_row_step(rows, *args, self.config, inplace=not torch.is_grad_enabled())
+        return out[0], self._one_row_done(layer, *out[1:])
+
+    def _dleaf_one_row_compiled(self, layer, scores, mask, scaling, active):
+        """``compile=True``: the softmax of one query row's scores and :func:`one_row_step` as one compiled region
+        (:func:`one_row_attention`)."""
+        args = self._one_row_inputs(layer, active, scores.shape[-1], scores.dtype)
+        out = _compiled_one_row_attention()(scores, mask, scaling, *args, self.config)
+        return out[0], self._one_row_done(layer, *out[1:])
+
+    def _one_row_inputs(self, layer, active, k_len, dtype):
+        """What :func:`one_row_step` needs besides the rows: image masks, gate, threshold, -1/log|I| and gamma."""
         cfg: DLeafConfig = self.config
         ctx = self._row_context(active)
         i = layer - ctx["first_layer"]
@@ -590,17 +634,18 @@ class Intervention:
         if cfg.localization == "random":
             draw = torch.rand(active.shape, generator=self._generator, device=active.device)
             gate = flag_gate(active, None, draw, cfg)
-        image_col, image_row = self._image_numbers(rows.shape[-1], rows.dtype)
-        step = _compiled_one_row_step() if self.compile else one_row_step
-        new_rows, signal, flag, iaf, corrected = step(
-            rows, image_col, image_row, gate, ctx["tau"][i], self._inv_log_image(rows.dtype), self._gamma(rows), cfg,
-            inplace=not torch.is_grad_enabled())
+        image_col, image_row = self._image_numbers(k_len, dtype)
+        return image_col, image_row, gate, ctx["tau"][i], self._neg_inv_log_image(dtype), self._gamma(None)
+
+    def _one_row_done(self, layer, signal, flag, iaf, corrected):
+        """Keep the layer's signal for the running statistics; the trace record (None without a trace)."""
+        ctx = self._state["row_context"]
         ctx["signals"][layer] = signal
-        record = None
-        if self.trace is not None:
-            tau = torch.where(ctx["ready"][i], ctx["tau"][i], math.nan)
-            record = {"signal": signal, "tau": tau, "flag": flag, "iaf": iaf, "corrected": corrected}
-        return new_rows, record
+        if self.trace is None:
+            return None
+        i = layer - ctx["first_layer"]
+        tau = torch.where(ctx["ready"][i], ctx["tau"][i], math.nan)
+        return {"signal": signal.to(torch.float64), "tau": tau, "flag": flag, "iaf": iaf, "corrected": corrected}
 
     def _row_context(self, active: torch.Tensor) -> dict:
         """Per forward call of the one-row path: every watched layer's causal threshold and flag gate, computed at
@@ -628,7 +673,7 @@ class Intervention:
         if sorted(ctx["signals"]) != list(range(lo, hi)):
             raise RuntimeError(f"D-LEAF saw layers {sorted(ctx['signals'])} of the watched [{lo}, {hi}) in one forward "
                                "call; every watched layer must run once per call")
-        signal = torch.stack([ctx["signals"][layer] for layer in range(lo, hi)])  # (Lw, B, 1)
+        signal = torch.stack([ctx["signals"][layer] for layer in range(lo, hi)]).to(torch.float64)  # (Lw, B, 1)
         count, total, squares, best = self._state["stats"][:, lo:hi].unbind(0)
         with torch.no_grad():  # the state only feeds comparisons: no gradient
             s_act = torch.where(active, signal.detach(), 0.0)
@@ -703,8 +748,9 @@ def attach(model, method: str | MethodConfig = "dleaf", *, trace: bool = False, 
     eval mode for results that match plain decoding (dropout is honoured as the model's own attention does).
 
     ``unwatched="sdpa"`` runs the layers D-LEAF does not watch, and the rows it never changes, on sdpa (faster, equal
-    to eager up to rounding). ``compile=True`` runs D-LEAF's per-token work (:func:`one_row_step`) as one compiled
-    region: fewer operator dispatches per layer, after a compilation of tens of seconds on first use.
+    to eager up to rounding). ``compile=True`` runs the softmax and D-LEAF's per-token work of every watched layer
+    (:func:`one_row_attention`) as one compiled region per decoding step and layer: fewer operator dispatches,
+    after a compilation of seconds to tens of seconds on first use; equal to the eager path up to rounding.
     """
     config = method_config(method, **knobs) if isinstance(method, str) else method
     if knobs and not isinstance(method, str):
