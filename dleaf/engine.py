@@ -194,50 +194,51 @@ def one_row_step(rows, image_col, image_row, gate, tau, neg_inv_log, gamma, cfg:
     """D-LEAF on one query row of one layer: the layer signal, the flag, IAF, the selected heads and the fused rows.
 
     ``rows`` (B, H, 1, K) post-softmax attention; ``image_col`` (B, K, 1) and ``image_row`` (B, 1, K) the image-key
-    mask as numbers of ``rows``' dtype; ``gate`` (B, 1) bool and ``tau`` (B, 1) float64, the flag gate and the causal
-    threshold of this layer (:func:`flag_gate`, :func:`causal_threshold`: they depend only on earlier positions, so
-    the caller computes them for every layer at once); ``neg_inv_log`` (B, 1) ``-1 / log |I|``; ``gamma`` a float or
+    mask as numbers of ``rows``' dtype; ``gate`` (B, 1, 1) bool and ``tau`` (B, 1, 1) float64, the flag gate and the
+    causal threshold of this layer (:func:`flag_gate`, :func:`causal_threshold`: they depend only on earlier positions, so
+    the caller computes them for every layer at once); ``neg_inv_log`` (B, 1, 1) ``-1 / log |I|``; ``gamma`` a float or
     a 0-d tensor. ``inplace`` writes the fused rows into ``rows`` (no autograd). The same formulas as the multi-row
     path, written for one row with few operators: the image mass as one masked dot product (shared by the signal and
     IAF), the head-mixed profile as one batched product, the fusion as one ``lerp``. No host synchronisation and no
     branching on tensor values, so it can be compiled or captured.
-    Returns ``(new_rows, signal, flag, iaf, corrected)``: ``signal`` (B, 1) in ``rows``' dtype, ``flag`` (B, 1),
-    ``iaf`` and ``corrected`` (B, H, 1).
+    Returns ``(new_rows, signal, flag, iaf, corrected)``: ``signal`` (B, 1, 1) in ``rows``' dtype, ``flag``
+    (B, 1, 1), ``iaf`` and ``corrected`` (B, H, 1).
     """
     B, H, _, K = rows.shape
-    r = rows.reshape(B, H, K)
-    mass = torch.linalg.vecdot(r, image_row)[..., None]  # (B, H, 1): the masked sum, as the multi-row path has it
+    r = rows.view(B, H, K) if rows.is_contiguous() else rows.reshape(B, H, K)
+    mass = (r * image_row).sum(dim=-1, keepdim=True)  # (B, H, 1): the masked sum, as the multi-row path has it
     safe = mass + (mass == 0)  # 1 where a head has no image mass (its masked row is all zeros)
     p = None
     if cfg.layer_signal == "liae":
         if cfg.liae_variant == "mixed":
             # the head-mixed profile mean_h (a_h restricted to I) / mass_h as one product (B, 1, H) @ (B, H, K)
             q = torch.bmm(torch.reciprocal(H * safe).transpose(1, 2), r) * image_row  # (B, 1, K)
-            neg_entropy = torch.special.xlogy(q, q).sum(dim=-1)  # (B, 1)
+            neg_entropy = torch.special.xlogy(q, q).sum(dim=-1, keepdim=True)  # (B, 1, 1)
         else:
             p = r * image_row / safe
-            neg_entropy = torch.special.xlogy(p, p).sum(dim=-1).mean(dim=1, keepdim=True)
+            neg_entropy = torch.special.xlogy(p, p).sum(dim=-1, keepdim=True).mean(dim=1, keepdim=True)
         signal = neg_entropy * neg_inv_log if cfg.liae_normalize else -neg_entropy
     else:
-        signal = -mass.mean(dim=1)
+        signal = -mass.mean(dim=1, keepdim=True)
     if cfg.iaf_variant == "mass":
         iaf = mass
     else:
         p = r * image_row / safe if p is None else p
-        iaf = mass * (1.0 - torch.special.xlogy(p, p).sum(dim=-1, keepdim=True) * neg_inv_log[:, :, None])
-    flag = layer_flags(signal, gate, tau, cfg)  # a float32 signal compares with the float64 tau exactly
+        iaf = mass * (1.0 - torch.special.xlogy(p, p).sum(dim=-1, keepdim=True) * neg_inv_log)
+    flag = layer_flags(signal, gate, tau, cfg)  # (B, 1, 1); a float32 signal compares with a float64 tau exactly
 
     best_head, selected = select_heads(iaf, cfg.head_selection, cfg.bottom_k)
-    corrected = selected & flag[:, :, None]
-    target = torch.gather(rows, 1, best_head[..., None].expand(B, 1, 1, K))
-    weight = (corrected * gamma)[..., None]
+    corrected = selected & flag  # (B, H, 1)
+    target = torch.gather(r, 1, best_head.expand(B, 1, K))  # (B, 1, K), a copy
+    weight = corrected * gamma
     if weight.dtype != rows.dtype:
         weight = weight.to(rows.dtype)
     # lerp computes a + w (b - a) for |w| < 0.5, so w = 0 (uncorrected heads, gamma 0) returns a bit for bit
     if inplace:
-        new_rows = rows.lerp_(target, weight)
+        r.lerp_(target, weight)  # r shares rows' memory
+        new_rows = rows
     else:
-        new_rows = torch.lerp(rows, target.expand(B, H, 1, K), weight)
+        new_rows = torch.lerp(r, target.expand(B, H, K), weight).view(B, H, 1, K)
     return new_rows, signal, flag, iaf, corrected
 
 
@@ -410,7 +411,8 @@ class Intervention:
     def _post_forward(self, module, args, kwargs, output):
         self._flush_row_signals()
         cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
-        self._state["fingerprint"] = self._fingerprint(cache)
+        # a reordering needs two rows or more: with one, no fingerprint (and nothing to compare at the next step)
+        self._state["fingerprint"] = self._fingerprint(cache) if self._state["image"].shape[0] > 1 else None
         if self.trace is not None and "record" in self._state:
             record = self._state.pop("record")
             record["active"] = self._active(record["columns"].to(self._state["image"].device)).cpu()
@@ -537,7 +539,7 @@ class Intervention:
 
         weights = _eager_weights(module, query, key, attention_mask, scaling)
         weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
-        rows = weights[:, :, first:]  # (B, H, Qa, K)
+        rows = weights if first == 0 else weights[:, :, first:]  # (B, H, Qa, K)
 
         if isinstance(cfg, SPINConfig):
             mass = stats.image_mass(rows, image, check=False)  # (B, H, Qa)
@@ -603,10 +605,10 @@ class Intervention:
         return self._state[key]
 
     def _neg_inv_log_image(self, dtype) -> torch.Tensor:
-        """``-1 / log |I|`` (see :meth:`_inv_log_image`), cached per dtype for the sequence."""
+        """``-1 / log |I|`` (see :meth:`_inv_log_image`) shaped (B, 1, 1), cached per dtype for the sequence."""
         key = ("neg_inv_log_image", dtype)
         if key not in self._state:
-            self._state[key] = -self._inv_log_image(dtype)
+            self._state[key] = -self._inv_log_image(dtype)[:, :, None]
         return self._state[key]
 
     def _dleaf_one_row(self, layer, rows, image, active):
@@ -633,7 +635,7 @@ class Intervention:
         gate = ctx["gate"][i]
         if cfg.localization == "random":
             draw = torch.rand(active.shape, generator=self._generator, device=active.device)
-            gate = flag_gate(active, None, draw, cfg)
+            gate = flag_gate(active, None, draw, cfg)[:, :, None]
         image_col, image_row = self._image_numbers(k_len, dtype)
         return image_col, image_row, gate, ctx["tau"][i], self._neg_inv_log_image(dtype), self._gamma(None)
 
@@ -644,8 +646,9 @@ class Intervention:
         if self.trace is None:
             return None
         i = layer - ctx["first_layer"]
-        tau = torch.where(ctx["ready"][i], ctx["tau"][i], math.nan)
-        return {"signal": signal.to(torch.float64), "tau": tau, "flag": flag, "iaf": iaf, "corrected": corrected}
+        tau = torch.where(ctx["ready"][i], ctx["tau"][i], math.nan).view(-1, 1)
+        return {"signal": signal.to(torch.float64).view(-1, 1), "tau": tau, "flag": flag.view(-1, 1), "iaf": iaf,
+                "corrected": corrected}
 
     def _row_context(self, active: torch.Tensor) -> dict:
         """Per forward call of the one-row path: every watched layer's causal threshold and flag gate, computed at
@@ -654,8 +657,9 @@ class Intervention:
         if ctx is None:
             cfg: DLeafConfig = self.config
             lo, hi = min(self.watched), max(self.watched) + 1
-            count, total, squares, best = self._state["stats"][:, lo:hi].unbind(0)  # each (Lw, B, 1)
+            count, total, squares, best = self._state["stats"][:, lo:hi, :, :, None].unbind(0)  # each (Lw, B, 1, 1)
             tau, ready = causal_threshold(count, total, squares, best, cfg)
+            active = active[:, :, None]  # (B, 1, 1)
             gate = flag_gate(active, ready, None, cfg) if cfg.localization != "random" else ready
             gate = gate.expand(ready.shape)  # "everywhere": the active rows, the same for every layer
             ctx = {"first_layer": lo, "last_layer": hi, "active": active, "tau": tau.unbind(0),
@@ -673,7 +677,8 @@ class Intervention:
         if sorted(ctx["signals"]) != list(range(lo, hi)):
             raise RuntimeError(f"D-LEAF saw layers {sorted(ctx['signals'])} of the watched [{lo}, {hi}) in one forward "
                                "call; every watched layer must run once per call")
-        signal = torch.stack([ctx["signals"][layer] for layer in range(lo, hi)]).to(torch.float64)  # (Lw, B, 1)
+        signal = torch.stack([ctx["signals"][layer] for layer in range(lo, hi)]).to(torch.float64)[..., 0]
+        active = active[:, :, 0]  # (B, 1), against the (Lw, B, 1) signals and statistics
         count, total, squares, best = self._state["stats"][:, lo:hi].unbind(0)
         with torch.no_grad():  # the state only feeds comparisons: no gradient
             s_act = torch.where(active, signal.detach(), 0.0)
