@@ -101,17 +101,25 @@ def test_teacher_forced_scoring_equals_step_by_step_decoding(tiny, method, knobs
     assert (scored - plain_scored).abs().max() > 1e-4  # the method did act in scoring
 
 
+VARIANTS = {  # every formula of the layer signal and of IAF, each checked by the brute-force loop below
+    "mixed_focus": dict(liae_normalize=False, iaf_variant="focus"),
+    "mean_head_normalized_mass": dict(liae_variant="mean_head", liae_normalize=True, iaf_variant="mass"),
+    "mass_deficit": dict(layer_signal="mass_deficit", iaf_variant="mass"),
+}
+
+
 @torch.no_grad()
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("path", ["scoring", "generation"])
-def test_trace_statistics_equal_brute_force_from_output_attentions(tiny, path):
+def test_trace_statistics_equal_brute_force_from_output_attentions(tiny, path, variant):
     """Every traced statistic against a loop over output_attentions, for the multi-row path (one-pass scoring) and
-    the one-row path (each decoding step)."""
+    the one-row path (each decoding step), for every signal and IAF formula."""
     model, _, _, _, batch = tiny
     out = model.generate(**batch, max_new_tokens=6, do_sample=False)
     n = batch["input_ids"].shape[1]
     full = {**batch, "input_ids": out,
             "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(out[:, n:])], 1)}
-    cfg = DLeafConfig(gamma=0.0, warmup=1, kappa=0.5, liae_normalize=False, iaf_variant="focus")
+    cfg = DLeafConfig(gamma=0.0, warmup=1, kappa=0.5, **VARIANTS[variant])
     with engine.attached(model, cfg, trace=True) as iv:
         if path == "scoring":
             engine.response_logprobs(model, full, [n] * out.shape[0], iv)
@@ -130,14 +138,23 @@ def test_trace_statistics_equal_brute_force_from_output_attentions(tiny, path):
                 row = att[b, :, t].double()
                 heads = row.shape[0]
                 masses = [sum(float(row[h, k]) for k in img) for h in range(heads)]
-                mixed = [sum(float(row[h, k]) / masses[h] for h in range(heads)) / heads for k in img]
-                liae = -sum(p * math.log(p) for p in mixed if p > 0)
-                assert float(tr["signal"][j, layer]) == pytest.approx(liae, rel=1e-4, abs=1e-5)
+                entropies = []
                 for h in range(heads):
                     prof = [float(row[h, k]) / masses[h] for k in img]
-                    ent = -sum(p * math.log(p) for p in prof if p > 0)
-                    focus = masses[h] * (1 - ent / math.log(len(img)))
-                    assert float(tr["iaf"][j, layer, h]) == pytest.approx(focus, rel=1e-4, abs=1e-6)
+                    entropies.append(-sum(p * math.log(p) for p in prof if p > 0))
+                    focus = masses[h] * (1 - entropies[h] / math.log(len(img)))
+                    want = focus if cfg.iaf_variant == "focus" else masses[h]
+                    assert float(tr["iaf"][j, layer, h]) == pytest.approx(want, rel=1e-4, abs=1e-6)
+                if cfg.layer_signal == "mass_deficit":
+                    signal = -sum(masses) / heads
+                elif cfg.liae_variant == "mixed":
+                    mixed = [sum(float(row[h, k]) / masses[h] for h in range(heads)) / heads for k in img]
+                    signal = -sum(p * math.log(p) for p in mixed if p > 0)
+                else:
+                    signal = sum(entropies) / heads
+                if cfg.layer_signal == "liae" and cfg.liae_normalize:
+                    signal /= math.log(len(img))
+                assert float(tr["signal"][j, layer]) == pytest.approx(signal, rel=1e-4, abs=1e-5)
         # the running threshold, recomputed with a loop over earlier positions of the same layer
         sig = tr["signal"].double().numpy()
         for layer in range(sig.shape[1]):
