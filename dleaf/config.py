@@ -16,6 +16,7 @@ IAF_VARIANTS = ("mass", "focus")
 THRESHOLDS = ("running", "best")
 HEAD_SELECTIONS = ("below_mean", "bottom_k", "all_but_best")
 LOCALIZATIONS = ("threshold", "everywhere", "random")
+FUSION_TARGETS = ("best", "random")
 
 
 def _choice(owner: str, name: str, value: Any, valid: tuple) -> None:
@@ -49,6 +50,11 @@ class DLeafConfig:
     (the no-localization ablation); ``"random"`` flags each eligible layer at each position with probability
     ``random_rate`` (seeded by ``seed``), the random-layer ablation at D-LEAF's flag rate.
 
+    ``fusion_target``: ``"best"`` fuses toward h* (D-LEAF); ``"random"`` fuses each corrected row toward a head drawn
+    uniformly among the heads other than h* (per sample, position and layer, seeded by ``seed``; a corrected head
+    equal to the draw is left alone): the random-target null, with D-LEAF's sites and strength and no image-seeking
+    direction.
+
     Heads: ``h* = argmax IAF`` (``iaf_variant`` ``"mass"`` or ``"focus"``); corrected heads are those below the
     layer's mean IAF (``"below_mean"``), the ``bottom_k`` lowest (``"bottom_k"``, never h*), or every head but h*
     (``"all_but_best"``). Correction: ``a[h] <- (1 - gamma) a[h] + gamma a[h*]`` on the current query row.
@@ -69,6 +75,7 @@ class DLeafConfig:
     bottom_k: int = 1
     localization: str = "threshold"
     random_rate: float = 0.1
+    fusion_target: str = "best"
     seed: int = 0
 
     def __post_init__(self):
@@ -81,6 +88,7 @@ class DLeafConfig:
         _choice(owner, "threshold", self.threshold, THRESHOLDS)
         _choice(owner, "head_selection", self.head_selection, HEAD_SELECTIONS)
         _choice(owner, "localization", self.localization, LOCALIZATIONS)
+        _choice(owner, "fusion_target", self.fusion_target, FUSION_TARGETS)
         if self.kappa != self.kappa or self.margin != self.margin:
             raise ValueError(f"{owner}.kappa and margin must be numbers, got {self.kappa}, {self.margin}")
         if self.warmup < 1:
@@ -133,6 +141,7 @@ METHODS: dict[str, tuple[type, dict]] = {
     "dleaf": (DLeafConfig, {}),
     "no_localization": (DLeafConfig, {"localization": "everywhere"}),
     "random_layers": (DLeafConfig, {"localization": "random"}),
+    "random_target": (DLeafConfig, {"fusion_target": "random"}),
     "pai": (PAIConfig, {}),
     "spin": (SPINConfig, {}),
 }

@@ -160,6 +160,16 @@ def fuse_heads(rows: torch.Tensor, best: torch.Tensor, corrected: torch.Tensor, 
     return torch.lerp(rows, target.expand(B, H, Q, K), weight)
 
 
+def random_target(best: torch.Tensor, corrected: torch.Tensor, shift: torch.Tensor):
+    """``fusion_target="random"``: the target head ``(h* + shift) mod H`` (``shift`` uniform in [1, H), so uniform
+    among the heads other than h*) and the corrected heads without the target itself. ``best`` (B, 1, Q),
+    ``corrected`` (B, H, Q), ``shift`` (B, 1, Q)."""
+    H = corrected.shape[1]
+    target = (best + shift) % H
+    heads = torch.arange(H, device=corrected.device)[None, :, None]
+    return target, corrected & (heads != target)
+
+
 def causal_threshold(count, total, squares, best, cfg: DLeafConfig):
     """The causal threshold ``tau`` of a layer from the running statistics of earlier active positions (``count``,
     ``total``, ``squares``, ``best``, any matching shapes: one layer, or every watched layer at once) and ``ready``
@@ -190,14 +200,15 @@ def layer_flags(signal, gate, tau, cfg: DLeafConfig):
 
 
 def one_row_step(rows, image_col, image_row, gate, tau, neg_inv_log, gamma, cfg: DLeafConfig,
-                 inplace: bool = False):
+                 inplace: bool = False, target_shift=None):
     """D-LEAF on one query row of one layer: the layer signal, the flag, IAF, the selected heads and the fused rows.
 
     ``rows`` (B, H, 1, K) post-softmax attention; ``image_col`` (B, K, 1) and ``image_row`` (B, 1, K) the image-key
     mask as numbers of ``rows``' dtype; ``gate`` (B, 1, 1) bool and ``tau`` (B, 1, 1) float64, the flag gate and the
     causal threshold of this layer (:func:`flag_gate`, :func:`causal_threshold`: they depend only on earlier positions, so
     the caller computes them for every layer at once); ``neg_inv_log`` (B, 1, 1) ``-1 / log |I|``; ``gamma`` a float or
-    a 0-d tensor. ``inplace`` writes the fused rows into ``rows`` (no autograd). The same formulas as the multi-row
+    a 0-d tensor. ``inplace`` writes the fused rows into ``rows`` (no autograd). ``target_shift`` (B, 1, 1) integers
+    in [1, H) for ``fusion_target="random"``: the target head is ``(h* + shift) mod H`` (see :func:`random_target`). The same formulas as the multi-row
     path, written for one row with few operators: the image mass as one masked dot product (shared by the signal and
     IAF), the head-mixed profile as one batched product, the fusion as one ``lerp``. No host synchronisation and no
     branching on tensor values, so it can be compiled or captured.
@@ -229,6 +240,8 @@ def one_row_step(rows, image_col, image_row, gate, tau, neg_inv_log, gamma, cfg:
 
     best_head, selected = select_heads(iaf, cfg.head_selection, cfg.bottom_k)
     corrected = selected & flag  # (B, H, 1)
+    if target_shift is not None:
+        best_head, corrected = random_target(best_head, corrected, target_shift)
     target = torch.gather(r, 1, best_head.expand(B, 1, K))  # (B, 1, K), a copy
     weight = corrected * gamma
     if weight.dtype != rows.dtype:
@@ -243,7 +256,7 @@ def one_row_step(rows, image_col, image_row, gate, tau, neg_inv_log, gamma, cfg:
 
 
 def one_row_attention(scores, mask, scaling: float, image_col, image_row, gate, tau, neg_inv_log, gamma,
-                      cfg: DLeafConfig):
+                      cfg: DLeafConfig, target_shift=None):
     """The watched layer's work on one query row between the two attention products: scale, mask and softmax the
     row's scores ``query @ key^T`` (B, H, 1, K) exactly as eager attention does, then :func:`one_row_step`. This is
     the region ``attach(..., compile=True)`` compiles: one call in place of the operators of both."""
@@ -251,7 +264,7 @@ def one_row_attention(scores, mask, scaling: float, image_col, image_row, gate, 
     if mask is not None:
         scores = scores + mask
     rows = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
-    return one_row_step(rows, image_col, image_row, gate, tau, neg_inv_log, gamma, cfg)
+    return one_row_step(rows, image_col, image_row, gate, tau, neg_inv_log, gamma, cfg, target_shift=target_shift)
 
 
 @functools.cache
@@ -341,6 +354,9 @@ class Intervention:
         self._state: dict[str, Any] = {}
         self._score_from: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
+        self._target_generator: torch.Generator | None = None
+        if isinstance(config, DLeafConfig) and config.fusion_target == "random":
+            self._target_generator = torch.Generator().manual_seed(config.seed)  # on the CPU: the same draws anywhere
         self.gamma_override: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ attach / detach
@@ -616,19 +632,20 @@ class Intervention:
         :func:`one_row_step`. The thresholds of every watched layer come from :meth:`_row_context`, made once per
         forward call, and the running statistics are updated for every layer at once after the forward call
         (:meth:`_flush_row_signals`)."""
-        args = self._one_row_inputs(layer, active, rows.shape[-1], rows.dtype)
-        out = one_row_step(rows, *args, self.config, inplace=not torch.is_grad_enabled())
+        *args, shift = self._one_row_inputs(layer, active, rows.shape[-1], rows.dtype)
+        out = one_row_step(rows, *args, self.config, inplace=not torch.is_grad_enabled(), target_shift=shift)
         return out[0], self._one_row_done(layer, *out[1:])
 
     def _dleaf_one_row_compiled(self, layer, scores, mask, scaling, active):
         """``compile=True``: the softmax of one query row's scores and :func:`one_row_step` as one compiled region
         (:func:`one_row_attention`)."""
-        args = self._one_row_inputs(layer, active, scores.shape[-1], scores.dtype)
-        out = _compiled_one_row_attention()(scores, mask, scaling, *args, self.config)
+        *args, shift = self._one_row_inputs(layer, active, scores.shape[-1], scores.dtype)
+        out = _compiled_one_row_attention()(scores, mask, scaling, *args, self.config, shift)
         return out[0], self._one_row_done(layer, *out[1:])
 
     def _one_row_inputs(self, layer, active, k_len, dtype):
-        """What :func:`one_row_step` needs besides the rows: image masks, gate, threshold, -1/log|I| and gamma."""
+        """What :func:`one_row_step` needs besides the rows: image masks, gate, threshold, -1/log|I|, gamma and the
+        random target's draw (None unless ``fusion_target="random"``)."""
         cfg: DLeafConfig = self.config
         ctx = self._row_context(active)
         i = layer - ctx["first_layer"]
@@ -637,7 +654,8 @@ class Intervention:
             draw = torch.rand(active.shape, generator=self._generator, device=active.device)
             gate = flag_gate(active, None, draw, cfg)[:, :, None]
         image_col, image_row = self._image_numbers(k_len, dtype)
-        return image_col, image_row, gate, ctx["tau"][i], self._neg_inv_log_image(dtype), self._gamma(None)
+        return (image_col, image_row, gate, ctx["tau"][i], self._neg_inv_log_image(dtype), self._gamma(None),
+                self._target_shift(active.shape[0], 1, active.device))
 
     def _one_row_done(self, layer, signal, flag, iaf, corrected):
         """Keep the layer's signal for the running statistics; the trace record (None without a trace)."""
@@ -723,9 +741,19 @@ class Intervention:
 
         best_head, selected = select_heads(iaf, cfg.head_selection, cfg.bottom_k)
         corrected = selected & flag[:, None, :]
+        shift = self._target_shift(B, Qa, rows.device)
+        if shift is not None:  # fusion_target="random"
+            best_head, corrected = random_target(best_head, corrected, shift)
         new_rows = fuse_heads(rows, best_head, corrected, self._gamma(rows))
         record = {"signal": signal, "tau": tau, "flag": flag, "iaf": iaf, "corrected": corrected}
         return new_rows, record
+
+    def _target_shift(self, b: int, q: int, device) -> torch.Tensor | None:
+        """``fusion_target="random"``: a (B, 1, Q) draw uniform in [1, H) per sample, row and layer; else None."""
+        if self._target_generator is None or self.num_heads < 2:
+            return None
+        shift = torch.randint(1, self.num_heads, (b, 1, q), generator=self._target_generator)
+        return shift.to(device)
 
     def _gamma(self, rows):
         # ``gamma_override`` (a tensor, possibly requiring grad) replaces the configured gamma: the autograd slope of

@@ -425,40 +425,12 @@ def token_kinds(token_ids: np.ndarray, tokenizer, objects_present: Iterable[str]
 
 
 # ------------------------------------------------------------------------------------------------------ nulls
-class RandomTargetIntervention(engine.Intervention):
-    """The null of matched size: D-LEAF's own flags, corrected heads and gamma, but each corrected row is fused
-    toward a random head of the same layer (drawn uniformly among the heads other than h*, per sample and position)
-    instead of the best one. The displacement has D-LEAF's sites and strength, and no image-seeking direction.
-
-    It reuses the engine's decision (``Intervention._dleaf_rows``, whose fused rows it discards) and its pure
-    ``select_heads`` / ``fuse_heads``; a head equal to the drawn target is left alone.
-    """
-
-    def __init__(self, model, config: DLeafConfig, trace: bool = False, seed: int = 0):
-        super().__init__(model, config, trace=trace)
-        self._null_generator = torch.Generator().manual_seed(seed)
-
-    def _dleaf_one_row(self, layer, rows, image, active):
-        # the engine's one-row fast path returns no record without a trace; the general path has the same formulas
-        return self._dleaf_rows(layer, rows, image, active)
-
-    def _dleaf_rows(self, layer, rows, image, active):
-        _, record = super()._dleaf_rows(layer, rows, image, active)
-        B, H, Q, _ = rows.shape
-        best, _ = engine.select_heads(record["iaf"], self.config.head_selection, self.config.bottom_k)
-        if H < 2:
-            return rows, record
-        shift = torch.randint(1, H, (B, 1, Q), generator=self._null_generator).to(best.device)
-        target = (best + shift) % H  # uniform over the heads other than h*
-        heads = torch.arange(H, device=rows.device)[None, :, None]
-        corrected = record["corrected"] & (heads != target)
-        return engine.fuse_heads(rows, target, corrected, self._gamma(rows)), record
-
-
 def random_target_factory(seed: int = 0):
-    """An ``intervention_factory`` for :func:`score` that attaches :class:`RandomTargetIntervention`."""
+    """An ``intervention_factory`` for :func:`score`: the random-target null, D-LEAF's own flags, corrected heads
+    and gamma with each corrected row fused toward a random head other than h* (``fusion_target="random"``, draws
+    seeded by ``seed``): the displacement has D-LEAF's sites and strength, and no image-seeking direction."""
     def factory(model, config, trace):
-        return RandomTargetIntervention(model, config, trace=trace, seed=seed)._attach()
+        return engine.attach(model, dataclasses.replace(config, fusion_target="random", seed=seed), trace=trace)
     return factory
 
 

@@ -9,7 +9,6 @@ with paired bootstrap intervals of each difference from greedy on the same image
 """
 
 import argparse
-import json
 from pathlib import Path
 
 from dleaf.organism import build, study

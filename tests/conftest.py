@@ -1,4 +1,9 @@
+"""Shared fixtures: a tiny random organism, and hand-made COCO (instances, captions, images) and POPE files."""
+
+import json
+
 import pytest
+from PIL import Image
 
 
 @pytest.fixture(scope="session")
@@ -12,3 +17,62 @@ def tiny_organism():
     model = build.build_model(processor.tokenizer, shape, seed=0).eval()
     model.set_attn_implementation("eager")
     return model, processor
+
+
+# ------------------------------------------------------------------------------------ hand-made COCO and POPE files
+CATEGORIES = [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}, {"id": 23, "name": "bear"},
+              {"id": 58, "name": "hot dog"}, {"id": 88, "name": "teddy bear"}, {"id": 67, "name": "dining table"},
+              {"id": 47, "name": "cup"}, {"id": 49, "name": "knife"}]
+
+
+def _write_coco(tmp_path, with_images=True):
+    images = [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg", "width": 20, "height": 20} for i in (1, 2, 3)]
+    instances = {
+        "images": images, "categories": CATEGORIES,
+        "annotations": [{"id": 10, "image_id": 1, "category_id": 18}, {"id": 11, "image_id": 1, "category_id": 67},
+                        {"id": 12, "image_id": 1, "category_id": 18},
+                        {"id": 13, "image_id": 2, "category_id": 88},
+                        {"id": 14, "image_id": 3, "category_id": 58}, {"id": 15, "image_id": 3, "category_id": 47}],
+    }
+    captions = {
+        "images": images,
+        "annotations": [{"id": 20, "image_id": 1, "caption": "A puppy sitting under a table."},
+                        {"id": 21, "image_id": 1, "caption": "A man feeding his dog."},
+                        {"id": 22, "image_id": 2, "caption": "A teddy bear on a bed."},
+                        {"id": 23, "image_id": 3, "caption": "Two hot dogs and a mug of coffee."}],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(instances, indent=1))
+    (tmp_path / "captions.json").write_text(json.dumps(captions, indent=1))
+    img_dir = tmp_path / "val2014"
+    img_dir.mkdir(exist_ok=True)
+    if with_images:
+        for k, im in enumerate(images):
+            Image.new("RGB", (20, 20), (40 * k, 200, 90)).save(img_dir / im["file_name"])
+    return img_dir, tmp_path / "instances.json", tmp_path / "captions.json"
+
+
+def _write_pope(tmp_path):
+    img_dir = tmp_path / "images"
+    img_dir.mkdir(exist_ok=True)
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (16, 16), (10, 120, 200)).save(img_dir / name)
+    qs = [(1, "a.jpg", "Is there a dog in the image?", "yes"), (2, "a.jpg", "Is there a cat in the image?", "no"),
+          (3, "b.jpg", "Is there a car in the image?", "yes"), (4, "b.jpg", "Is there a bus in the image?", "no"),
+          (5, "b.jpg", "Is there a cup in the image?", "yes"), (6, "a.jpg", "Is there a fork in the image?", "no")]
+    path = tmp_path / "coco_pope_random.json"
+    path.write_text("".join(json.dumps({"question_id": q, "image": i, "text": t, "label": lab}) + "\n"
+                            for q, i, t, lab in qs))
+    return path, img_dir
+
+
+@pytest.fixture()
+def write_coco():
+    """``write_coco(folder, with_images=True)``: COCO val2014-style instances and captions for three images (the
+    hand counts in test_evaluate.py refer to them), and the images; returns (image folder, instances, captions)."""
+    return _write_coco
+
+
+@pytest.fixture()
+def write_pope():
+    """``write_pope(folder)``: a six-question POPE file over two images; returns (file, image folder)."""
+    return _write_pope

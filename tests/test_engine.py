@@ -188,6 +188,54 @@ def test_select_heads_and_fusion_on_a_hand_worked_example():
     assert torch.equal(fused[0, 1], rows[0, 1]) and torch.equal(fused[0, 3], rows[0, 3])
     assert fused.sum(-1).flatten().tolist() == pytest.approx([1.0] * 4)
     torch.testing.assert_close(engine.fuse_heads(rows, best, sel, 1.0)[0, 0], rows[0, 1])
+    # the random-target null: target (h* + shift) mod H, and the target itself is never corrected
+    target, cor = engine.random_target(best, engine.select_heads(iaf, "all_but_best")[1], torch.tensor([[[2]]]))
+    assert target.item() == 3 and cor.flatten().tolist() == [True, False, True, False]
+    fused = engine.fuse_heads(rows, target, cor, 0.5)
+    assert fused[0, 2, 0].tolist() == pytest.approx([0.65, 0.15, 0.2])  # 0.5 [1, 0, 0] + 0.5 [0.3, 0.3, 0.4]
+
+
+@torch.no_grad()
+def test_random_fusion_target_draws_a_head_other_than_the_best(tiny):
+    """fusion_target="random" on the one-row path: with gamma 1 and every head but h* corrected, each corrected
+    head's row becomes exactly the row of head (h* + shift) mod H, a head other than h*, which itself is left alone;
+    with gamma 0 the output equals plain decoding."""
+    model, _, _, _, batch = tiny
+    seen = []
+
+    def spy(rows, *args, **kwargs):
+        before = rows.clone()
+        out = step(rows, *args, **kwargs)
+        seen.append((before, out[0].clone(), out[3], out[4], kwargs["target_shift"]))
+        return out
+
+    step = engine.one_row_step
+    engine.one_row_step = spy
+    try:
+        with engine.attached(model, "dleaf", gamma=1.0, localization="everywhere", head_selection="all_but_best",
+                             fusion_target="random", seed=3):
+            model.generate(**batch, max_new_tokens=3, do_sample=False)
+    finally:
+        engine.one_row_step = step
+    assert seen
+    shifts = set()
+    for before, after, iaf, corrected, shift in seen:
+        H = before.shape[1]
+        for b in range(before.shape[0]):
+            best, s = int(iaf[b].argmax()), int(shift[b])
+            target = (best + s) % H
+            shifts.add(s)
+            assert 1 <= s < H and target != best
+            assert corrected[b, :, 0].tolist() == [h not in (best, target) for h in range(H)]
+            for h in range(H):
+                assert torch.equal(after[b, h], before[b, target if h not in (best, target) else h])
+    assert len(shifts) > 1  # the draws vary
+    plain = model.generate(**batch, max_new_tokens=4, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True)
+    with engine.attached(model, "dleaf", gamma=0.0, localization="everywhere", fusion_target="random"):
+        zero = model.generate(**batch, max_new_tokens=4, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True)
+    assert _same_logits(zero.logits, plain.logits)
 
 
 @torch.no_grad()
@@ -367,6 +415,8 @@ def test_configs_validate_their_knobs():
         DLeafConfig(threshold="cross_layer")
     with pytest.raises(ValueError, match="layer_end"):
         DLeafConfig(layer_start=3, layer_end=2)
+    with pytest.raises(ValueError, match="fusion_target"):
+        DLeafConfig(fusion_target="worst")
     with pytest.raises(ValueError, match="keep_ratio"):
         SPINConfig(keep_ratio=0)
     with pytest.raises(ValueError, match="alpha"):

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from dleaf import evaluate as ev
 from dleaf.organism import build
@@ -43,37 +42,6 @@ def _files(run_dir):
 # COCO CHAIR on a hand-made fixture
 # ----------------------------------------------------------------------------------------------------------------
 
-CATEGORIES = [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}, {"id": 23, "name": "bear"},
-              {"id": 58, "name": "hot dog"}, {"id": 88, "name": "teddy bear"}, {"id": 67, "name": "dining table"},
-              {"id": 47, "name": "cup"}, {"id": 49, "name": "knife"}]
-
-
-def _write_coco(tmp_path, with_images=True):
-    images = [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg", "width": 20, "height": 20} for i in (1, 2, 3)]
-    instances = {
-        "images": images, "categories": CATEGORIES,
-        "annotations": [{"id": 10, "image_id": 1, "category_id": 18}, {"id": 11, "image_id": 1, "category_id": 67},
-                        {"id": 12, "image_id": 1, "category_id": 18},
-                        {"id": 13, "image_id": 2, "category_id": 88},
-                        {"id": 14, "image_id": 3, "category_id": 58}, {"id": 15, "image_id": 3, "category_id": 47}],
-    }
-    captions = {
-        "images": images,
-        "annotations": [{"id": 20, "image_id": 1, "caption": "A puppy sitting under a table."},
-                        {"id": 21, "image_id": 1, "caption": "A man feeding his dog."},
-                        {"id": 22, "image_id": 2, "caption": "A teddy bear on a bed."},
-                        {"id": 23, "image_id": 3, "caption": "Two hot dogs and a mug of coffee."}],
-    }
-    (tmp_path / "instances.json").write_text(json.dumps(instances, indent=1))
-    (tmp_path / "captions.json").write_text(json.dumps(captions, indent=1))
-    img_dir = tmp_path / "val2014"
-    img_dir.mkdir(exist_ok=True)
-    if with_images:
-        for k, im in enumerate(images):
-            Image.new("RGB", (20, 20), (40 * k, 200, 90)).save(img_dir / im["file_name"])
-    return img_dir, tmp_path / "instances.json", tmp_path / "captions.json"
-
-
 # Hand count (longest phrase first, every mention counted):
 #   image 1, GT {dog, dining table} + captions {dog, dining table, person}:
 #     "Two dogs and a puppy sit near a table. A woman holds a knife. The dogs look happy and the dog is sleeping."
@@ -92,8 +60,8 @@ GENERATED = {
 }
 
 
-def test_coco_chair_on_hand_made_fixture(tmp_path):
-    img_dir, inst, caps = _write_coco(tmp_path)
+def test_coco_chair_on_hand_made_fixture(tmp_path, write_coco):
+    img_dir, inst, caps = write_coco(tmp_path)
     protocol = ev.load_protocol("coco_chair")
     bench = ev.coco_chair_benchmark(protocol, img_dir, inst, caps, image_ids=[1, 2, 3])
     assert [it.truth for it in bench.items] == [{"dog", "dining table", "person"}, {"teddy bear", "bed"},
@@ -129,9 +97,9 @@ def test_coco_vocabulary_synonyms_plurals_and_double_words():
     assert ev.plural_forms("sheep", same=["sheep"]) == []
 
 
-def test_coco_chair_end_to_end_and_bad_input(tmp_path, tiny):
+def test_coco_chair_end_to_end_and_bad_input(tmp_path, tiny, write_coco):
     model, processor = tiny
-    img_dir, inst, caps = _write_coco(tmp_path)
+    img_dir, inst, caps = write_coco(tmp_path)
     ids_protocol = tmp_path / "coco_fixture.yaml"
     ids_file = tmp_path / "ids.txt"
     ids_file.write_text("# fixture ids\n3\n1\n")
@@ -166,8 +134,8 @@ def test_coco_chair_end_to_end_and_bad_input(tmp_path, tiny):
         ev.read_id_list(ids_file)
 
 
-def test_coco_id_rule_is_deterministic(tmp_path):
-    _, inst, _ = _write_coco(tmp_path, with_images=False)
+def test_coco_id_rule_is_deterministic(tmp_path, write_coco):
+    _, inst, _ = write_coco(tmp_path, with_images=False)
     ann = ev.load_coco_annotations(inst, None, ev.coco_vocabulary())
     assert ev.select_coco_ids(ann, 2, 0) == ev.select_coco_ids(ann, 2, 0)
     assert sorted(ev.select_coco_ids(ann, 5, 1)) == [1, 2, 3]
@@ -178,22 +146,8 @@ def test_coco_id_rule_is_deterministic(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _write_pope(tmp_path):
-    img_dir = tmp_path / "images"
-    img_dir.mkdir(exist_ok=True)
-    for name in ("a.jpg", "b.jpg"):
-        Image.new("RGB", (16, 16), (10, 120, 200)).save(img_dir / name)
-    qs = [(1, "a.jpg", "Is there a dog in the image?", "yes"), (2, "a.jpg", "Is there a cat in the image?", "no"),
-          (3, "b.jpg", "Is there a car in the image?", "yes"), (4, "b.jpg", "Is there a bus in the image?", "no"),
-          (5, "b.jpg", "Is there a cup in the image?", "yes"), (6, "a.jpg", "Is there a fork in the image?", "no")]
-    path = tmp_path / "coco_pope_random.json"
-    path.write_text("".join(json.dumps({"question_id": q, "image": i, "text": t, "label": lab}) + "\n"
-                            for q, i, t, lab in qs))
-    return path, img_dir
-
-
-def test_pope_file_metrics_with_free_form_answers(tmp_path):
-    path, img_dir = _write_pope(tmp_path)
+def test_pope_file_metrics_with_free_form_answers(tmp_path, write_pope):
+    path, img_dir = write_pope(tmp_path)
     bench = ev.pope_file_benchmark(ev.load_protocol("pope_file"), [path], img_dir)
     assert bench.sections == ["coco_pope_random"]
     assert bench.items[0].prompt == "Is there a dog in the image?"
@@ -213,8 +167,8 @@ def test_pope_file_metrics_with_free_form_answers(tmp_path):
     assert m["yes_ratio"] == pytest.approx(3 / 6)
 
 
-def test_pope_file_bad_input(tmp_path):
-    path, img_dir = _write_pope(tmp_path)
+def test_pope_file_bad_input(tmp_path, write_pope):
+    path, img_dir = write_pope(tmp_path)
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:2]) + '{"question_id": 3, "image": "b.jpg", \n' + "".join(lines[3:]))
     with pytest.raises(ev.EvaluationInputError, match=r"coco_pope_random\.json, line 3"):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dleaf import metrics, premise_check
-from dleaf.organism import build, world
+from dleaf.organism import world
 from dleaf.organism.chat import user_turn
 from dleaf.organism.profile import VOCAB, _prompt_batch, object_word_attention
 

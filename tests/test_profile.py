@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from dleaf import attention_stats
 from dleaf.organism import build, world
 from dleaf.organism.profile import (ProfileProtocol, _prompt_batch, generate, object_word_attention, patch_labels,
                                     premise_from_records, profile_markdown, profile_model)

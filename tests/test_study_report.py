@@ -74,16 +74,13 @@ def test_study_runs_end_to_end_and_resumes(tmp_path):
 
 
 @pytest.fixture()
-def real_target(tmp_path, tiny_organism):
+def real_target(tmp_path, tiny_organism, write_coco, write_pope):
     """A saved tiny checkpoint folder, a LoRA adapter trained on it (random weights), COCO and POPE fixtures, and
     preference pairs on disk: everything the real-checkpoint study reads."""
-    from datasets import Dataset, DatasetDict
+    from datasets import DatasetDict
     from peft import LoraConfig, get_peft_model
 
     from dpo_link import pairs
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_evaluate import _write_coco, _write_pope
 
     model, processor = tiny_organism
     ckpt = tmp_path / "ckpt"
@@ -94,8 +91,8 @@ def real_target(tmp_path, tiny_organism):
     lora.save_pretrained(tmp_path / "adapter")
     rows = pairs.organism_examples(pairs.OrganismPairConfig(n=6, world_seed=pairs.EVAL_WORLD_SEED))
     DatasetDict({"test": pairs._dataset(rows)}).save_to_disk(tmp_path / "prefs")
-    img_dir, inst, caps = _write_coco(tmp_path)
-    pope, pope_dir = _write_pope(tmp_path)
+    img_dir, inst, caps = write_coco(tmp_path)
+    pope, pope_dir = write_pope(tmp_path)
     return dict(model=str(ckpt), adapter=str(tmp_path / "adapter"), coco_images=str(img_dir),
                 coco_instances=str(inst), coco_captions=str(caps), pope_files=(str(pope),), pope_images=str(pope_dir),
                 preference_data=str(tmp_path / "prefs"))
