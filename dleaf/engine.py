@@ -48,12 +48,19 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 def _eager_weights(module, query, key, attention_mask, scaling, pre_softmax=None):
     """Post-softmax attention weights exactly as transformers' eager attention computes them."""
     k = _repeat_kv(key, getattr(module, "num_key_value_groups", 1))
-    scores = torch.matmul(query, k.transpose(2, 3)) * scaling
+    return _softmax_scores(torch.matmul(query, k.transpose(2, 3)), attention_mask, scaling, pre_softmax)
+
+
+def _softmax_scores(scores, attention_mask, scaling, pre_softmax=None):
+    """Eager attention's step from ``query @ key^T`` to the weights: scale, add the mask (cut to the keys), softmax in
+    float32, back to the dtype of ``query @ key^T`` (the query's)."""
+    dtype = scores.dtype
+    scores = scores * scaling
     if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, : k.shape[-2]]
+        scores = scores + attention_mask[:, :, :, : scores.shape[-1]]
     if pre_softmax is not None:
         scores = pre_softmax(scores)
-    return torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
 
 
 def _dispatch(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -199,17 +206,17 @@ def layer_flags(signal, gate, tau, cfg: DLeafConfig):
     return gate & (signal > tau) if cfg.localization == "threshold" else gate
 
 
-def one_row_step(rows, image_col, image_row, gate, tau, neg_inv_log, gamma, cfg: DLeafConfig,
-                 inplace: bool = False, target_shift=None):
+def one_row_step(rows, image_row, gate, tau, neg_inv_log, gamma, cfg: DLeafConfig, inplace: bool = False,
+                 target_shift=None):
     """D-LEAF on one query row of one layer: the layer signal, the flag, IAF, the selected heads and the fused rows.
 
-    ``rows`` (B, H, 1, K) post-softmax attention; ``image_col`` (B, K, 1) and ``image_row`` (B, 1, K) the image-key
-    mask as numbers of ``rows``' dtype; ``gate`` (B, 1, 1) bool and ``tau`` (B, 1, 1) float64, the flag gate and the
-    causal threshold of this layer (:func:`flag_gate`, :func:`causal_threshold`: they depend only on earlier positions, so
-    the caller computes them for every layer at once); ``neg_inv_log`` (B, 1, 1) ``-1 / log |I|``; ``gamma`` a float or
-    a 0-d tensor. ``inplace`` writes the fused rows into ``rows`` (no autograd). ``target_shift`` (B, 1, 1) integers
-    in [1, H) for ``fusion_target="random"``: the target head is ``(h* + shift) mod H`` (see :func:`random_target`). The same formulas as the multi-row
-    path, written for one row with few operators: the image mass as one masked dot product (shared by the signal and
+    ``rows`` (B, H, 1, K) post-softmax attention; ``image_row`` (B, 1, K) the image-key mask as numbers of ``rows``'
+    dtype; ``gate`` (B, 1, 1) bool and ``tau`` (B, 1, 1) float64, the flag gate and the causal threshold of this layer
+    (:func:`flag_gate`, :func:`causal_threshold`: they depend only on earlier positions, so the caller computes them
+    for every layer at once); ``neg_inv_log`` (B, 1, 1) ``-1 / log |I|``; ``gamma`` a float or a 0-d tensor.
+    ``inplace`` writes the fused rows into ``rows`` (no autograd). ``target_shift`` (B, 1, 1) integers in [1, H) for
+    ``fusion_target="random"``: the target head is ``(h* + shift) mod H`` (:func:`random_target`). The same formulas
+    as the multi-row path, written for one row with few operators: the image mass as one masked dot product (shared by the signal and
     IAF), the head-mixed profile as one batched product, the fusion as one ``lerp``. No host synchronisation and no
     branching on tensor values, so it can be compiled or captured.
     Returns ``(new_rows, signal, flag, iaf, corrected)``: ``signal`` (B, 1, 1) in ``rows``' dtype, ``flag``
@@ -255,16 +262,14 @@ def one_row_step(rows, image_col, image_row, gate, tau, neg_inv_log, gamma, cfg:
     return new_rows, signal, flag, iaf, corrected
 
 
-def one_row_attention(scores, mask, scaling: float, image_col, image_row, gate, tau, neg_inv_log, gamma,
+def one_row_attention(scores, mask, scaling: float, image_row, gate, tau, neg_inv_log, gamma,
                       cfg: DLeafConfig, target_shift=None):
     """The watched layer's work on one query row between the two attention products: scale, mask and softmax the
-    row's scores ``query @ key^T`` (B, H, 1, K) exactly as eager attention does, then :func:`one_row_step`. This is
-    the region ``attach(..., compile=True)`` compiles: one call in place of the operators of both."""
-    scores = scores * scaling
-    if mask is not None:
-        scores = scores + mask
-    rows = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
-    return one_row_step(rows, image_col, image_row, gate, tau, neg_inv_log, gamma, cfg, target_shift=target_shift)
+    row's scores ``query @ key^T`` (B, H, 1, K) exactly as eager attention does (:func:`_softmax_scores`), then
+    :func:`one_row_step`. This is the region ``attach(..., compile=True)`` compiles: one call in place of the
+    operators of both."""
+    rows = _softmax_scores(scores, mask, scaling)
+    return one_row_step(rows, image_row, gate, tau, neg_inv_log, gamma, cfg, target_shift=target_shift)
 
 
 @functools.cache
@@ -548,8 +553,7 @@ class Intervention:
             # decoding step (or the prefill's last row with unwatched="sdpa"): the products stay eager, the softmax
             # and D-LEAF between them run as one compiled region
             scores = torch.matmul(query, _repeat_kv(key, getattr(module, "num_key_value_groups", 1)).transpose(2, 3))
-            mask = None if attention_mask is None else attention_mask[:, :, :, :k_len]
-            weights, record = self._dleaf_one_row_compiled(layer, scores, mask, scaling, active)
+            weights, record = self._dleaf_one_row_compiled(layer, scores, attention_mask, scaling, active)
             self._keep_record(layer, record, pad_rows)
             return finish(torch.matmul(weights, v), weights)
 
@@ -600,14 +604,12 @@ class Intervention:
             cache[k_len] = image[:, :k_len]
         return cache[k_len]
 
-    def _image_numbers(self, k_len: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The image mask over ``k_len`` keys as numbers of ``dtype``, shaped (B, K, 1) and (B, 1, K); once per
-        forward call."""
+    def _image_row(self, k_len: int, dtype) -> torch.Tensor:
+        """The image mask over ``k_len`` keys as numbers of ``dtype``, shaped (B, 1, K); once per forward call."""
         cache = self._state["image_keys"]
         key = (k_len, dtype)
         if key not in cache:
-            image = self._image_keys(k_len).to(dtype)
-            cache[key] = (image[:, :, None], image[:, None, :])
+            cache[key] = self._image_keys(k_len).to(dtype)[:, None, :]
         return cache[key]
 
     def _inv_log_image(self, dtype) -> torch.Tensor:
@@ -644,7 +646,7 @@ class Intervention:
         return out[0], self._one_row_done(layer, *out[1:])
 
     def _one_row_inputs(self, layer, active, k_len, dtype):
-        """What :func:`one_row_step` needs besides the rows: image masks, gate, threshold, -1/log|I|, gamma and the
+        """What :func:`one_row_step` needs besides the rows: image mask, gate, threshold, -1/log|I|, gamma and the
         random target's draw (None unless ``fusion_target="random"``)."""
         cfg: DLeafConfig = self.config
         ctx = self._row_context(active)
@@ -653,8 +655,7 @@ class Intervention:
         if cfg.localization == "random":
             draw = torch.rand(active.shape, generator=self._generator, device=active.device)
             gate = flag_gate(active, None, draw, cfg)[:, :, None]
-        image_col, image_row = self._image_numbers(k_len, dtype)
-        return (image_col, image_row, gate, ctx["tau"][i], self._neg_inv_log_image(dtype), self._gamma(None),
+        return (self._image_row(k_len, dtype), gate, ctx["tau"][i], self._neg_inv_log_image(dtype), self._gamma(None),
                 self._target_shift(active.shape[0], 1, active.device))
 
     def _one_row_done(self, layer, signal, flag, iaf, corrected):
