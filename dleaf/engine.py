@@ -358,6 +358,7 @@ class Intervention:
         self._attached = False
         self._state: dict[str, Any] = {}
         self._score_from: torch.Tensor | None = None
+        self._resume_ids: torch.Tensor | None = None  # set by the prompt-cache scorers: the tokens so far
         self._generator: torch.Generator | None = None
         self._target_generator: torch.Generator | None = None
         if isinstance(config, DLeafConfig) and config.fusion_target == "random":
@@ -409,7 +410,15 @@ class Intervention:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
-        if past == 0:
+        resume, self._resume_ids = self._resume_ids, None
+        if resume is not None:
+            # a call that continues a cached prompt (PromptCache): a new sequence whose tokens so far are `resume`
+            n_call = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
+            if resume.shape[1] != past + n_call:
+                raise RuntimeError(f"the resumed sequence holds {resume.shape[1]} tokens, but the cache holds {past} "
+                                   f"and the call brings {n_call}")
+            self._new_sequence(resume)
+        elif past == 0:
             if input_ids is None:
                 raise ValueError("D-LEAF needs input_ids on the first forward call of a sequence, to find the image "
                                  "tokens (config image_token_id); got inputs_embeds only")
@@ -841,3 +850,176 @@ def response_logprobs(model, inputs: dict, response_start: torch.Tensor | list[i
     if "attention_mask" in inputs:
         mask = mask & inputs["attention_mask"].bool()
     return torch.where(mask, logp, torch.zeros_like(logp)), mask
+
+
+# ---------------------------------------------------------------------------------------------------- prompt cache
+PER_TOKEN_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(forward) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def cache_kwarg(model) -> str:
+    """The name under which ``model``'s forward takes the key/value cache (``cache`` in recent transformers, else
+    ``past_key_values``)."""
+    return _cache_kwarg_of(type(model).forward)
+
+
+class PromptCache:
+    """A batch of prompts run once, up to but not including each prompt's last token, to score many responses
+    after it (:func:`cached_response_logprobs`, :func:`cached_stepwise_logprobs`).
+
+    D-LEAF, PAI and SPIN act only from a prompt's last token on, so the keys and values of the rows before it are the
+    same under every method and knob (gamma included): they are computed once, by the plain model (an attached
+    intervention is set aside while they are), and every scoring call after that pays only for its own tokens. A
+    scoring call appends to the cache and crops it back to the prompt when it ends.
+
+    ``inputs``: the prompts' model inputs (``input_ids``, ``attention_mask``, ``pixel_values``, ...), left-padded to a
+    common length of at least 2. Positions are those :func:`response_logprobs` uses (the model's default
+    ``arange``). Models with multimodal rotary positions (Qwen2-VL's M-RoPE) are refused: their text positions after
+    the image depend on the whole prompt, which a cached call does not see; score them with
+    :func:`response_logprobs`.
+    """
+
+    def __init__(self, model, inputs: dict):
+        if "input_ids" not in inputs:
+            raise ValueError("PromptCache needs the prompts' input_ids (to find the image tokens)")
+        ids = inputs["input_ids"]
+        if ids.dim() != 2 or ids.shape[1] < 2:
+            raise ValueError(f"PromptCache needs input_ids of shape (batch, length >= 2), got {tuple(ids.shape)}")
+        if "position_ids" in inputs:
+            raise ValueError("PromptCache takes no position_ids: it uses the model's default positions, as "
+                             "response_logprobs does")
+        inner = getattr(model, "model", model)
+        if hasattr(inner, "get_rope_index") or hasattr(model, "get_rope_index"):
+            raise ValueError(f"{type(model).__name__} has multimodal rotary positions (M-RoPE), which a cached prompt "
+                             "cannot carry; score it with response_logprobs (one pass over prompt and response)")
+        image_id = image_token_id(model)
+        if bool((ids[:, -1] == image_id).any()):
+            raise ValueError("a prompt ends with an image token; the last prompt token must be text (it is scored "
+                             "with the responses, without the image inputs)")
+        mask = inputs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}")
+        self.input_ids, self.attention_mask = ids, mask
+        self.length = ids.shape[1] - 1  # rows held in the cache
+        head = {k: (v[:, :-1] if k in PER_TOKEN_INPUTS else v) for k, v in inputs.items()}
+        head["attention_mask"] = mask[:, :-1]
+        self.model = model
+        attached = self._attached()
+        if attached is not None:
+            attached.detach()
+        try:
+            with torch.no_grad():
+                out = model(**head, use_cache=True, logits_to_keep=1)
+        finally:
+            if attached is not None:
+                attached._attach()
+        self.cache = getattr(out, "cache", None)
+        if self.cache is None:
+            self.cache = out.past_key_values
+        if self.cache is None or not hasattr(self.cache, "crop"):
+            raise RuntimeError(f"{type(model).__name__} returned no croppable key/value cache for the prompt")
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def _check(self, response: torch.Tensor, response_mask: torch.Tensor | None) -> torch.Tensor:
+        if response.dim() != 2 or response.shape[0] != self.batch_size or response.shape[1] < 1:
+            raise ValueError(f"response must have shape ({self.batch_size}, length >= 1) for this prompt cache, got "
+                             f"{tuple(response.shape)}")
+        if int(self.cache.get_seq_length()) != self.length:
+            raise RuntimeError(f"the prompt cache holds {int(self.cache.get_seq_length())} rows, expected "
+                               f"{self.length}; was it used outside the cached scorers?")
+        if response_mask is None:
+            return torch.ones_like(response)
+        if response_mask.shape != response.shape:
+            raise ValueError(f"response_mask has shape {tuple(response_mask.shape)}, response "
+                             f"{tuple(response.shape)}")
+        return response_mask
+
+    def _attached(self) -> "Intervention | None":
+        found = {entry[0] for m in text_attention_modules(self.model) if (entry := _MODULES.get(id(m))) is not None}
+        return found.pop() if found else None
+
+    def _check_intervention(self, intervention) -> None:
+        attached = self._attached()
+        if intervention is None and attached is not None:
+            raise ValueError("an intervention is attached to the prompt cache's model: pass it to the cached scorer "
+                             "(or detach it to score the plain model)")
+        if intervention is not None and intervention is not attached:
+            raise ValueError("the intervention passed to the cached scorer is not the one attached to the prompt "
+                             "cache's model (detached, or attached to another model)")
+
+    def _rewind(self) -> None:
+        """Crop the cache back to the prompt (``crop`` takes the negative count of tokens to remove)."""
+        extra = int(self.cache.get_seq_length()) - self.length
+        if extra > 0:
+            self.cache.crop(-extra)
+
+    def _call(self, ids: torch.Tensor, mask: torch.Tensor, intervention, resume: torch.Tensor, score_from=None):
+        if intervention is not None:
+            intervention._resume_ids = resume
+            if score_from is not None:
+                intervention._score_from = score_from
+                intervention._score_min = int(score_from.min())
+        try:
+            return self.model(input_ids=ids, attention_mask=mask, use_cache=True,
+                              **{cache_kwarg(self.model): self.cache}).logits
+        finally:
+            if intervention is not None:
+                intervention._resume_ids = None
+                intervention._score_from = None
+
+
+def _response_logp(logits: torch.Tensor, response: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, response[..., None])[..., 0]
+    return torch.where(mask.bool(), logp, torch.zeros_like(logp))
+
+
+def cached_response_logprobs(prompt: PromptCache, response: torch.Tensor, response_mask: torch.Tensor | None = None,
+                             intervention: Intervention | None = None) -> torch.Tensor:
+    """Teacher-forced log-probabilities of ``response`` (B, R) after the cached prompts, in one forward pass over the
+    prompts' last token and the response: (B, R), ``[b, t] = log p(response[b, t] | prompt[b], response[b, :t])``
+    where ``response_mask`` (right padding; default all ones) is set, else 0.
+
+    Equal, up to rounding, to the response columns of :func:`response_logprobs` over prompt and response, with the
+    same ``intervention`` (attached to the prompt cache's model) correcting every row from the last prompt token on.
+    """
+    mask = prompt._check(response, response_mask)
+    prompt._check_intervention(intervention)
+    ids = torch.cat([prompt.input_ids[:, -1:], response], dim=1)
+    full_mask = torch.cat([prompt.attention_mask, mask.to(prompt.attention_mask.dtype)], dim=1)
+    resume = torch.cat([prompt.input_ids, response], dim=1)
+    start = torch.full((prompt.batch_size,), prompt.input_ids.shape[1], device=response.device)
+    try:
+        logits = prompt._call(ids, full_mask, intervention, resume, start)
+    finally:
+        prompt._rewind()
+    return _response_logp(logits[:, :-1], response, mask)
+
+
+def cached_stepwise_logprobs(prompt: PromptCache, response: torch.Tensor, response_mask: torch.Tensor | None = None,
+                             intervention: Intervention | None = None) -> torch.Tensor:
+    """:func:`cached_response_logprobs` computed step by step, as decoding would: the prompts' last token, then one
+    cached forward call per response token (R calls in all). The reference the one-pass scorer is checked and
+    benchmarked against."""
+    mask = prompt._check(response, response_mask)
+    prompt._check_intervention(intervention)
+    full_mask = torch.cat([prompt.attention_mask, mask.to(prompt.attention_mask.dtype)], dim=1)
+    n = prompt.input_ids.shape[1]
+    logits = []
+    try:
+        ids = prompt.input_ids[:, -1:]
+        logits.append(prompt._call(ids, full_mask[:, :n], intervention, prompt.input_ids)[:, -1])
+        for t in range(response.shape[1] - 1):
+            logits.append(prompt._call(response[:, t:t + 1], full_mask[:, :n + t + 1], None, None)[:, -1])
+    finally:
+        prompt._rewind()
+    return _response_logp(torch.stack(logits, dim=1), response, mask)
