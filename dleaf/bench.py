@@ -35,7 +35,9 @@ baseline; on CPU, each configuration runs once in a fresh subprocess that report
 the loaded-model baseline (``resource.getrusage``; the high-water mark is reset through ``/proc/self/clear_refs``
 after loading where the kernel allows it). Teacher-forced scoring: a 64-token response scored by
 :func:`dleaf.engine.response_logprobs` in one pass with D-LEAF attached, against step-by-step scoring (a prefill of
-the prompt and one cached step per response token) with D-LEAF attached.
+the prompt and one cached step per response token) with D-LEAF attached; and the same two after a
+:class:`dleaf.engine.PromptCache` of the prompt made once (:func:`dleaf.engine.cached_response_logprobs` against
+:func:`dleaf.engine.cached_stepwise_logprobs`), which times the response's own cost.
 """
 
 from __future__ import annotations
@@ -254,19 +256,6 @@ def set_text_attention(model, name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
-def _cache_kwarg() -> str:
-    """The name under which this transformers version's forward takes the key/value cache."""
-    import inspect
-
-    from transformers import LlavaForConditionalGeneration
-
-    return "cache" if "cache" in inspect.signature(LlavaForConditionalGeneration.forward).parameters \
-        else "past_key_values"
-
-
-_CACHE_KWARG = _cache_kwarg()
-
-
 def _cache_of(output):
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
@@ -290,7 +279,7 @@ class _Stream:
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
         self.pos = self.pos + 1
         out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.pos,
-                         use_cache=True, logits_to_keep=1, **{_CACHE_KWARG: self.cache})
+                         use_cache=True, logits_to_keep=1, **{engine.cache_kwarg(self.model): self.cache})
         return out.logits[:, -1]
 
 
@@ -419,11 +408,20 @@ def stepwise_logprobs(model, prompt: dict, response: torch.Tensor, times: dict |
     return logp.gather(-1, response[..., None])[..., 0]
 
 
+SCORING_MODES = ("one_pass", "stepwise", "cached_one_pass", "cached_stepwise")
+
+
 @torch.no_grad()
-def score_once(model, prompt: dict, response: torch.Tensor, mode: str,
-               times: dict | None = None) -> tuple[torch.Tensor, float]:
-    """Score ``response`` with D-LEAF attached, in one pass (``mode="one_pass"``) or step by step; (logprobs, s).
-    Step by step, ``times`` receives the prompt prefill's share (``prefill_s``)."""
+def score_once(model, prompt: dict, response: torch.Tensor, mode: str, times: dict | None = None,
+               cache: engine.PromptCache | None = None) -> tuple[torch.Tensor, float]:
+    """Score ``response`` with D-LEAF attached; (logprobs, s). ``one_pass`` and ``stepwise`` score after the whole
+    prompt (step by step, ``times`` receives the prompt prefill's share, ``prefill_s``); ``cached_one_pass`` and
+    ``cached_stepwise`` score after ``cache``, the prompt run once up to its last token (:class:`PromptCache`),
+    so that only the response's own cost is timed."""
+    if mode not in SCORING_MODES:
+        raise ValueError(f"mode must be one of {', '.join(SCORING_MODES)}, got {mode!r}")
+    if mode.startswith("cached") and cache is None:
+        raise ValueError(f"mode {mode!r} needs the prompt's PromptCache (cache=...)")
     set_text_attention(model, "eager")
     device = response.device
     n = prompt["input_ids"].shape[1]
@@ -437,8 +435,10 @@ def score_once(model, prompt: dict, response: torch.Tensor, mode: str,
             logp = logp[:, n:]
         elif mode == "stepwise":
             logp = stepwise_logprobs(model, prompt, response, times)
+        elif mode == "cached_one_pass":
+            logp = engine.cached_response_logprobs(cache, response, intervention=iv)
         else:
-            raise ValueError(f"mode must be 'one_pass' or 'stepwise', got {mode!r}")
+            logp = engine.cached_stepwise_logprobs(cache, response, intervention=iv)
         _sync(device)
         return logp, time.perf_counter() - t0
 
@@ -635,38 +635,51 @@ def bench_decoding(model, inputs_by_batch: dict, cfg: BenchConfig, log=print) ->
 
 
 def bench_scoring(model, inputs_by_batch: dict, cfg: BenchConfig, log=print) -> dict:
-    """One-pass against step-by-step teacher-forced scoring of a ``score_tokens`` response with D-LEAF attached."""
+    """One-pass against step-by-step teacher-forced scoring of a ``score_tokens`` response with D-LEAF attached:
+    after the whole prompt (both modes pay its prefill), and after a :class:`dleaf.engine.PromptCache` of the prompt
+    made once beforehand (the response's own cost, as when several responses are scored against one prompt)."""
     out = {}
     for batch, prompt in inputs_by_batch.items():
         response = random_response(model, batch, cfg.score_tokens, cfg.seed, prompt["input_ids"].device)
-        times = {"one_pass": [], "stepwise": [], "prompt_prefill": []}
+        set_text_attention(model, "eager")
+        _sync(response.device)
+        t0 = time.perf_counter()
+        cache = engine.PromptCache(model, prompt)
+        _sync(response.device)
+        cache_s = time.perf_counter() - t0
+        times = {m: [] for m in SCORING_MODES} | {"prompt_prefill": []}
         logps = {}
         for round_ in range(1 + cfg.score_repeats):  # one warm-up round
-            for mode in (("one_pass", "stepwise") if round_ % 2 == 0 else ("stepwise", "one_pass")):
+            for mode in (SCORING_MODES if round_ % 2 == 0 else SCORING_MODES[::-1]):
                 parts = {}
-                logp, s = score_once(model, prompt, response, mode, parts)
+                logp, s = score_once(model, prompt, response, mode, parts, cache)
                 logps[mode] = logp
                 if round_ > 0:
                     times[mode].append(s)
                     if "prefill_s" in parts:
                         times["prompt_prefill"].append(parts["prefill_s"])
         one, step = _median(times["one_pass"]), _median(times["stepwise"])
+        c_one, c_step = _median(times["cached_one_pass"]), _median(times["cached_stepwise"])
         pre = _median(times["prompt_prefill"])
         out[str(batch)] = {
             "response_tokens": cfg.score_tokens, "one_pass_s": one, "stepwise_s": step, "speedup": step / one,
             "prompt_prefill_s": pre,
-            # the response's own share: what each mode spends beyond the prompt's prefill
+            # the response's own share estimated by subtraction: what each mode spends beyond the prompt's prefill
             "response_only_speedup": (step - pre) / (one - pre) if one > pre else float("inf"),
             "one_pass_tokens_per_s": batch * cfg.score_tokens / one,
             "stepwise_tokens_per_s": batch * cfg.score_tokens / step,
             "max_abs_logprob_diff": float((logps["one_pass"] - logps["stepwise"]).abs().max()),
+            # the response's own share measured directly: both modes after the same cached prompt
+            "cached": {
+                "prompt_cache_s": cache_s, "one_pass_s": c_one, "stepwise_s": c_step, "speedup": c_step / c_one,
+                "max_abs_logprob_diff": float((logps["cached_one_pass"] - logps["cached_stepwise"]).abs().max()),
+                "max_abs_diff_to_one_pass": float((logps["cached_one_pass"] - logps["one_pass"]).abs().max()),
+            },
             "raw": times,
         }
-        log(f"  scoring batch {batch}: one pass {one:.3f} s, step by step {step:.3f} s, x{step / one:.1f}")
+        log(f"  scoring batch {batch}: one pass {one:.3f} s, step by step {step:.3f} s, x{step / one:.1f}; after a "
+            f"cached prompt: one pass {c_one:.3f} s, step by step {c_step:.3f} s, x{c_step / c_one:.1f}")
     return out
-
-
-
 
 
 def environment() -> dict:
@@ -808,6 +821,11 @@ def format_report(result: dict) -> str:
                          f"{s['one_pass_s']:.3f} s, step by step {s['stepwise_s']:.3f} s, speed-up "
                          f"x{s['speedup']:.2f}; beyond the prompt's prefill ({s['prompt_prefill_s']:.3f} s) "
                          f"x{s['response_only_speedup']:.2f} (max |logprob diff| {s['max_abs_logprob_diff']:.1e})")
+            c = s.get("cached")
+            if c:
+                lines.append(f"   after a cached prompt (made once in {c['prompt_cache_s']:.3f} s): one pass "
+                             f"{c['one_pass_s']:.3f} s, step by step {c['stepwise_s']:.3f} s, speed-up "
+                             f"x{c['speedup']:.2f} (max |logprob diff| {c['max_abs_logprob_diff']:.1e})")
     return "\n".join(lines)
 
 
@@ -850,6 +868,16 @@ def markdown_tables(result: dict) -> str:
                            f"{sc['speedup']:.1f}x | {sc['prompt_prefill_s']:.3f} | {sc['response_only_speedup']:.1f}x | "
                            f"{sc['max_abs_logprob_diff']:.1e} |")
             out.append("")
+            cached = {b: sc["cached"] for b, sc in entry["scoring"].items() if sc.get("cached")}
+            if cached:
+                out.append("The same response after a cached prompt (`PromptCache`, made once; only the response's "
+                           "own cost is timed):\n")
+                out.append("| batch | prompt cache s | one pass s | step by step s | speed-up | max abs log-prob diff |")
+                out.append("|---:|---:|---:|---:|---:|---:|")
+                for batch, c in cached.items():
+                    out.append(f"| {batch} | {c['prompt_cache_s']:.3f} | {c['one_pass_s']:.3f} | "
+                               f"{c['stepwise_s']:.3f} | {c['speedup']:.1f}x | {c['max_abs_logprob_diff']:.1e} |")
+                out.append("")
         if entry.get("ops_per_step"):
             out.append("Operators dispatched by one decoding step (batch 1): " +
                        ", ".join(f"{k} {v}" for k, v in entry["ops_per_step"].items()) + "\n")

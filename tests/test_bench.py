@@ -69,8 +69,12 @@ def test_json_has_every_configuration_and_the_ratios(tmp_path):
             assert batch["configs"]["plain_eager"]["decode_ratio_to_plain_eager"] == 1.0
         score = entry["scoring"]["1"]
         assert score["speedup"] > 0 and score["max_abs_logprob_diff"] < 1e-4  # one pass == step by step
+        cached = score["cached"]
+        assert cached["speedup"] > 0 and cached["prompt_cache_s"] > 0
+        assert cached["max_abs_logprob_diff"] < 1e-4 and cached["max_abs_diff_to_one_pass"] < 1e-4
     assert on_disk["models"]["llava_shaped"]["description"]["image_tokens"] == (56 // 14) ** 2
     assert "plain_eager" in bench.format_report(on_disk) and "| dleaf |" in bench.markdown_tables(on_disk)
+    assert "after a cached prompt" in bench.format_report(on_disk) and "PromptCache" in bench.markdown_tables(on_disk)
 
 
 @torch.no_grad()
