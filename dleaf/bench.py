@@ -33,7 +33,10 @@ after ``warmup`` untimed rounds; the report gives medians and the ratio of each 
 ``plain_eager`` and ``plain_sdpa``. Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the loaded
 baseline; on CPU, each configuration runs once in a fresh subprocess that reports its peak resident set size above
 the loaded-model baseline (``resource.getrusage``; the high-water mark is reset through ``/proc/self/clear_refs``
-after loading where the kernel allows it). Teacher-forced scoring: a 64-token response scored by
+after loading where the kernel allows it). Paired steps (:func:`bench_paired`): whole-run repeats on a shared CPU scatter by several percent, which hides an
+overhead of a few percent; so each configuration also decodes side by side with plain eager and plain sdpa, the
+three taking turns one cached step at a time, and the report gives the ratio of their median step times and the
+median per-step difference. Teacher-forced scoring: a 64-token response scored by
 :func:`dleaf.engine.response_logprobs` in one pass with D-LEAF attached, against step-by-step scoring (a prefill of
 the prompt and one cached step per response token) with D-LEAF attached; and the same two after a
 :class:`dleaf.engine.PromptCache` of the prompt made once (:func:`dleaf.engine.cached_response_logprobs` against
@@ -122,6 +125,8 @@ class BenchConfig:
     score_tokens: int = 64
     score_repeats: int = 3
     check_tokens: int = 8
+    paired_steps: int = 40
+    paired_warmup: int = 5
     dleaf_range: tuple[float, float] = (0.25, 0.75)
     vcd_alpha: float = 1.0
     vcd_beta: float = 0.1
@@ -148,6 +153,9 @@ class BenchConfig:
             raise ValueError("repeats and score_repeats must be >= 1 and warmup >= 0")
         if any(b < 1 for b in self.batch_sizes + self.score_batch_sizes):
             raise ValueError("batch sizes must be >= 1")
+        if self.paired_steps < 0 or self.paired_warmup < 0:
+            raise ValueError(f"paired_steps and paired_warmup must be >= 0, got {self.paired_steps}, "
+                             f"{self.paired_warmup}")
         if self.score_tokens < 2:
             raise ValueError(f"score_tokens must be >= 2, got {self.score_tokens}")
         a, b = self.dleaf_range
@@ -634,6 +642,91 @@ def bench_decoding(model, inputs_by_batch: dict, cfg: BenchConfig, log=print) ->
     return out
 
 
+class _Stepper:
+    """One configuration's decoding, advanced one cached step at a time, so that several configurations can take
+    turns step by step in one process (:func:`bench_paired`). Its intervention is attached only while it steps."""
+
+    def __init__(self, model, inputs: dict, config: str, cfg: BenchConfig, noised: dict | None = None):
+        self.model, self.config = model, config
+        self.attn, method, kwargs = method_of(config, model.config.text_config.num_hidden_layers, cfg)
+        set_text_attention(model, self.attn)
+        self.combine = None
+        sources = [inputs]
+        if config == "vcd":
+            sources.append(noised if noised is not None else
+                           {**inputs, "pixel_values": noised_pixels(inputs["pixel_values"], cfg.vcd_noise_step,
+                                                                    cfg.seed)})
+            self.combine = contrastive_logits(cfg.vcd_alpha, cfg.vcd_beta)
+        self.iv = engine.attach(model, method, **kwargs) if method is not None else None
+        try:
+            self.streams = [_Stream(model, x) for x in sources]
+            logits = [s.prefill() for s in self.streams]
+        finally:
+            if self.iv is not None:
+                self.iv.detach()
+        self.token = self._next(logits)
+        self.tokens = [self.token]
+
+    def _next(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        return (logits[0] if self.combine is None else self.combine(logits)).argmax(dim=-1)
+
+    def step(self) -> float:
+        """One decoding step (every stream, and the combination); its duration in seconds."""
+        set_text_attention(self.model, self.attn)
+        if self.iv is not None:
+            self.iv._attach()
+        try:
+            device = self.token.device
+            _sync(device)
+            t0 = time.perf_counter()
+            self.token = self._next([s.step(self.token) for s in self.streams])
+            _sync(device)
+            dt = time.perf_counter() - t0
+            self.tokens.append(self.token)
+            return dt
+        finally:
+            if self.iv is not None:
+                self.iv.detach()
+
+
+@torch.no_grad()
+def bench_paired(model, inputs_by_batch: dict, cfg: BenchConfig, log=print) -> dict:
+    """Per-step overhead, paired: for each configuration, a fresh decoding of it, of plain eager and of plain sdpa
+    take turns one cached step at a time (the order rotating every step), for ``paired_steps`` steps after
+    ``paired_warmup`` untimed ones. Slow drifts of a shared machine then hit the three alike, so the ratio of the
+    medians and the median of the per-step differences resolve overheads of a few percent that whole-run repeats
+    cannot."""
+    out = {}
+    if cfg.paired_steps == 0:
+        return out
+    configs = [c for c in cfg.configs if c not in BASELINES]
+    for batch, inputs in inputs_by_batch.items():
+        noised = {**inputs, "pixel_values": noised_pixels(inputs["pixel_values"], cfg.vcd_noise_step, cfg.seed)}
+        rows = {}
+        for config in configs:
+            steppers = {name: _Stepper(model, inputs, name, cfg, noised) for name in (config,) + BASELINES}
+            times = {name: [] for name in steppers}
+            order = list(steppers)
+            for i in range(cfg.paired_warmup + cfg.paired_steps):
+                for name in order:
+                    t = steppers[name].step()
+                    if i >= cfg.paired_warmup:
+                        times[name].append(t)
+                order = order[1:] + order[:1]
+            row = {"steps": cfg.paired_steps, "step_ms": 1000 * _median(times[config]), "raw_s": times}
+            for base in BASELINES:
+                row[f"{base}_step_ms"] = 1000 * _median(times[base])
+                row[f"ratio_to_{base}"] = _median(times[base]) / _median(times[config])
+                row[f"median_diff_ms_to_{base}"] = 1000 * _median([a - b for a, b in zip(times[config], times[base])])
+            rows[config] = row
+            del steppers
+            log(f"  paired, batch {batch}: {config} {row['step_ms']:.2f} ms/step, x{row['ratio_to_plain_eager']:.3f} "
+                f"of plain eager ({row['plain_eager_step_ms']:.2f} ms), x{row['ratio_to_plain_sdpa']:.3f} of plain "
+                f"sdpa ({row['plain_sdpa_step_ms']:.2f} ms)")
+        out[str(batch)] = rows
+    return out
+
+
 def bench_scoring(model, inputs_by_batch: dict, cfg: BenchConfig, log=print) -> dict:
     """One-pass against step-by-step teacher-forced scoring of a ``score_tokens`` response with D-LEAF attached:
     after the whole prompt (both modes pay its prefill), and after a :class:`dleaf.engine.PromptCache` of the prompt
@@ -739,6 +832,8 @@ def run_benchmark(cfg: BenchConfig, out: str | Path | None = None, log=print) ->
         log(f"  {desc}; loop equals generate: {entry['loop_equals_generate']}")
         entry["ops_per_step"] = count_step_ops(model, inputs[min(batches)], cfg)
         entry["decoding"] = bench_decoding(model, {b: inputs[b] for b in cfg.batch_sizes}, cfg, log)
+        if cfg.paired_steps:
+            entry["paired"] = bench_paired(model, {b: inputs[b] for b in cfg.batch_sizes}, cfg, log)
         if name in cfg.score_models:
             entry["scoring"] = bench_scoring(model, {b: inputs[b] for b in cfg.score_batch_sizes}, cfg, log)
         if cfg.memory and name in cfg.memory_models:
@@ -808,6 +903,14 @@ def format_report(result: dict) -> str:
                              f"{r['decode_ratio_to_plain_eager']:>8.3f}{r['decode_ratio_to_plain_sdpa']:>7.3f}"
                              f"{r['e2e_tokens_per_s']:>11.1f}{r['e2e_ratio_to_plain_eager']:>8.3f}"
                              f"{r['e2e_ratio_to_plain_sdpa']:>7.3f}")
+        for batch, rows in entry.get("paired", {}).items():
+            lines.append(f"-- paired steps, batch {batch} (turns of one step with plain eager and plain sdpa)")
+            lines.append(f"{'config':<15}{'step ms':>9}{'eager ms':>10}{'sdpa ms':>9}{'/eager':>8}{'/sdpa':>7}"
+                         f"{'+ms vs eager':>14}")
+            for config, r in rows.items():
+                lines.append(f"{config:<15}{r['step_ms']:>9.2f}{r['plain_eager_step_ms']:>10.2f}"
+                             f"{r['plain_sdpa_step_ms']:>9.2f}{r['ratio_to_plain_eager']:>8.3f}"
+                             f"{r['ratio_to_plain_sdpa']:>7.3f}{r['median_diff_ms_to_plain_eager']:>14.2f}")
         for batch, mem in entry.get("memory", {}).items():
             lines.append(f"-- peak memory, batch {batch} (MB; extra = above the loaded model)")
             lines.append(f"{'config':<13}{'peak':>9}{'extra':>9}{'peak/eager':>11}{'peak/sdpa':>10}"
@@ -848,6 +951,18 @@ def markdown_tables(result: dict) -> str:
                            f"{r['decode_ratio_to_plain_eager']:.2f} | {r['decode_ratio_to_plain_sdpa']:.2f} | "
                            f"{r['e2e_tokens_per_s']:.1f} | {r['e2e_ratio_to_plain_eager']:.2f} | "
                            f"{r['e2e_ratio_to_plain_sdpa']:.2f} |")
+            out.append("")
+        for batch, rows in entry.get("paired", {}).items():
+            steps = next(iter(rows.values()))["steps"] if rows else 0
+            out.append(f"Paired steps, batch {batch}: each configuration takes turns with plain eager and plain sdpa, "
+                       f"one cached step at a time, {steps} steps, medians:\n")
+            out.append("| configuration | ms / step | plain eager ms | plain sdpa ms | / eager | / sdpa | "
+                       "median extra ms vs eager |")
+            out.append("|---|---:|---:|---:|---:|---:|---:|")
+            for config, r in rows.items():
+                out.append(f"| {config} | {r['step_ms']:.1f} | {r['plain_eager_step_ms']:.1f} | "
+                           f"{r['plain_sdpa_step_ms']:.1f} | {r['ratio_to_plain_eager']:.3f} | "
+                           f"{r['ratio_to_plain_sdpa']:.3f} | {r['median_diff_ms_to_plain_eager']:.2f} |")
             out.append("")
         for batch, mem in entry.get("memory", {}).items():
             out.append(f"Peak memory, batch {batch} (MB; extra = above the loaded model and inputs):\n")

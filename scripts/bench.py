@@ -48,6 +48,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--new_tokens", type=int, default=d.new_tokens)
     ap.add_argument("--repeats", type=int, default=d.repeats)
     ap.add_argument("--warmup", type=int, default=d.warmup)
+    ap.add_argument("--paired_steps", type=int, default=d.paired_steps,
+                    help="steps of the paired per-step comparison with plain decoding (0: skip it)")
+    ap.add_argument("--paired_warmup", type=int, default=d.paired_warmup)
     ap.add_argument("--no_memory", action="store_true", help="skip the peak-memory runs")
     ap.add_argument("--memory_only", action="store_true",
                     help="measure only peak memory (CPU) and merge it into the JSON given by --out")
@@ -79,7 +82,7 @@ def main(argv=None) -> dict:
             models=args.models, configs=args.configs, batch_sizes=args.batch_sizes, new_tokens=args.new_tokens,
             repeats=args.repeats, warmup=args.warmup, memory=not args.no_memory, memory_models=args.memory_models,
             score_models=args.score_models, score_batch_sizes=args.score_batch_sizes, score_tokens=args.score_tokens,
-            score_repeats=args.score_repeats,
+            score_repeats=args.score_repeats, paired_steps=args.paired_steps, paired_warmup=args.paired_warmup,
             llava_shape=bench.LlavaShape(**_shape_knobs(args.llava_shape, bench.LlavaShape)),
             organism_shape=_shape_knobs(args.organism_shape, OrganismShape) or None,
             use_checkpoint=not args.random_organism, device=args.device, seed=args.seed)

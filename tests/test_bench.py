@@ -4,12 +4,13 @@ measured by scripts/bench.py, never by tests."""
 import importlib.util
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
 import torch
 
-from dleaf import bench
+from dleaf import bench, engine
 from dleaf.organism import build, world
 from dleaf.organism.profile import _prompt_batch
 
@@ -28,7 +29,8 @@ def one_thread():
 
 def _tiny_cfg(**kw):
     base = dict(batch_sizes=(1, 2), new_tokens=2, repeats=1, warmup=0, memory=False, score_batch_sizes=(1,),
-                score_tokens=3, score_repeats=1, check_tokens=3, llava_shape=TINY_LLAVA, organism_shape=TINY_ORGANISM)
+                score_tokens=3, score_repeats=1, check_tokens=3, paired_steps=2, paired_warmup=1, llava_shape=TINY_LLAVA,
+                organism_shape=TINY_ORGANISM)
     return bench.BenchConfig(**{**base, **kw})
 
 
@@ -46,6 +48,12 @@ def padded():
 
 # every configuration but the compiled one, whose first call compiles for tens of seconds (tested in test_engine)
 UNCOMPILED = tuple(c for c in bench.CONFIGS if c != "dleaf_compiled")
+
+
+def row_config(raw: dict) -> str:
+    """The configuration of a paired row: the one of its three timed decodings that is not a baseline."""
+    (config,) = set(raw) - set(bench.BASELINES)
+    return config
 
 
 def test_json_has_every_configuration_and_the_ratios(tmp_path):
@@ -69,6 +77,14 @@ def test_json_has_every_configuration_and_the_ratios(tmp_path):
             assert batch["configs"]["plain_eager"]["decode_ratio_to_plain_eager"] == 1.0
         score = entry["scoring"]["1"]
         assert score["speedup"] > 0 and score["max_abs_logprob_diff"] < 1e-4  # one pass == step by step
+        paired = entry["paired"]["1"]
+        assert set(paired) == set(UNCOMPILED) - set(bench.BASELINES)
+        for row in paired.values():  # the ratios are those of the medians of the raw per-step times
+            raw = row["raw_s"]
+            assert all(len(raw[k]) == 2 for k in raw)
+            for base in bench.BASELINES:
+                assert row[f"ratio_to_{base}"] == pytest.approx(statistics.median(raw[base])
+                                                                / statistics.median(raw[row_config(raw)]))
         cached = score["cached"]
         assert cached["speedup"] > 0 and cached["prompt_cache_s"] > 0
         assert cached["max_abs_logprob_diff"] < 1e-4 and cached["max_abs_diff_to_one_pass"] < 1e-4
@@ -97,6 +113,25 @@ def test_contrastive_baseline_with_alpha_zero_equals_plain_greedy(padded):
     assert torch.equal(zero, plain)
     strong, _ = bench.greedy_loop(model, [batch, noised], 5, bench.contrastive_logits(alpha=5.0, beta=0.0))
     assert strong.shape == plain.shape
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("config", ["dleaf", "dleaf_range", "pai", "spin", "vcd"])
+def test_paired_stepper_decodes_what_the_uninterrupted_loop_decodes(padded, config):
+    """The paired comparison attaches a method only while it steps; its decoding must be the loop's, with the
+    method's running state carried across the turns."""
+    model, batch = padded
+    cfg = _tiny_cfg()
+    expected, _ = bench.run_config(model, batch, config, cfg, new_tokens=6)
+    stepper = bench._Stepper(model, batch, config, cfg)
+    other = bench._Stepper(model, batch, "plain_sdpa", cfg)  # another decoding takes turns with it
+    for _ in range(5):
+        stepper.step(), other.step()
+    assert torch.equal(torch.stack(stepper.tokens, dim=1), expected)
+    if config.startswith("dleaf"):
+        count = stepper.iv._state["stats"][0]  # (L, B, 1): active positions folded into the running statistics
+        watched = sorted(stepper.iv.watched)
+        assert (count[watched] == 6).all() and not engine._MODULES  # detached between turns
 
 
 def test_memory_rows_and_ratios():
