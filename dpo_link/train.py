@@ -28,7 +28,7 @@ import torch
 
 from . import pairs as pairs_mod
 from .collate import VisionPreferenceCollator
-from .validate import PreferenceDataError, validate_preference_dataset
+from .validate import validate_preference_dataset
 
 logger = logging.getLogger(__name__)
 
