@@ -519,6 +519,43 @@ def test_prompt_cache_refuses_what_it_cannot_score_right(tiny):
         engine.PromptCache(qwen, inputs)
 
 
+SYNCING_OPS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal"}  # .item(), bool(), int(), ...
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method,knobs", [
+    ("dleaf", {}), ("dleaf", STRONG), ("dleaf", dict(STRONG, unwatched="sdpa")),
+    ("dleaf", dict(layer_signal="mass_deficit", threshold="best", iaf_variant="focus", head_selection="bottom_k")),
+    ("dleaf", dict(localization="random", fusion_target="random")), ("pai", {}), ("spin", {})])
+def test_a_decoding_step_never_waits_for_the_device(tiny, method, knobs):
+    """No operator that copies a tensor value to the host (``.item()``, ``bool()``, ``nonzero``) in a cached
+    decoding step of a left-padded batch, beam-style reordering check included: on a GPU the step stays
+    asynchronous (a trace, a diagnostic, copies its records to the CPU and is left out)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model, _, _, _, batch = tiny
+    with engine.attached(model, method, **knobs):
+        out = model(**batch, use_cache=True)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        mask = batch["attention_mask"]
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(2):
+            mask = torch.cat([mask, torch.ones_like(token)], 1)
+            with Ops():
+                out = model(input_ids=token, attention_mask=mask, use_cache=True,
+                            **{engine.cache_kwarg(model): cache})
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+    assert "lerp_" in Ops.seen or method != "dleaf"  # the mode saw the engine's work
+    assert not Ops.seen & SYNCING_OPS, sorted(Ops.seen & SYNCING_OPS)
+
+
 @torch.no_grad()
 def test_fast_unwatched_path_agrees_with_the_exact_one(tiny):
     model, _, _, _, batch = tiny
