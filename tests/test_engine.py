@@ -493,6 +493,25 @@ def test_prompt_cache_scoring_equals_one_pass_and_step_by_step_scoring(tiny, met
 
 
 @torch.no_grad()
+def test_prompt_cache_on_llava_next_with_ragged_image_tokens():
+    model, inputs = _llava_next()
+    n = inputs["input_ids"].shape[1]
+    response = torch.randint(5, 40, (2, 6), generator=torch.Generator().manual_seed(0))
+    full = {**inputs, "input_ids": torch.cat([inputs["input_ids"], response], 1),
+            "attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(response)], 1)}
+    prompt = engine.PromptCache(model, inputs)
+    with engine.attached(model, "dleaf", **STRONG) as iv:
+        ref, _ = engine.response_logprobs(model, full, [n, n], iv)
+    with engine.attached(model, "dleaf", **STRONG) as iv:
+        once = engine.cached_response_logprobs(prompt, response, intervention=iv)
+        steps = engine.cached_stepwise_logprobs(prompt, response, intervention=iv)
+    plain, _ = engine.response_logprobs(model, full, [n, n])
+    torch.testing.assert_close(once, ref[:, n:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(steps, ref[:, n:], atol=1e-5, rtol=1e-5)
+    assert (plain - ref).abs().max() > 1e-5  # D-LEAF acted
+
+
+@torch.no_grad()
 def test_prompt_cache_refuses_what_it_cannot_score_right(tiny):
     model, _, _, _, batch = tiny
     response, mask, _ = _responses(model, batch)
