@@ -9,8 +9,8 @@ it was. Nothing of transformers is patched or copied.
 
 Which rows are acted on ("active" rows): during ``generate``, the last prompt row at prefill and every generated
 row after it; in :func:`score`, every row from the last prompt token on, in one forward pass. The statistics are
-computed only on active rows of the layers a method watches; other layers run plain eager attention (or, with
-``unwatched="sdpa"``, the faster kernel).
+computed only on active rows of the layers a method watches; other layers run plain eager attention when the model
+was loaded with it, else sdpa (``unwatched``, see :func:`attach`).
 
 State across decoding steps (the running thresholds, the trace) is kept per batch row on the model's device. Under
 beam search, transformers reorders the key/value cache between steps; the mechanism finds that reordering from the
@@ -121,6 +121,19 @@ def text_attention_modules(model) -> list[torch.nn.Module]:
     if sorted(found) != list(range(n)):
         raise ValueError(f"{type(model).__name__}: expected attention modules for layers 0..{n - 1}, found {sorted(found)}")
     return [found[i] for i in range(n)]
+
+
+#: What runs the layers a method does not watch and the rows it never changes: see :func:`attach`.
+UNWATCHED = ("auto", "eager", "sdpa")
+
+
+def resolve_unwatched(choice: str, implementation: str | None) -> str:
+    """``unwatched="auto"`` keeps a model loaded with eager attention on eager (exact: a method at zero strength
+    reproduces plain decoding bit for bit) and puts any other model (sdpa, flash attention, ...) on sdpa, the fastest
+    kernel that takes the eager-style mask the engine's attention receives. ``"eager"`` and ``"sdpa"`` are kept."""
+    if choice != "auto":
+        return choice
+    return "eager" if implementation in (None, "eager") else "sdpa"
 
 
 def _layers(start: int, end: int | None, n: int) -> range:
@@ -343,11 +356,14 @@ class Trace:
 class Intervention:
     """A method attached to a model. Use :func:`attach` (or :func:`attached` as a context manager)."""
 
-    def __init__(self, model, config: MethodConfig, trace: bool = False, unwatched: str = "eager",
+    def __init__(self, model, config: MethodConfig, trace: bool = False, unwatched: str = "auto",
                  compile: bool = False):
-        if unwatched not in ("eager", "sdpa"):
-            raise ValueError(f"unwatched must be 'eager' (exact) or 'sdpa' (faster), got {unwatched!r}")
-        self.model, self.config, self.unwatched, self.compile = model, config, unwatched, bool(compile)
+        if unwatched not in UNWATCHED:
+            raise ValueError(f"unwatched must be 'auto' (the model's own kind), 'eager' (exact) or 'sdpa' (faster), "
+                             f"got {unwatched!r}")
+        self.model, self.config, self.compile = model, config, bool(compile)
+        self.unwatched_choice = unwatched
+        self.unwatched = unwatched  # resolved when attached ("auto": from the model's attention implementation)
         self.image_token_id = image_token_id(model)
         self.modules = text_attention_modules(model)
         text_config = _text_config(model)
@@ -372,6 +388,7 @@ class Intervention:
                 raise RuntimeError("this model already has a D-LEAF intervention attached; detach it first")
         text_config = _text_config(self.model)
         self._previous = text_config._attn_implementation
+        self.unwatched = resolve_unwatched(self.unwatched_choice, self._previous)
         for layer, module in enumerate(self.modules):
             _MODULES[id(module)] = (self, layer)
         self._set_implementation(ATTENTION_NAME)
@@ -783,15 +800,18 @@ class Intervention:
         return flagged / total if total else float("nan")
 
 
-def attach(model, method: str | MethodConfig = "dleaf", *, trace: bool = False, unwatched: str = "eager",
+def attach(model, method: str | MethodConfig = "dleaf", *, trace: bool = False, unwatched: str = "auto",
            compile: bool = False, **knobs) -> Intervention:
     """Attach a method to ``model`` (a config object, or a name from :data:`dleaf.config.METHODS` with ``knobs``).
 
     Returns the :class:`Intervention`; call its ``detach()`` or use it as a context manager. The model must be in
     eval mode for results that match plain decoding (dropout is honoured as the model's own attention does).
 
-    ``unwatched="sdpa"`` runs the layers D-LEAF does not watch, and the rows it never changes, on sdpa (faster, equal
-    to eager up to rounding). ``compile=True`` runs the softmax and D-LEAF's per-token work of every watched layer
+    ``unwatched`` chooses what runs the layers the method does not watch, and the rows it never changes (all but the
+    last at prefill): ``"eager"`` (exact: zero strength reproduces plain eager decoding bit for bit), ``"sdpa"``
+    (faster, equal to eager up to rounding), or ``"auto"`` (the default): eager for a model loaded with eager
+    attention, sdpa for any other (:func:`resolve_unwatched`), so a model is never moved to a slower kernel on the
+    layers the method leaves alone. ``compile=True`` runs the softmax and D-LEAF's per-token work of every watched layer
     (:func:`one_row_attention`) as one compiled region per decoding step and layer: fewer operator dispatches,
     after a compilation of seconds to tens of seconds on first use; equal to the eager path up to rounding.
     """

@@ -587,6 +587,31 @@ def test_fast_unwatched_path_agrees_with_the_exact_one(tiny):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@torch.no_grad()
+def test_unwatched_auto_follows_the_model_attention(tiny):
+    model, _, _, _, batch = tiny
+    assert [engine.resolve_unwatched("auto", i) for i in ("eager", None, "sdpa", "flash_attention_2")] == \
+        ["eager", "eager", "sdpa", "sdpa"]
+    assert engine.resolve_unwatched("eager", "sdpa") == "eager" and engine.resolve_unwatched("sdpa", "eager") == "sdpa"
+    knobs = dict(layer_start=1, layer_end=2, **STRONG)
+    with engine.attached(model, "dleaf", **knobs) as iv:
+        assert iv.unwatched == "eager"  # the tiny organism is loaded with eager attention
+    with engine.attached(model, "dleaf", unwatched="sdpa", **knobs):
+        explicit = model.generate(**batch, max_new_tokens=6, **GEN)
+    impl = model.config.text_config._attn_implementation
+    model.set_attn_implementation({"text_config": "sdpa"})
+    try:
+        with engine.attached(model, "dleaf", **knobs) as iv:
+            assert iv.unwatched == "sdpa"
+            auto = model.generate(**batch, max_new_tokens=6, **GEN)
+        assert model.config.text_config._attn_implementation == "sdpa"  # restored on detach
+    finally:
+        model.set_attn_implementation({"text_config": impl})
+    assert torch.equal(auto.sequences, explicit.sequences) and _same_logits(auto.logits, explicit.logits)
+    with pytest.raises(ValueError, match="unwatched must be 'auto'"):
+        engine.attach(model, "dleaf", unwatched="flash")
+
+
 @pytest.mark.slow
 @torch.no_grad()
 def test_compiled_step_gives_the_same_generation(tiny):
