@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 from typing import Any
 
@@ -878,8 +879,6 @@ PER_TOKEN_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_t
 
 @functools.lru_cache(maxsize=None)
 def _cache_kwarg_of(forward) -> str:
-    import inspect
-
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
@@ -934,9 +933,11 @@ class PromptCache:
         attached = self._attached()
         if attached is not None:
             attached.detach()
+        if "logits_to_keep" in inspect.signature(type(model).forward).parameters:
+            head["logits_to_keep"] = 1  # the prompt's logits are not needed
         try:
             with torch.no_grad():
-                out = model(**head, use_cache=True, logits_to_keep=1)
+                out = model(**head, use_cache=True)
         finally:
             if attached is not None:
                 attached._attach()
