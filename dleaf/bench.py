@@ -322,6 +322,10 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def _only_stream(logits: list[torch.Tensor]) -> torch.Tensor:
+    return logits[0]
+
+
 @torch.no_grad()
 def greedy_loop(model, inputs_list: Sequence[dict], new_tokens: int,
                 combine: Callable[[list[torch.Tensor]], torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
@@ -330,7 +334,7 @@ def greedy_loop(model, inputs_list: Sequence[dict], new_tokens: int,
     only stream's logits). Returns the new tokens (B, new_tokens) and the timings ``prefill_s`` (prefill and first
     token) and ``decode_s`` (the ``new_tokens - 1`` cached steps)."""
     device = inputs_list[0]["input_ids"].device
-    combine = combine or (lambda logits: logits[0])
+    combine = combine or _only_stream
     streams = [_Stream(model, inputs) for inputs in inputs_list]
     _sync(device)
     t0 = time.perf_counter()
@@ -384,18 +388,31 @@ def method_of(config: str, num_layers: int, cfg: BenchConfig) -> tuple[str, str 
     raise ValueError(f"unknown configuration {config!r}; valid: {', '.join(CONFIGS)}")
 
 
+def noised_inputs(inputs: dict, cfg: BenchConfig) -> dict:
+    """``inputs`` with the image distorted as the contrastive baseline's second stream sees it."""
+    return {**inputs, "pixel_values": noised_pixels(inputs["pixel_values"], cfg.vcd_noise_step, cfg.seed)}
+
+
+def decoding_plan(model, inputs: dict, config: str, cfg: BenchConfig, noised: dict | None = None):
+    """What configuration ``config`` decodes with: ``(attention, method, knobs, sources, combine)``: the text
+    attention to set, the method to attach (None: plain) and its knobs, the inputs of each stream (the contrastive
+    baseline has a second one with the noised image; ``noised`` is made when not given) and how the streams' logits
+    combine (None: the only stream's)."""
+    attn, method, kwargs = method_of(config, model.config.text_config.num_hidden_layers, cfg)
+    if config != "vcd":
+        return attn, method, kwargs, [inputs], None
+    noised = noised_inputs(inputs, cfg) if noised is None else noised
+    return attn, method, kwargs, [inputs, noised], contrastive_logits(cfg.vcd_alpha, cfg.vcd_beta)
+
+
 def run_config(model, inputs: dict, config: str, cfg: BenchConfig, new_tokens: int | None = None,
                noised: dict | None = None) -> tuple[torch.Tensor, dict]:
     """Decode ``inputs`` once with configuration ``config``; returns (tokens, timings)."""
     new_tokens = cfg.new_tokens if new_tokens is None else new_tokens
-    attn, method, kwargs = method_of(config, model.config.text_config.num_hidden_layers, cfg)
+    attn, method, kwargs, sources, combine = decoding_plan(model, inputs, config, cfg, noised)
     set_text_attention(model, attn)
-    if config == "vcd":
-        if noised is None:
-            noised = {**inputs, "pixel_values": noised_pixels(inputs["pixel_values"], cfg.vcd_noise_step, cfg.seed)}
-        return greedy_loop(model, [inputs, noised], new_tokens, contrastive_logits(cfg.vcd_alpha, cfg.vcd_beta))
     with engine.attached(model, method, **kwargs):
-        return greedy_loop(model, [inputs], new_tokens)
+        return greedy_loop(model, sources, new_tokens, combine)
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
@@ -501,9 +518,7 @@ def memory_child(spec: dict) -> dict:
     torch.manual_seed(cfg.seed)
     model, inputs, _ = build_model_and_inputs(spec["model"], cfg, [spec["batch"]])
     inputs = inputs[spec["batch"]]
-    noised = None
-    if spec["config"] == "vcd":
-        noised = {**inputs, "pixel_values": noised_pixels(inputs["pixel_values"], cfg.vcd_noise_step, cfg.seed)}
+    noised = noised_inputs(inputs, cfg) if spec["config"] == "vcd" else None
     gc.collect()
     reset = _reset_peak_rss()
     base_kb = _status_kb("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -624,7 +639,7 @@ def bench_decoding(model, inputs_by_batch: dict, cfg: BenchConfig, log=print) ->
     """Round-robin timing of every configuration at every batch size; returns the per-batch summaries."""
     out = {}
     for batch, inputs in inputs_by_batch.items():
-        noised = {**inputs, "pixel_values": noised_pixels(inputs["pixel_values"], cfg.vcd_noise_step, cfg.seed)}
+        noised = noised_inputs(inputs, cfg)
         runs: dict[str, list[dict]] = {c: [] for c in cfg.configs}
         tokens: dict[str, torch.Tensor] = {}
         order = list(cfg.configs)
@@ -648,15 +663,9 @@ class _Stepper:
 
     def __init__(self, model, inputs: dict, config: str, cfg: BenchConfig, noised: dict | None = None):
         self.model, self.config = model, config
-        self.attn, method, kwargs = method_of(config, model.config.text_config.num_hidden_layers, cfg)
+        self.attn, method, kwargs, sources, combine = decoding_plan(model, inputs, config, cfg, noised)
+        self.combine = combine or _only_stream
         set_text_attention(model, self.attn)
-        self.combine = None
-        sources = [inputs]
-        if config == "vcd":
-            sources.append(noised if noised is not None else
-                           {**inputs, "pixel_values": noised_pixels(inputs["pixel_values"], cfg.vcd_noise_step,
-                                                                    cfg.seed)})
-            self.combine = contrastive_logits(cfg.vcd_alpha, cfg.vcd_beta)
         self.iv = engine.attach(model, method, **kwargs) if method is not None else None
         try:
             self.streams = [_Stream(model, x) for x in sources]
@@ -668,7 +677,7 @@ class _Stepper:
         self.tokens = [self.token]
 
     def _next(self, logits: list[torch.Tensor]) -> torch.Tensor:
-        return (logits[0] if self.combine is None else self.combine(logits)).argmax(dim=-1)
+        return self.combine(logits).argmax(dim=-1)
 
     def step(self) -> float:
         """One decoding step (every stream, and the combination); its duration in seconds."""
@@ -701,7 +710,7 @@ def bench_paired(model, inputs_by_batch: dict, cfg: BenchConfig, log=print) -> d
         return out
     configs = [c for c in cfg.configs if c not in BASELINES]
     for batch, inputs in inputs_by_batch.items():
-        noised = {**inputs, "pixel_values": noised_pixels(inputs["pixel_values"], cfg.vcd_noise_step, cfg.seed)}
+        noised = noised_inputs(inputs, cfg)
         rows = {}
         for config in configs:
             steppers = {name: _Stepper(model, inputs, name, cfg, noised) for name in (config,) + BASELINES}
