@@ -429,8 +429,7 @@ def stepwise_logprobs(model, prompt: dict, response: torch.Tensor, times: dict |
         times["prefill_s"] = time.perf_counter() - t0
     for i in range(response.shape[1] - 1):
         logits.append(stream.step(response[:, i]))
-    logp = torch.log_softmax(torch.stack(logits, 1).float(), dim=-1)
-    return logp.gather(-1, response[..., None])[..., 0]
+    return engine.token_logprobs(torch.stack(logits, 1), response)
 
 
 SCORING_MODES = ("one_pass", "stepwise", "cached_one_pass", "cached_stepwise")

@@ -836,6 +836,11 @@ def attached(model, method: str | MethodConfig | None = "dleaf", **kwargs):
         intervention.detach()
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[..., tokens]`` in float32: (..., V) logits and (...) token ids give (...)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None])[..., 0]
+
+
 def response_logprobs(model, inputs: dict, response_start: torch.Tensor | list[int],
                       intervention: Intervention | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced per-token log-probabilities of each sample's response, in one forward pass.
@@ -864,7 +869,7 @@ def response_logprobs(model, inputs: dict, response_start: torch.Tensor | list[i
     finally:
         if intervention is not None:
             intervention._score_from = None
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
+    logp = token_logprobs(logits[:, :-1], input_ids[:, 1:])
     logp = torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)
     columns = torch.arange(t, device=input_ids.device)[None, :]
     mask = columns >= start[:, None]
@@ -1000,7 +1005,7 @@ class PromptCache:
 
 
 def _response_logp(logits: torch.Tensor, response: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, response[..., None])[..., 0]
+    logp = token_logprobs(logits, response)
     return torch.where(mask.bool(), logp, torch.zeros_like(logp))
 
 
