@@ -64,6 +64,15 @@ def _softmax_scores(scores, attention_mask, scaling, pre_softmax=None):
     return torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
 
 
+def _attached_to(modules) -> "Intervention | None":
+    """The intervention attached to any of these attention modules, or None."""
+    for module in modules:
+        entry = _MODULES.get(id(module))
+        if entry is not None:
+            return entry[0]
+    return None
+
+
 def _dispatch(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     entry = _MODULES.get(id(module))
     if scaling is None:
@@ -384,9 +393,8 @@ class Intervention:
 
     # ------------------------------------------------------------------ attach / detach
     def _attach(self) -> "Intervention":
-        for module in self.modules:
-            if id(module) in _MODULES:
-                raise RuntimeError("this model already has a D-LEAF intervention attached; detach it first")
+        if _attached_to(self.modules) is not None:
+            raise RuntimeError("this model already has a D-LEAF intervention attached; detach it first")
         text_config = _text_config(self.model)
         self._previous = text_config._attn_implementation
         self.unwatched = resolve_unwatched(self.unwatched_choice, self._previous)
@@ -971,8 +979,7 @@ class PromptCache:
         return response_mask
 
     def _attached(self) -> "Intervention | None":
-        found = {entry[0] for m in text_attention_modules(self.model) if (entry := _MODULES.get(id(m))) is not None}
-        return found.pop() if found else None
+        return _attached_to(text_attention_modules(self.model))
 
     def _check_intervention(self, intervention) -> None:
         attached = self._attached()
