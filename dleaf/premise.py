@@ -30,6 +30,7 @@ from scipy import stats
 __all__ = [
     "PremiseRow",
     "auroc",
+    "auc_from_ranks",
     "auroc_interval",
     "premise_table",
     "premise_markdown",
@@ -55,7 +56,7 @@ def _as_scores(x, name: str) -> np.ndarray:
     return arr
 
 
-def _auc_from_ranks(pos: np.ndarray, neg: np.ndarray, axis: int = -1) -> np.ndarray:
+def auc_from_ranks(pos: np.ndarray, neg: np.ndarray, axis: int = -1) -> np.ndarray:
     """Vectorised AUROC along ``axis`` from mid-ranks of the pooled sample.
 
     ``U_pos = R_pos - n_pos (n_pos + 1) / 2`` with ``R_pos`` the sum of the
@@ -132,7 +133,7 @@ def auroc_interval(
         return nan
     res = stats.bootstrap(
         (p, n),
-        _auc_from_ranks,
+        auc_from_ranks,
         n_resamples=int(n_resamples),
         # bound memory: about 2e7 pooled values per batch of replicates
         batch=max(1, int(2e7 // allv.size)),
