@@ -52,8 +52,7 @@ def main(argv=None):
         truth, vocab = None, None
     elif named:
         limit = 32 if args.scene is None else args.scene + 1
-        bench = harness.build_benchmark(harness.EvalArguments(benchmark="organism_caption", splits=["adversarial"],
-                                                              limit=limit))
+        bench = harness.load_benchmark("organism_caption", limit=limit, splits=["adversarial"])
         if args.scene is not None and args.scene >= len(bench.items):
             raise InputError(f"--scene must be below {len(bench.items)}, got {args.scene}")
         model, processor = models.load(args.model)

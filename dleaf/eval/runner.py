@@ -155,6 +155,12 @@ def build_benchmark(args: EvalArguments) -> Benchmark:
     return spec.build(protocol, options, args.limit)
 
 
+def load_benchmark(name: str, limit: int | None = None, protocol: str | None = None, **options) -> Benchmark:
+    """A registered benchmark by name, e.g. ``load_benchmark("organism_caption", limit=100, splits=["adversarial"])``
+    or ``load_benchmark("coco_chair", coco_images=..., coco_instances=..., coco_captions=...)``."""
+    return build_benchmark(EvalArguments(benchmark=name, limit=limit, protocol=protocol, **options))
+
+
 def run_config(args: EvalArguments, benchmark: Benchmark) -> dict:
     """What decides the generations of a run (no batch size, process count or machine path of the harness)."""
     setting = args.setting(benchmark.protocol)

@@ -14,7 +14,7 @@ def hallucination_examples(model, processor, setting: Setting, scan: int = 64, n
     """Greedy and ``setting`` on the first ``scan`` scenes of ``split``: ``examples`` (up to ``n`` scenes where
     greedy's caption hallucinates, each with both captions, the hallucinated objects of each, the scene's objects)
     and ``summary`` (CHAIR_s and hallucinated mentions of both on the scanned scenes)."""
-    bench = harness.build_benchmark(harness.EvalArguments(benchmark="organism_caption", splits=[split], limit=scan))
+    bench = harness.load_benchmark("organism_caption", limit=scan, splits=[split])
     plain = harness.evaluate(model, processor, bench, Setting(), batch_size)
     steered = harness.evaluate(model, processor, bench, setting, batch_size)
     examples = []
