@@ -31,7 +31,7 @@ from dleaf.study import StudyConfig, run_study
 def correspondence_suite():
     """The correspondence step, when dpo_link's report is available (None otherwise)."""
     try:
-        from dpo_link.report import study_step
+        from dpo_link.suite import study_step
     except ImportError:
         return None
 
