@@ -928,6 +928,7 @@ def format_report(result: dict) -> str:
                              f"{r['peak_ratio_to_plain_eager']:>11.3f}{r['peak_ratio_to_plain_sdpa']:>10.3f}"
                              f"{r['extra_ratio_to_plain_eager']:>12.3f}{r['extra_ratio_to_plain_sdpa']:>11.3f}")
         for batch, s in entry.get("scoring", {}).items():
+            s = {k: (math.nan if v is None else v) for k, v in s.items()}  # strict JSON writes NaN as null
             lines.append(f"-- scoring a {s['response_tokens']}-token response with D-LEAF, batch {batch}: one pass "
                          f"{s['one_pass_s']:.3f} s, step by step {s['stepwise_s']:.3f} s, speed-up "
                          f"x{s['speedup']:.2f}; beyond the prompt's prefill ({s['prompt_prefill_s']:.3f} s) "

@@ -40,80 +40,33 @@ import numpy as np
 import yaml
 
 from . import metrics
-from .io import write_json_atomic, write_text_atomic
+from . import models
+from .cli import parse_knobs
+from .generation import SENTENCE_RULES, apply_sentence_rule, generate
+from .io import InputError, json_line, read_json, read_jsonl, write_json_atomic, write_text_atomic
+from .resources import data_root
+from .settings import Setting
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+DATA_DIR = data_root()
 PROTOCOL_DIR = DATA_DIR / "protocols"
 COCO_SYNONYMS = DATA_DIR / "coco" / "chair_synonyms.yaml"
 BENCHMARKS: tuple[str, ...] = ("organism_caption", "organism_pope", "coco_chair", "pope_file")
 DECODINGS: tuple[str, ...] = ("greedy", "beam", "sample")
-SENTENCE_RULES: tuple[str, ...] = ("drop", "keep")
 GENERATIONS = "generations.jsonl"
 METRICS = "metrics.json"
 CONFIG = "config.json"
 _SHARD_RE = re.compile(r"^generations\.shard-(\d+)-of-(\d+)\.jsonl$")
 
 
-class EvaluationInputError(ValueError):
-    """Bad input to the harness: a missing or malformed file, an unknown name. The message names the file (and the
-    line, where there is one) and what would be right."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Files
-# ---------------------------------------------------------------------------------------------------------------
+EvaluationInputError = InputError  # the harness's bad-input error (kept under its old name)
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
-    """Parse a JSON file; a missing file or a syntax error raises :class:`EvaluationInputError` with file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluationInputError(f"{what} not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise EvaluationInputError(f"{what} {path} is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}") from e
-    except UnicodeDecodeError as e:
-        raise EvaluationInputError(f"{what} {path} is not UTF-8 text: {e}") from e
-
-
 def _row_line(row: dict) -> str:
-    return json.dumps(row, ensure_ascii=False, allow_nan=True) + "\n"
-
-
-def read_jsonl(path: str | os.PathLike, what: str = "JSONL file", drop_truncated_tail: bool = False
-               ) -> tuple[list[tuple[int, dict]], bool]:
-    """Read a JSON-lines file as ``[(line number, object)]`` and whether a truncated last line was dropped.
-
-    Blank lines are skipped. With ``drop_truncated_tail``, a last line without its newline (what a kill in the
-    middle of a write leaves) is dropped instead of parsed; every other malformed line raises
-    :class:`EvaluationInputError` naming the file and the line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluationInputError(f"{what} not found: {path}")
-    data = path.read_bytes()
-    truncated = False
-    if drop_truncated_tail and data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        truncated = True
-    rows = []
-    for n, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EvaluationInputError(f"{what} {path}, line {n}: not a JSON object ({e})") from e
-        if not isinstance(obj, dict):
-            raise EvaluationInputError(f"{what} {path}, line {n}: expected a JSON object, got {type(obj).__name__}")
-        rows.append((n, obj))
-    return rows, truncated
+    return json_line(row)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -186,19 +139,6 @@ def load_protocol(name_or_path: str | os.PathLike) -> Protocol:
     data.setdefault("sampling_seed", 0)
     fields = {k: v for k, v in data.items() if k not in ("name", "version", "benchmark")}
     return Protocol(str(data["name"]), data["version"], bench, fields, path, _sha256(path))
-
-
-def apply_sentence_rule(text: str, cut: bool, rule: str) -> str:
-    """The trailing-incomplete-sentence rule. ``drop``: when the reply was cut by the token limit (``cut``) and
-    does not end with a sentence end (``.``, ``!`` or ``?``), remove what follows its last sentence end; a reply
-    with no sentence end at all is kept whole. ``keep``: return ``text`` unchanged."""
-    if rule not in SENTENCE_RULES:
-        raise ValueError(f"unknown trailing-sentence rule {rule!r}; expected one of {', '.join(SENTENCE_RULES)}")
-    text = text.strip()
-    if rule == "keep" or not cut or text.endswith((".", "!", "?")):
-        return text
-    last = max(text.rfind("."), text.rfind("!"), text.rfind("?"))
-    return text if last < 0 else text[: last + 1].strip()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -615,13 +555,15 @@ class EvalArguments:
             raise EvaluationInputError(f"batch_size must be >= 1, got {self.batch_size}")
 
     def knob_values(self) -> dict:
-        out = {}
-        for kv in self.knobs:
-            if "=" not in kv:
-                raise EvaluationInputError(f"method knob {kv!r} must be key=value")
-            k, v = kv.split("=", 1)
-            out[k.strip()] = yaml.safe_load(v)
-        return out
+        return parse_knobs(self.knobs)
+
+    def setting(self, protocol: Protocol | None = None) -> Setting:
+        """The decoding :class:`~dleaf.settings.Setting` these arguments ask for (sampling seed: ``--seed``, else
+        the protocol's ``sampling_seed``)."""
+        seed = self.seed if self.seed is not None else int(protocol["sampling_seed"]) if protocol is not None else 0
+        return Setting(self.method, self.knob_values(), self.decoding,
+                       num_beams=self.num_beams if self.decoding == "beam" else None,
+                       temperature=self.temperature, top_p=self.top_p, seed=seed)
 
 
 def build_benchmark(args: EvalArguments) -> Benchmark:
@@ -647,19 +589,7 @@ def build_benchmark(args: EvalArguments) -> Benchmark:
 
 def run_config(args: EvalArguments, benchmark: Benchmark) -> dict:
     """What decides the generations of a run (no batch size, process count or machine path of the harness)."""
-    method_knobs = args.knob_values()
-    if args.method not in ("greedy", None):
-        from .config import method_config
-
-        method_config(args.method, **method_knobs)  # validates name and knobs
-    elif method_knobs:
-        raise EvaluationInputError("method knobs were given but --method is greedy (nothing attached)")
-    decoding: dict[str, Any] = {"strategy": args.decoding}
-    if args.decoding == "beam":
-        decoding["num_beams"] = args.num_beams
-    if args.decoding == "sample":
-        decoding.update(temperature=args.temperature, top_p=args.top_p,
-                        seed=args.seed if args.seed is not None else int(benchmark.protocol["sampling_seed"]))
+    setting = args.setting(benchmark.protocol)
     overrides = {}
     if args.max_new_tokens is not None:
         overrides["max_new_tokens"] = args.max_new_tokens
@@ -673,9 +603,7 @@ def run_config(args: EvalArguments, benchmark: Benchmark) -> dict:
         "inputs": benchmark.info,
         "model": args.model,
         "adapter": args.adapter,
-        "method": args.method,
-        "knobs": method_knobs,
-        "decoding": decoding,
+        **setting.record(),
         "max_new_tokens": benchmark.max_new_tokens(args.max_new_tokens),
         "dtype": args.dtype,
     }
@@ -687,90 +615,19 @@ def run_config(args: EvalArguments, benchmark: Benchmark) -> dict:
 
 
 def load_model(args: EvalArguments):
-    """``(model, processor)`` for ``args.model`` (the organism by default), with the LoRA adapter merged in."""
-    import torch
-
-    dtype = getattr(torch, args.dtype)
-    if args.model in ("organism", "organism_control"):
-        from .organism.build import load_organism
-
-        model, processor = load_organism(None, control=args.model == "organism_control",
-                                         attn_implementation=args.attn_implementation or "eager", dtype=dtype)
-    else:
-        path = Path(args.model)
-        if path.is_dir() and not (path / "config.json").is_file():
-            raise EvaluationInputError(f"model folder {path} has no config.json")
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        kwargs = {"dtype": dtype}
-        if args.attn_implementation:
-            kwargs["attn_implementation"] = args.attn_implementation
-        processor = AutoProcessor.from_pretrained(args.model)
-        model = AutoModelForImageTextToText.from_pretrained(args.model, **kwargs)
-    if args.adapter:
-        if not (Path(args.adapter) / "adapter_config.json").is_file():
-            raise EvaluationInputError(f"LoRA adapter folder {args.adapter} has no adapter_config.json")
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
-    model.eval()
-    return model, processor
-
-
-def _item_seed(seed: int, item_id: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{item_id}".encode()).digest()[:4], "little")
+    """``(model, processor)`` for ``args.model`` (the organism by default), with the LoRA adapter merged in
+    (:func:`dleaf.models.load`)."""
+    return models.load(args.model, args.adapter, args.attn_implementation, args.dtype)
 
 
 def generate_rows(model, processor, items: Sequence[Item], config: dict, batch_size: int,
                   sentence_rule: str) -> Iterable[dict]:
-    """Generate a reply per item, yielding one row per item in order. With sampling, each item is generated alone
-    with a seed derived from the run's seed and its id, so a row does not depend on what else is in its batch."""
-    import torch
-
-    from . import engine
-    from .organism.chat import user_turn
-
-    decoding = config["decoding"]
-    gen_kwargs: dict[str, Any] = {"max_new_tokens": config["max_new_tokens"]}
-    if decoding["strategy"] == "greedy":
-        gen_kwargs.update(do_sample=False, num_beams=1)
-    elif decoding["strategy"] == "beam":
-        gen_kwargs.update(do_sample=False, num_beams=decoding["num_beams"])
-    else:
-        gen_kwargs.update(do_sample=True, temperature=decoding["temperature"], top_p=decoding["top_p"], top_k=0)
-        batch_size = 1
-    tok = processor.tokenizer
-    tok.padding_side = "left"
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    device = next(model.parameters()).device
-    method = config["method"]
-    with engine.attached(model, None if method == "greedy" else method, **config["knobs"]), torch.no_grad():
-        for start in range(0, len(items), batch_size):
-            batch_items = items[start:start + batch_size]
-            texts = [processor.apply_chat_template(user_turn(it.prompt), add_generation_prompt=True, tokenize=False)
-                     for it in batch_items]
-            batch = processor(text=texts, images=[it.image() for it in batch_items], return_tensors="pt",
-                              padding=True)
-            batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
-            if "pixel_values" in batch and batch["pixel_values"].is_floating_point():
-                batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-            if decoding["strategy"] == "sample":
-                torch.manual_seed(_item_seed(decoding["seed"], batch_items[0].id))
-            out = model.generate(**batch, **gen_kwargs)
-            new = out[:, batch["input_ids"].shape[1]:].tolist()
-            for it, ids in zip(batch_items, new):
-                stop = next((k for k, t in enumerate(ids) if t in eos_ids), None)
-                kept = ids if stop is None else ids[:stop]
-                if tok.pad_token_id is not None and stop is None:
-                    while kept and kept[-1] == tok.pad_token_id:
-                        kept = kept[:-1]
-                raw = tok.decode(kept, skip_special_tokens=True).strip()
-                cut = stop is None and len(kept) >= config["max_new_tokens"]
-                rule = sentence_rule if it.kind == "caption" else "keep"
-                yield {"id": it.id, "section": it.section, "prompt": it.prompt, "raw": raw,
-                       "text": apply_sentence_rule(raw, cut, rule), "n_tokens": len(kept),
-                       "stopped": "length" if cut else "eos"}
+    """One row per item, in order, through :func:`dleaf.generation.generate` under the run's setting."""
+    setting = Setting.from_record(config)
+    for it, row in zip(items, generate(model, processor, items, setting, config["max_new_tokens"], batch_size,
+                                       sentence_rule if items and items[0].kind == "caption" else "keep")):
+        assert row["id"] == it.id
+        yield {"id": it.id, "section": it.section, "prompt": it.prompt, **{k: v for k, v in row.items() if k != "id"}}
 
 
 # ---------------------------------------------------------------------------------------------------------------

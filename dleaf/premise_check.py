@@ -52,7 +52,7 @@ def premise_records(model, processor, images: Sequence, prompts: Sequence[str], 
         raise ValueError(f"images, prompts, replies and truths differ in length: {len(images)}, {len(prompts)}, "
                          f"{len(replies)}, {len(truths)}")
     if chat is None:
-        from .organism.chat import user_turn as chat
+        from .models import user_turn as chat
     tok = processor.tokenizer
     config = DLeafConfig(gamma=0.0, layer_signal="liae", liae_variant="mixed", liae_normalize=False,
                          iaf_variant="mass")

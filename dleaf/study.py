@@ -27,9 +27,9 @@ from typing import Callable
 
 from . import evaluate
 from .io import write_json_atomic, write_text_atomic
+from .resources import data_path
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
-ORGANISM_ADAPTER = DATA_DIR / "organism_dpo"
+ORGANISM_ADAPTER = data_path("organism_dpo")
 
 #: (label, method, uses the DPO adapter)
 SETTINGS = (
@@ -189,14 +189,11 @@ def run_evaluations(out: Path, cfg: StudyConfig, progress: bool = True, say: Cal
 
 def _timing_batch(cfg: StudyConfig, processor):
     """``timing_batch`` caption prompts of the study's caption benchmark, as processor outputs."""
-    from .organism.chat import user_turn
+    from .models import model_inputs
 
     args = eval_arguments(cfg, Path("."), cfg.benchmarks[0], "timing", "greedy", False, progress=False)
     items = evaluate.build_benchmark(dataclasses.replace(args, limit=None)).items[:cfg.timing_batch]
-    processor.tokenizer.padding_side = "left"
-    texts = [processor.apply_chat_template(user_turn(it.prompt), add_generation_prompt=True, tokenize=False)
-             for it in items]
-    return processor(text=texts, images=[it.image() for it in items], return_tensors="pt", padding=True)
+    return model_inputs(processor, [it.prompt for it in items], [it.image() for it in items])
 
 
 def measure_overhead(cfg: StudyConfig, model=None, processor=None) -> dict:

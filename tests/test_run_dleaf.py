@@ -17,14 +17,16 @@ def test_parse_knobs_types_and_errors():
     assert run.parse_knobs("dleaf", ["gamma=0.3", "warmup=4", "liae_normalize=false", "layer_end=None",
                                      "threshold=best"]) == {
         "gamma": 0.3, "warmup": 4, "liae_normalize": False, "layer_end": None, "threshold": "best"}
-    with pytest.raises(ValueError, match="no knob 'alpha'"):
+    with pytest.raises(ValueError, match="no knob.*alpha"):
         run.parse_knobs("dleaf", ["alpha=1"])
     with pytest.raises(ValueError, match="name=value"):
         run.parse_knobs("pai", ["alpha"])
     with pytest.raises(ValueError, match="gamma"):
         run.parse_knobs("dleaf", ["gamma=3"])
-    with pytest.raises(ValueError, match="expected a value"):
+    with pytest.raises(ValueError, match="warmup='two' must be an integer"):
         run.parse_knobs("dleaf", ["warmup=two"])
+    with pytest.raises(ValueError, match="gamma='abc' must be a number"):
+        run.parse_knobs("dleaf", ["gamma=abc"])
 
 
 @torch.no_grad()
@@ -51,10 +53,9 @@ def test_trace_export_summary_and_figure(tmp_path):
 
 
 @pytest.mark.skipif(not (build.ORGANISM_DIR / "config.json").is_file(), reason="organism checkpoint missing")
-def test_run_dleaf_script_on_the_organism(tmp_path):
-    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_dleaf.py"), "--knob", "gamma=0.9",
-                          "--max_new_tokens", "20", "--out", str(tmp_path)], capture_output=True, text=True,
-                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, cwd=ROOT, timeout=300)
+def test_run_dleaf_script_on_the_organism(tmp_path, run_script):
+    res = run_script("run_dleaf.py", "--knob", "gamma=0.9", "--max_new_tokens", "20", "--output_dir", tmp_path)
     assert res.returncode == 0, res.stderr
     assert "plain greedy :" in res.stdout and "dleaf" in res.stdout and "flag rate" in res.stdout
     assert (tmp_path / "trace.json").is_file() and (tmp_path / "trace.png").is_file()
+    assert res.stdout.strip().splitlines()[-1] == f"outputs: {tmp_path}"
