@@ -891,8 +891,18 @@ def cost_model(desc: dict, new_tokens: int = 32) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- report
+def _nan_for_null(x):
+    """A result read back from strict JSON (where NaN was written as null) with null numbers as NaN again."""
+    if isinstance(x, dict):
+        return {k: _nan_for_null(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_for_null(v) for v in x]
+    return math.nan if x is None else x
+
+
 def format_report(result: dict) -> str:
     """The results as text tables: per model and batch size, medians and ratios; memory; scoring."""
+    result = _nan_for_null(result)
     lines = []
     for name, entry in result["models"].items():
         d = entry["description"]
@@ -928,7 +938,6 @@ def format_report(result: dict) -> str:
                              f"{r['peak_ratio_to_plain_eager']:>11.3f}{r['peak_ratio_to_plain_sdpa']:>10.3f}"
                              f"{r['extra_ratio_to_plain_eager']:>12.3f}{r['extra_ratio_to_plain_sdpa']:>11.3f}")
         for batch, s in entry.get("scoring", {}).items():
-            s = {k: (math.nan if v is None else v) for k, v in s.items()}  # strict JSON writes NaN as null
             lines.append(f"-- scoring a {s['response_tokens']}-token response with D-LEAF, batch {batch}: one pass "
                          f"{s['one_pass_s']:.3f} s, step by step {s['stepwise_s']:.3f} s, speed-up "
                          f"x{s['speedup']:.2f}; beyond the prompt's prefill ({s['prompt_prefill_s']:.3f} s) "
@@ -944,6 +953,7 @@ def format_report(result: dict) -> str:
 def markdown_tables(result: dict) -> str:
     """The results as Markdown tables (for docs/performance.md): per model and batch size, the median decoding
     throughput and its ratios, peak memory and scoring."""
+    result = _nan_for_null(result)
     out = []
     for name, entry in result["models"].items():
         d = entry["description"]

@@ -20,7 +20,9 @@ def build_parser():
     ap.set_defaults(method="dleaf")
     ap.add_argument("--output_dir", "--out", default=None, help="folder for trace.json, trace.png and summary.txt")
     ap.add_argument("--image", default=None, help="image file (default with the organism: an adversarial scene)")
-    ap.add_argument("--scene", type=int, default=0, help="which adversarial scene when --image is not given")
+    ap.add_argument("--scene", type=int, default=None,
+                    help="which adversarial organism scene when --image is not given (default: the first of the "
+                         "first 32 where greedy decoding hallucinates)")
     ap.add_argument("--prompt", default=None, help="the question (default: the benchmark's caption prompt)")
     ap.add_argument("--max_new_tokens", type=int, default=64, help="token limit of each reply")
     return ap
@@ -28,7 +30,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from dleaf import evaluate, models
+    from dleaf import eval as harness, models
     from dleaf.io import InputError, load_image
     from dleaf.settings import Setting
 
@@ -37,7 +39,7 @@ def main(argv=None):
         raise InputError("--method greedy attaches nothing: there is nothing to compare plain decoding with")
     if args.max_new_tokens < 1:
         raise InputError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
-    if args.scene < 0:
+    if args.scene is not None and args.scene < 0:
         raise InputError(f"--scene must be >= 0, got {args.scene}")
     cli.set_threads(args.threads)
     models.check_model(args.model)
@@ -49,14 +51,25 @@ def main(argv=None):
         prompt = args.prompt or "Describe this image in detail."
         truth = None
     elif named:
-        bench = evaluate.build_benchmark(evaluate.EvalArguments(
-            benchmark="organism_caption", splits=["adversarial"], limit=args.scene + 1))
-        item = bench.items[args.scene]
+        item = None
+        if args.scene is not None:
+            items = harness.build_benchmark(harness.EvalArguments(
+                benchmark="organism_caption", splits=["adversarial"], limit=args.scene + 1)).items
+            if args.scene >= len(items):
+                raise InputError(f"--scene must be below {len(items)}, got {args.scene}")
+            scene, why, item = args.scene, "", items[args.scene]
+        model, processor = models.load(args.model)
+        if item is None:
+            from dleaf.organism.demo import first_hallucination
+
+            scene, item = first_hallucination(model, processor)
+            why = " (the first scanned scene where greedy decoding hallucinates)"
         image, prompt, truth = item.image(), args.prompt or item.prompt, item.truth
-        print(f"image: adversarial scene {args.scene}, objects: {', '.join(sorted(truth))}")
+        print(f"image: adversarial scene {scene}{why}, objects: {', '.join(sorted(truth))}")
     else:
         raise InputError("--image is required with a --model other than the organism")
-    model, processor = models.load(args.model)
+    if args.image is not None:
+        model, processor = models.load(args.model)
     from dleaf import run
 
     result = run.compare(model, processor, image, prompt, setting, args.max_new_tokens)

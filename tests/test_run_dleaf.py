@@ -1,14 +1,11 @@
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from dleaf import engine, run, trace_report
+from dleaf import engine, models, run, trace_report
 from dleaf.organism import build, world
-from dleaf.organism.profile import _prompt_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +32,8 @@ def test_trace_export_summary_and_figure(tmp_path):
     processor = build.build_processor(shape)
     model = build.build_model(processor.tokenizer, shape, seed=0).eval()
     model.set_attn_implementation("eager")
-    batch = _prompt_batch(processor, world.scenes("adversarial", 2), [world.CAPTION_PROMPTS[0]] * 2)
+    batch = models.model_inputs(processor, [world.CAPTION_PROMPTS[0]] * 2,
+                                [world.render(s) for s in world.scenes("adversarial", 2)])
     with engine.attached(model, "dleaf", trace=True, gamma=1.0, warmup=1, kappa=0.0, layer_start=1) as iv:
         model.generate(**batch, max_new_tokens=7, do_sample=False)
     data = json.loads(trace_report.write_trace_json(iv.trace, tmp_path / "t.json", config=iv.config).read_text())
@@ -52,7 +50,6 @@ def test_trace_export_summary_and_figure(tmp_path):
     assert png.stat().st_size > 1000
 
 
-@pytest.mark.skipif(not (build.ORGANISM_DIR / "config.json").is_file(), reason="organism checkpoint missing")
 def test_run_dleaf_script_on_the_organism(tmp_path, run_script):
     res = run_script("run_dleaf.py", "--knob", "gamma=0.9", "--max_new_tokens", "20", "--output_dir", tmp_path)
     assert res.returncode == 0, res.stderr
