@@ -62,6 +62,7 @@ from pathlib import Path
 import torch
 
 from . import engine
+from .methods import vcd
 from .io import write_json_atomic
 
 CONFIGS = ("plain_sdpa", "plain_eager", "dleaf", "dleaf_range", "dleaf_sdpa", "dleaf_compiled", "pai", "spin", "vcd")
@@ -292,29 +293,17 @@ class _Stream:
 
 
 def contrastive_logits(alpha: float, beta: float) -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    """VCD's combination of the two streams' logits: ``(1 + alpha) l(image) - alpha l(noised)`` over the tokens
-    whose probability under the image is at least ``beta`` times the best one (the others get -inf)."""
+    """VCD's combination of the two streams' logits (:func:`dleaf.methods.vcd.contrastive_logits`):
+    ``(1 + alpha) l(image) - alpha l(noised)`` over the tokens whose probability under the image is at least ``beta``
+    times the best one (the others get -inf)."""
 
     def combine(logits: list[torch.Tensor]) -> torch.Tensor:
-        clean, noised = logits[0].float(), logits[1].float()
-        mixed = (1 + alpha) * clean - alpha * noised
-        if beta > 0:
-            logp = torch.log_softmax(clean, dim=-1)
-            cut = logp.max(dim=-1, keepdim=True).values + math.log(beta)
-            mixed = mixed.masked_fill(logp < cut, -math.inf)
-        return mixed
+        return vcd.contrastive_logits(logits[0], logits[1], alpha, beta)
 
     return combine
 
 
-def noised_pixels(pixel_values: torch.Tensor, step: int = 500, seed: int = 0) -> torch.Tensor:
-    """VCD-style distorted image: the forward diffusion ``sqrt(abar_t) x + sqrt(1 - abar_t) eps`` at ``step`` of a
-    1000-step linear beta schedule (1e-4 to 0.02), with seeded Gaussian ``eps``."""
-    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-    abar = float(torch.cumprod(1 - betas, 0)[step])
-    g = torch.Generator().manual_seed(seed)
-    eps = torch.randn(pixel_values.shape, generator=g, dtype=torch.float32).to(pixel_values)
-    return math.sqrt(abar) * pixel_values + math.sqrt(1 - abar) * eps
+noised_pixels = vcd.noised_pixels
 
 
 def _sync(device) -> None:
@@ -682,7 +671,7 @@ class _Stepper:
         """One decoding step (every stream, and the combination); its duration in seconds."""
         set_text_attention(self.model, self.attn)
         if self.iv is not None:
-            self.iv._attach()
+            self.iv.reattach()
         try:
             device = self.token.device
             _sync(device)

@@ -7,7 +7,7 @@ the DPO loss of D-LEAF on pairs (x, y_w, y_l) is ``L(gamma) = mean -log sigmoid(
 on the pairs when ``L(gamma) < log 2``; its reward accuracy is the share of pairs with ``r_D(y_w) > r_D(y_l)``.
 
 The slope: near gamma = 0 the flagged (position, layer, head) sites are those of the uncorrected model, so
-``dL/dgamma`` at 0 is the derivative with the flags held fixed; the engine's ``gamma_override`` makes gamma a
+``dL/dgamma`` at 0 is the derivative with the flags held fixed; the engine's ``Intervention.set_gamma`` makes gamma a
 differentiable 0-d tensor that every corrected row ``a + gamma (a[h*] - a)`` uses, and one backward pass gives it.
 Negative means D-LEAF's correction is a DPO descent direction on these pairs. The central difference
 ``(L(h) - L(-h)) / 2h`` (gamma_override may be negative) checks it; it agrees as long as no flag flips between

@@ -228,7 +228,7 @@ def score(model, batch: dict, method: DLeafConfig | None = None, trace: bool = F
     ``trace`` records, at each position that predicts a reply token, the image mass of every (layer, head) (needs
     ``method.iaf_variant == "mass"`` for the mass to be image mass) and the heads D-LEAF corrected.
     ``intervention_factory(model, config, trace)`` replaces :func:`dleaf.engine.attach` (the nulls use it);
-    ``gamma_override`` is passed to the intervention (a 0-d tensor; see ``Intervention.gamma_override``).
+    ``gamma_override`` replaces the intervention's gamma (a 0-d tensor; see ``Intervention.set_gamma``).
     Gradients flow when called outside ``torch.no_grad``.
     """
     batch = _on_model_device(batch, model)
@@ -248,7 +248,7 @@ def score(model, batch: dict, method: DLeafConfig | None = None, trace: bool = F
             iv = engine.attach(model, method, trace=trace) if intervention_factory is None else \
                 intervention_factory(model, method, trace)
             if gamma_override is not None:
-                iv.gamma_override = gamma_override
+                iv.set_gamma(gamma_override)
             _, mask = engine.response_logprobs(model, inputs, start, iv)
     finally:
         hook.remove()

@@ -129,9 +129,9 @@ def test_paired_stepper_decodes_what_the_uninterrupted_loop_decodes(padded, conf
         stepper.step(), other.step()
     assert torch.equal(torch.stack(stepper.tokens, dim=1), expected)
     if config.startswith("dleaf"):
-        count = stepper.iv._state["stats"][0]  # (L, B, 1): active positions folded into the running statistics
+        count = stepper.iv.running_statistics()["count"]  # (L, B): active positions folded into the statistics
         watched = sorted(stepper.iv.watched)
-        assert (count[watched] == 6).all() and not engine._MODULES  # detached between turns
+        assert (count[watched] == 6).all() and not engine.attached_interventions()  # detached between turns
 
 
 def test_memory_rows_and_ratios():

@@ -62,7 +62,7 @@ def test_detach_leaves_the_model_exactly_as_it_was(tiny):
     iv.detach()
     assert model.config.text_config._attn_implementation == impl
     assert not model._forward_pre_hooks and not model._forward_hooks
-    assert not engine._MODULES
+    assert not engine.attached_interventions()
     assert torch.equal(model(**batch).logits, before)
 
 
@@ -209,14 +209,16 @@ def test_random_fusion_target_draws_a_head_other_than_the_best(tiny):
         seen.append((before, out[0].clone(), out[3], out[4], kwargs["target_shift"]))
         return out
 
-    step = engine.one_row_step
-    engine.one_row_step = spy
+    from dleaf.methods import dleaf as dleaf_method
+
+    step = dleaf_method.one_row_step
+    dleaf_method.one_row_step = spy
     try:
         with engine.attached(model, "dleaf", gamma=1.0, localization="everywhere", head_selection="all_but_best",
                              fusion_target="random", seed=3):
             model.generate(**batch, max_new_tokens=3, do_sample=False)
     finally:
-        engine.one_row_step = step
+        dleaf_method.one_row_step = step
     assert seen
     shifts = set()
     for before, after, iaf, corrected, shift in seen:
@@ -422,7 +424,7 @@ def test_configs_validate_their_knobs():
     with pytest.raises(ValueError, match="alpha"):
         PAIConfig(alpha=-1)
     with pytest.raises(ValueError, match="unknown method"):
-        method_config("vcd")
+        method_config("opera")
     with pytest.raises(ValueError, match="no knob"):
         method_config("pai", gamma=0.5)
     assert method_config("no_localization").localization == "everywhere"
@@ -432,7 +434,7 @@ def test_layer_range_must_fit_the_model(tiny):
     model = tiny[0]
     with pytest.raises(ValueError, match="does not fit"):
         engine.attach(model, "dleaf", layer_start=1, layer_end=9)
-    assert not engine._MODULES
+    assert not engine.attached_interventions()
 
 
 @torch.no_grad()
