@@ -27,8 +27,10 @@ def _finish(model):
 
 def _features_per_image(model, **pixels) -> list[int]:
     with torch.no_grad():
-        out = model.model.get_image_features(**pixels)
-    feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        out = getattr(model, "model", model).get_image_features(**pixels)
+    feats = getattr(out, "pooler_output", out)
+    if feats is None:
+        feats = out.last_hidden_state
     if isinstance(feats, torch.Tensor):
         feats = list(feats) if feats.dim() == 3 else [feats]
     return [int(f.reshape(-1, f.shape[-1]).shape[0]) for f in feats]
@@ -295,6 +297,115 @@ def got_ocr2():
     return model, {**inputs, "pixel_values": pixels}
 
 
+# ---------------------------------------------------------------------------------------------------- more families
+def llava_next_video():
+    from transformers import LlamaConfig, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    torch.manual_seed(0)
+    pinpoints = [[16, 32], [32, 16], [32, 32]]
+    cfg = LlavaNextVideoConfig(vision_config=_clip(), text_config=LlamaConfig(**TEXT), image_token_index=IMAGE,
+                               video_token_index=101, image_grid_pinpoints=pinpoints,
+                               vision_feature_select_strategy="default", vision_feature_layer=-1)
+    model = _finish(LlavaNextVideoForConditionalGeneration(cfg))
+    pixels = _pixels(2, 3, 3, 16, 16)
+    sizes = torch.tensor([[16, 32], [32, 16]])
+    inputs = _batch(_features_per_image(model, pixel_values=pixels, image_sizes=sizes))
+    return model, {**inputs, "pixel_values": pixels, "image_sizes": sizes}
+
+
+def video_llava():
+    from transformers import LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = VideoLlavaConfig(vision_config=_clip(), text_config=LlamaConfig(**TEXT), image_token_index=IMAGE,
+                           video_token_index=101, vision_feature_layer=-1, image_seq_length=4)
+    model = _finish(VideoLlavaForConditionalGeneration(cfg))
+    pixels = _pixels(2, 3, 16, 16)
+    inputs = _batch(_features_per_image(model, pixel_values_images=pixels))
+    return model, {**inputs, "pixel_values_images": pixels}
+
+
+def idefics2():
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration, MistralConfig
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=8)
+    perceiver = dict(hidden_size=32, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2,
+                     resampler_head_dim=8, num_key_value_heads=1)
+    cfg = Idefics2Config(vision_config=vision, perceiver_config=perceiver, text_config=MistralConfig(**TEXT),
+                         image_token_id=IMAGE)
+    model = _finish(Idefics2ForConditionalGeneration(cfg))
+    pixels = _pixels(2, 1, 3, 16, 16)
+    inputs = _batch(_features_per_image(model, pixel_values=pixels), wrap=(104, 104))
+    return model, {**inputs, "pixel_values": pixels}
+
+
+def glm4v():
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 0, 1], "partial_rotary_factor": 0.5}
+    text = {**TEXT, "rope_parameters": rope}
+    vision = dict(depth=1, hidden_size=16, out_hidden_size=32, intermediate_size=32, num_heads=2, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, image_size=16)
+    cfg = Glm4vConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=101,
+                      image_start_token_id=102, image_end_token_id=103)
+    model = _finish(Glm4vForConditionalGeneration(cfg))
+    grid = torch.tensor([[1, 4, 4], [1, 4, 4]])
+    pixels = _pixels(32, 3 * 2 * 4 * 4)
+    inputs = _batch(_features_per_image(model, pixel_values=pixels, image_grid_thw=grid), wrap=(102, 103))
+    return model, {**inputs, "pixel_values": pixels, "image_grid_thw": grid,
+                   "mm_token_type_ids": (inputs["input_ids"] == IMAGE).int()}
+
+
+def cohere2_vision():
+    from transformers import Cohere2Config, Cohere2VisionConfig, Cohere2VisionForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = Cohere2Config(**TEXT, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    cfg = Cohere2VisionConfig(vision_config=_siglip(image_size=32), text_config=text, image_token_id=IMAGE,
+                              downsample_factor=2, alignment_intermediate_size=32)
+    model = _finish(Cohere2VisionForConditionalGeneration(cfg))
+    pixels = _pixels(2, 3, 32, 32)
+    inputs = _batch(_features_per_image(model, pixel_values=pixels))
+    return model, {**inputs, "pixel_values": pixels}
+
+
+def mllama():
+    """Llama 3.2 Vision: the image enters through cross-attention layers (refused)."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = dict(TEXT, num_hidden_layers=3, cross_attention_layers=[1], vocab_size=VOCAB + 8)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_global_layers=1,
+                  num_attention_heads=2, image_size=16, patch_size=8, vision_output_dim=32, max_num_tiles=1,
+                  intermediate_layers_indices=[0], supported_aspect_ratios=[[1, 1]])
+    cfg = MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE)
+    model = _finish(MllamaForConditionalGeneration(cfg))
+    inputs = _batch([1, 1])
+    b = inputs["input_ids"].shape[0]
+    return model, {**inputs, "pixel_values": _pixels(b, 1, 1, 3, 16, 16),
+                   "aspect_ratio_ids": torch.ones(b, 1, dtype=torch.long),
+                   "aspect_ratio_mask": torch.ones(b, 1, 1, dtype=torch.long),
+                   "cross_attention_mask": torch.ones(b, inputs["input_ids"].shape[1], 1, 1, dtype=torch.long)}
+
+
+def lfm2_vl():
+    """LFM2-VL: a hybrid decoder (convolution layers between the attention layers; refused)."""
+    from transformers import Lfm2Config, Lfm2VlConfig, Lfm2VlForConditionalGeneration, Siglip2VisionConfig
+
+    torch.manual_seed(0)
+    text = Lfm2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                      layer_types=["conv", "full_attention"])
+    vision = Siglip2VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 num_patches=16, patch_size=4)
+    cfg = Lfm2VlConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, projector_hidden_size=32)
+    model = _finish(Lfm2VlForConditionalGeneration(cfg))
+    return model, {**_batch([4, 4])}
+
+
 #: Every family built in the test, with how it shows in the README.
 FAMILIES = {
     "llava": ("LLaVA-1.5 (Llava)", llava),
@@ -313,4 +424,11 @@ FAMILIES = {
     "aya_vision": ("Aya Vision", aya_vision),
     "internvl": ("InternVL", internvl),
     "got_ocr2": ("GOT-OCR2", got_ocr2),
+    "llava_next_video": ("LLaVA-NeXT-Video", llava_next_video),
+    "video_llava": ("Video-LLaVA", video_llava),
+    "idefics2": ("Idefics2", idefics2),
+    "glm4v": ("GLM-4V", glm4v),
+    "cohere2_vision": ("Command A Vision (Cohere2-Vision)", cohere2_vision),
+    "mllama": ("Llama 3.2 Vision (Mllama)", mllama),
+    "lfm2_vl": ("LFM2-VL", lfm2_vl),
 }

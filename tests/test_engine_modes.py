@@ -1,16 +1,11 @@
 """Every decoding mode transformers offers: exact against the reference (DynamicCache, cached greedy) or refused with
 a clear error, never silently wrong. Each test compares D-LEAF at gamma > 0, with layers flagged."""
 
-import gc
-import weakref
-
 import pytest
 import torch
 from transformers import GptOssConfig, GptOssForCausalLM
 
 from dleaf import engine
-from dleaf.engine import kernels
-from dleaf.methods.dleaf import select_heads
 
 STRONG = dict(gamma=0.9, warmup=1, kappa=0.0)
 GEN = dict(do_sample=False, output_logits=True, return_dict_in_generate=True, max_new_tokens=6)
@@ -169,68 +164,17 @@ def test_attention_sinks_are_honoured():
     assert iv.flag_rate() > 0 and any((a - b).abs().max() > 1e-4 for a, b in zip(strong.logits, plain.logits))
 
 
-def test_softcap_and_sinks_in_the_kernel_equal_transformers_eager():
-    """The engine's eager weights against transformers' Gemma-2 (softcap) and GPT-OSS (sinks) eager functions."""
-    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as gemma2_eager
-    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as gpt_oss_eager
-
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 5, 8, generator=g) * 3 for _ in range(3))
-    mask = torch.zeros(2, 1, 5, 5).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
-
-    class Module(torch.nn.Module):
-        num_key_value_groups, head_dim = 1, 8
-
-    module = Module().eval()
-    module.sinks = torch.randn(4, generator=g)
-    for theirs, kwargs in [(gemma2_eager(module, q, k, v, mask, scaling=0.3, softcap=2.0), {"softcap": 2.0}),
-                           (gpt_oss_eager(module, q, k, v, mask, scaling=0.3), {"sinks": module.sinks})]:
-        ours = kernels.plain_eager(module, q, k, v, mask, 0.3, **kwargs)
-        torch.testing.assert_close(ours[0], theirs[0], atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(ours[1], theirs[1], atol=1e-6, rtol=1e-6)
-    plain = kernels.plain_eager(module, q, k, v, mask, 0.3)[0]
-    assert (plain - gemma2_eager(module, q, k, v, mask, scaling=0.3, softcap=2.0)[0]).abs().max() > 1e-3
-
-
-def test_unknown_attention_arguments_are_refused():
-    with pytest.raises(NotImplementedError, match="position_bias"):
-        kernels.check_arguments({"position_bias": torch.zeros(1), "sliding_window": 4, "softcap": None}, "T5ish")
-    kernels.check_arguments({"sliding_window": 4, "position_ids": torch.zeros(1), "softcap": 1.0, "s_aux": None}, "x")
-
-
-def test_a_model_whose_attention_differs_from_the_engine_kernel_is_refused():
-    """The first call of an attention class is checked against the model file's own eager function."""
-
-    class Odd(torch.nn.Module):
-        num_key_value_groups = 1
-
-    module = Odd().eval()
-    Odd.__module__ = __name__
-    q = k = v = torch.randn(1, 2, 3, 4)
-    globals()["eager_attention_forward"] = lambda m, q, k, v, mask, scaling, dropout=0.0, **kw: (
-        kernels.plain_eager(m, q, k, v, mask, scaling * 2)[0], None)
-    try:
-        with pytest.raises(NotImplementedError, match="does not reproduce"):
-            kernels.verify_against_model(module, q, k, v, None, 0.5, {}, "OddModel")
-    finally:
-        del globals()["eager_attention_forward"]
-    kernels.verify_against_model(module, q, k, v, None, 0.5, {}, "OddModel")  # no model function: nothing to check
-
-
-def test_a_model_dropped_without_detach_leaves_nothing_registered(tiny_organism_factory):
-    model = tiny_organism_factory(seed=2)
-    engine.attach(model, "dleaf")
-    assert len(engine.attached_interventions()) == 1
-    ref = weakref.ref(model)
-    del model
-    gc.collect()
-    assert ref() is None and engine.attached_interventions() == []
-
-
-def test_bottom_k_corrects_k_heads_when_the_best_head_ties_into_the_bottom():
-    iaf = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.9]).reshape(1, 5, 1)  # h* = 4 (no tie)
-    assert select_heads(iaf, "bottom_k", 2)[1].flatten().tolist() == [True, True, False, False, False]
-    iaf = torch.tensor([0.3, 0.3, 0.3, 0.3]).reshape(1, 4, 1)  # all tied: h* = 0 is among the lowest
-    best, selected = select_heads(iaf, "bottom_k", 2)
-    assert best.item() == 0 and selected.flatten().tolist() == [False, True, True, False]
-    assert select_heads(iaf, "bottom_k", 9)[1].flatten().tolist() == [False, True, True, True]
+@torch.no_grad()
+def test_sampling_and_beam_search_run_under_dleaf(organism_batch):
+    model, _, _, _, batch = organism_batch
+    torch.manual_seed(3)
+    plain = model.generate(**batch, max_new_tokens=6, do_sample=True, top_k=10)
+    with engine.attached(model, "dleaf", gamma=0.0):
+        torch.manual_seed(3)
+        same = model.generate(**batch, max_new_tokens=6, do_sample=True, top_k=10)
+        beams0 = model.generate(**batch, max_new_tokens=6, num_beams=3, do_sample=False)
+    assert torch.equal(plain, same)
+    assert torch.equal(beams0, model.generate(**batch, max_new_tokens=6, num_beams=3, do_sample=False))
+    with engine.attached(model, "dleaf", **STRONG):
+        beams = model.generate(**batch, max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False)
+    assert beams.shape[0] == 6

@@ -41,9 +41,12 @@ def test_noised_pixels_follow_the_diffusion_schedule():
 def test_vcd_in_generate_equals_the_benchmark_loop_token_for_token(organism_batch):
     model, _, _, _, batch = organism_batch
     cfg = bench.BenchConfig(models=("organism",), batch_sizes=(3,), new_tokens=8, memory=False)
-    expected, _ = bench.run_config(model, batch, "vcd", cfg, new_tokens=8)  # two streams, one cached step each
     bench.set_text_attention(model, "sdpa")
     try:
+        # the reference: two explicit streams (image, noised image), one cached step of each per token, combined
+        expected, _ = bench.greedy_loop(model, [batch, bench.noised_inputs(batch, cfg)], 8,
+                                        bench.contrastive_logits(cfg.vcd_alpha, cfg.vcd_beta))
+        timed, _ = bench.run_config(model, batch, "vcd", cfg, new_tokens=8)  # the benchmark's loop, through the engine
         with engine.attached(model, "vcd", alpha=cfg.vcd_alpha, beta=cfg.vcd_beta, noise_step=cfg.vcd_noise_step,
                              seed=cfg.seed) as iv:
             out = model.generate(**batch, generation_config=_no_eos(model, 8), **engine.generation_kwargs(iv, batch))
@@ -51,7 +54,7 @@ def test_vcd_in_generate_equals_the_benchmark_loop_token_for_token(organism_batc
     finally:
         model.set_attn_implementation("eager")
     n = batch["input_ids"].shape[1]
-    assert torch.equal(out[:, n:], expected)
+    assert torch.equal(out[:, n:], expected) and torch.equal(timed, expected)
     assert not torch.equal(out, plain)  # the contrast changed the greedy tokens
 
 

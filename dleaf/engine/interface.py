@@ -109,9 +109,19 @@ def text_attention_modules(model) -> list[torch.nn.Module]:
             f"{type(model).__name__}: found no text attention modules with a layer_idx; D-LEAF supports decoders "
             "whose attention layers go through transformers' attention interface (Llama, Mistral, Qwen2, ...)"
         )
+    name = type(model).__name__
+    cross = sorted({type(m).__name__ for m in found.values() if "Cross" in type(m).__name__})
+    if cross or getattr(text_config(model), "cross_attention_layers", None):
+        raise NotImplementedError(
+            f"{name}: the image reaches this decoder through cross-attention layers ({', '.join(cross) or 'config'}), "
+            "not as image tokens its self-attention attends to; D-LEAF's image attention is not defined for it")
     n = text_config(model).num_hidden_layers
     if sorted(found) != list(range(n)):
-        raise ValueError(f"{type(model).__name__}: expected attention modules for layers 0..{n - 1}, found {sorted(found)}")
+        missing = sorted(set(range(n)) - set(found))
+        raise NotImplementedError(
+            f"{name}: decoder layers {missing} have no attention module (a hybrid decoder, with recurrent or "
+            f"convolution layers between attention layers; found attention in layers {sorted(found)}); the engine "
+            "supports decoders with attention in every layer")
     return [found[i] for i in range(n)]
 
 

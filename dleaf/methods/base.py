@@ -166,9 +166,11 @@ def _discover() -> None:
 
 
 def registrations() -> dict[str, Registration]:
-    """Every registered method name, in registration order (modules alphabetically)."""
+    """Every registered method name: modules alphabetically, the names of one module in registration order."""
     _discover()
-    return dict(_REGISTRY)
+    order = {name: i for i, name in enumerate(_REGISTRY)}
+    ranked = sorted(_REGISTRY.values(), key=lambda r: (r.method_class.__module__, order[r.name]))
+    return {r.name: r for r in ranked}
 
 
 def method_names() -> list[str]:

@@ -241,8 +241,8 @@ def one_row_step(rows, image_row, gate, tau, neg_inv_log, gamma, cfg: DLeafConfi
         best_head, corrected = random_target(best_head, corrected, target_shift)
     target = torch.gather(r, 1, best_head.expand(B, 1, K))  # (B, 1, K), a copy
     weight = corrected * gamma
-    if weight.dtype != rows.dtype:
-        weight = weight.to(rows.dtype)
+    if weight.dtype != rows.dtype:  # in the rows' precision (a float64 model keeps all of gamma's digits)
+        weight = (corrected.to(rows.dtype) * gamma).to(rows.dtype)
     # lerp computes a + w (b - a) for |w| < 0.5, so w = 0 (uncorrected heads, gamma 0) returns a bit for bit
     if inplace:
         r.lerp_(target, weight)  # r shares rows' memory
