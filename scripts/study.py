@@ -29,7 +29,7 @@ from dleaf import cli
 def correspondence_suite():
     """The correspondence step, when dpo_link's report is available (None otherwise)."""
     try:
-        from dpo_link.report import study_step
+        from dpo_link.suite import study_step
     except ImportError:
         return None
 

@@ -202,6 +202,15 @@ class Intervention:
         finally:
             self._aside = before
 
+    @property
+    def gamma_override(self):
+        raise AttributeError("Intervention.gamma_override is gone: use Intervention.set_gamma(gamma)")
+
+    @gamma_override.setter
+    def gamma_override(self, value):
+        # a caller of the former private attribute would otherwise set a value nothing reads
+        raise AttributeError("Intervention.gamma_override is gone: use Intervention.set_gamma(gamma)")
+
     def set_gamma(self, gamma) -> None:
         """Replace the configured strength of a method that has one (D-LEAF's ``gamma``) by ``gamma``: a number or a
         0-d tensor, possibly requiring grad and outside [0, 1] (the fusion extrapolated), so that the derivative of a
