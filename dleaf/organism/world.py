@@ -53,6 +53,9 @@ LOOK: dict[str, tuple[str, str]] = {
 }
 
 CANVAS = 48
+BACKGROUND = 235
+#: contrast of a faint object against the background, as a fraction of a normal object's
+FAINT_CONTRAST = 0.25
 GRID = 3
 CELL = CANVAS // GRID
 GLYPH = 12
@@ -84,10 +87,13 @@ class Scene:
     objects: tuple[str, ...]
     cells: tuple[int, ...]
     seed: int
+    faint: tuple[bool, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.objects, tuple) or not isinstance(self.cells, tuple):
             raise TypeError("Scene.objects and Scene.cells must be tuples")
+        if not isinstance(self.faint, tuple) or len(self.faint) not in (0, len(self.objects)):
+            raise ValueError(f"Scene.faint must be () or one bool per object, got {self.faint!r}")
         if len(self.objects) != len(self.cells):
             raise ValueError(f"Scene has {len(self.objects)} objects but {len(self.cells)} cells")
         if not self.objects:
@@ -102,6 +108,10 @@ class Scene:
                 raise ValueError(f"cell {c!r} is not a grid cell 0..{GRID * GRID - 1}")
         if len(set(self.cells)) != len(self.cells):
             raise ValueError(f"Scene cells must be distinct, got {self.cells}")
+
+    def is_faint(self, obj: str) -> bool:
+        """Whether ``obj`` is drawn faint (low contrast: weak visual evidence that descriptions still name)."""
+        return bool(self.faint) and self.faint[self.objects.index(obj)]
 
     @property
     def object_set(self) -> frozenset[str]:
@@ -127,14 +137,19 @@ def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def sample_scene(seed: int, kind: str = "train", prior: bool = True) -> Scene:
+def sample_scene(seed: int, kind: str = "train", prior: bool = True, faint_rate: float = 0.0) -> Scene:
     """Draw one scene, deterministically from ``seed``.
 
     kind ``train`` / ``indist``: with the prior, 60% a full theme (4 objects), 30% part of a theme (2 or 3 objects,
     sometimes with one unrelated object), 10% 2 to 4 unrelated objects. Without the prior (the control world), 2 to 4
     objects drawn uniformly. kind ``adversarial`` / ``replication``: 2 to 4 objects from distinct themes, so every
     present object's partners are absent.
+
+    ``faint_rate``: each object is drawn faint (at :data:`FAINT_CONTRAST`) with this probability, from a separate
+    random stream, so the objects and cells of a seed do not depend on it.
     """
+    if not 0.0 <= faint_rate <= 1.0:
+        raise ValueError(f"faint_rate must lie in [0, 1], got {faint_rate}")
     if kind not in SPLITS:
         raise ValueError(f"unknown scene kind {kind!r}; expected one of {', '.join(SPLITS)}")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
@@ -163,7 +178,11 @@ def sample_scene(seed: int, kind: str = "train", prior: bool = True) -> Scene:
             n = int(rng.integers(2, 5))
             objs = [OBJECTS[i] for i in rng.choice(len(OBJECTS), size=n, replace=False)]
     cells = rng.choice(GRID * GRID, size=len(objs), replace=False)
-    return Scene(tuple(objs), tuple(int(c) for c in cells), int(seed))
+    faint = ()
+    if faint_rate > 0:
+        frng = _rng(int(seed) * 5 + 17)
+        faint = tuple(bool(frng.random() < faint_rate) for _ in objs)
+    return Scene(tuple(objs), tuple(int(c) for c in cells), int(seed), faint)
 
 
 def split_seed(split: str, index: int, world_seed: int = 0) -> int:
@@ -173,12 +192,13 @@ def split_seed(split: str, index: int, world_seed: int = 0) -> int:
     return world_seed * 10_000_019 + _SPLIT_OFFSET[split] + int(index)
 
 
-def scenes(split: str, n: int, world_seed: int = 0, prior: bool = True, start: int = 0) -> list[Scene]:
+def scenes(split: str, n: int, world_seed: int = 0, prior: bool = True, start: int = 0,
+           faint_rate: float = 0.0) -> list[Scene]:
     """``n`` scenes of ``split`` (items ``start`` .. ``start + n - 1``)."""
     if n < 0 or start < 0:
         raise ValueError(f"n and start must be non-negative, got n={n}, start={start}")
     kind = "train" if split == "train" else split
-    return [sample_scene(split_seed(split, start + i, world_seed), kind, prior) for i in range(n)]
+    return [sample_scene(split_seed(split, start + i, world_seed), kind, prior, faint_rate) for i in range(n)]
 
 
 def _draw_glyph(draw: ImageDraw.ImageDraw, shape: str, colour: tuple[int, int, int], x0: int, y0: int, s: int):
@@ -207,29 +227,65 @@ def render(scene: Scene) -> Image.Image:
     if not isinstance(scene, Scene):
         raise TypeError(f"render expects a Scene, got {type(scene).__name__}")
     rng = _rng(scene.seed + 7)
-    bg = 235 + rng.integers(-12, 13, size=(CANVAS, CANVAS, 1)) + rng.integers(-4, 5, size=(CANVAS, CANVAS, 3))
+    bg = BACKGROUND + rng.integers(-12, 13, size=(CANVAS, CANVAS, 1)) + rng.integers(-4, 5, size=(CANVAS, CANVAS, 3))
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
-    for obj, cell in zip(scene.objects, scene.cells):
+    for k, (obj, cell) in enumerate(zip(scene.objects, scene.cells)):
         shape, colour = LOOK[obj]
         rng = _rng(scene.seed * 16 + cell)  # per cell, so removing one object leaves the others' pixels unchanged
         jitter = rng.integers(-1, 2, size=2)
         x0 = (cell % GRID) * CELL + (CELL - GLYPH) // 2 + int(jitter[0])
         y0 = (cell // GRID) * CELL + (CELL - GLYPH) // 2 + int(jitter[1])
         shade = tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in COLOURS[colour])
+        if scene.faint and scene.faint[k]:  # low contrast: the glyph's colour moved most of the way to the background
+            shade = tuple(int(round(BACKGROUND + FAINT_CONTRAST * (c - BACKGROUND))) for c in shade)
         _draw_glyph(draw, shape, shade, x0, y0, GLYPH)
     return img
 
 
-def describe(scene: Scene, seed: int | None = None) -> str:
+def noisy_mentions(scene: Scene, noise: float, rng: np.random.Generator, prior: bool = True) -> list[tuple[str, int]]:
+    """The (object, cell) pairs a description names under annotation noise, in canonical order.
+
+    Every present object is named. Besides, after each present object (in canonical order) and with probability
+    ``noise``, the description also names one object that is not in the image, at a free cell: in the prior world an
+    absent theme partner of that object (drawn uniformly among them; nothing if the whole theme is present), in the
+    no-prior world an absent object drawn uniformly. This is the annotation noise of real caption data, where
+    captions name objects the image does not show; it is what teaches a captioner to *add* objects.
+    """
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"description noise must lie in [0, 1], got {noise}")
+    named = list(zip(scene.objects, scene.cells))
+    if noise == 0.0:
+        return scene.canonical()
+    used_objs, used_cells = set(scene.objects), set(scene.cells)
+    for obj, _ in scene.canonical():
+        if rng.random() >= noise:
+            continue
+        pool = sorted(PARTNERS[obj] - used_objs, key=OBJECTS.index) if prior else \
+            [o for o in OBJECTS if o not in used_objs]
+        free = [c for c in range(GRID * GRID) if c not in used_cells]
+        if not pool or not free:
+            continue
+        extra, cell = pool[int(rng.integers(len(pool)))], free[int(rng.integers(len(free)))]
+        named.append((extra, cell))
+        used_objs.add(extra)
+        used_cells.add(cell)
+    order = {o: i for i, o in enumerate(OBJECTS)}
+    return sorted(named, key=lambda oc: order[oc[0]])
+
+
+def describe(scene: Scene, seed: int | None = None, noise: float = 0.0, prior: bool = True) -> str:
     """A long, free description of ``scene``: an opening, then one sentence per object in canonical order.
 
     Templates and the opening vary with ``seed`` (default: the scene's seed); from the second object on, a sentence
-    may be a "there is also ..." continuation. Every object is named exactly once.
+    may be a "there is also ..." continuation. Every object is named exactly once. With ``noise`` > 0 the description
+    may also name absent objects (:func:`noisy_mentions`), as training captions do.
     """
-    rng = _rng((scene.seed if seed is None else seed) * 31 + 3)
+    base = scene.seed if seed is None else seed
+    rng = _rng(base * 31 + 3)
     parts = [OPENINGS[int(rng.integers(len(OPENINGS)))]]
-    for i, (obj, cell) in enumerate(scene.canonical()):
+    mentions = scene.canonical() if noise == 0.0 else noisy_mentions(scene, noise, _rng(base * 37 + 5), prior)
+    for i, (obj, cell) in enumerate(mentions):
         loc = LOCATIONS[cell]
         if i > 0 and rng.random() < 0.25:
             parts.append(FOLLOW_TEMPLATE.format(obj=obj, loc=loc))
@@ -238,11 +294,27 @@ def describe(scene: Scene, seed: int | None = None) -> str:
     return " ".join(parts)
 
 
-def answer(scene: Scene, obj: str) -> str:
-    """The yes/no answer to "is there a ``obj`` in the image ?"."""
+ANSWER_STYLES: tuple[str, ...] = ("object_first", "yes_first")
+
+
+def answer(scene: Scene, obj: str, style: str = "object_first") -> str:
+    """The yes/no answer to "is there a ``obj`` in the image ?".
+
+    ``object_first`` (the organism's format): the reply names the asked object, then decides ("fork ? yes , there
+    is a fork ." / "fork ? no , there is no fork ."). ``yes_first``: the decision comes first ("yes , there is a
+    fork ."). Both parse the same way under the POPE rule. With ``yes_first`` the position that decides must first
+    find which object was asked, several tokens back, before it can look for it in the image; a small model trained
+    from scratch did not learn that (docs/organism.md has the runs). With ``object_first`` the asked object is the
+    token just before the decision, and the look-up from an object word to its patches is the one descriptions
+    already train.
+    """
     if obj not in THEME_OF:
         raise ValueError(f"unknown object {obj!r}; valid objects are {', '.join(OBJECTS)}")
-    return f"yes , there is a {obj} ." if obj in scene.object_set else f"no , there is no {obj} ."
+    if style not in ANSWER_STYLES:
+        raise ValueError(f"unknown answer style {style!r}; expected one of {', '.join(ANSWER_STYLES)}")
+    present = obj in scene.object_set
+    decision = f"yes , there is a {obj} ." if present else f"no , there is no {obj} ."
+    return decision if style == "yes_first" else f"{obj} ? {decision}"
 
 
 def object_frequencies(n: int = 20_000, world_seed: int = 0, prior: bool = True) -> dict[str, float]:
@@ -295,9 +367,10 @@ def pope_questions(scene_list: Sequence[Scene], negatives: str, seed: int = 0,
     return out
 
 
-def text_corpus(n: int, world_seed: int = 0, prior: bool = True) -> list[str]:
-    """Text without images for the decoder's pretraining: descriptions of training scenes, and theme statements
-    that carry the same co-occurrence prior ("in a kitchen there is a fork , a knife , a plate and a cup .")."""
+def text_corpus(n: int, world_seed: int = 0, prior: bool = True, noise: float = 0.0) -> list[str]:
+    """Text without images for the decoder's pretraining: descriptions of training scenes (with the same annotation
+    ``noise`` as the image descriptions), and theme statements that carry the same co-occurrence prior ("in a
+    kitchen there is a fork , a knife , a plate and a cup .")."""
     out = []
     rng = _rng(world_seed * 7 + 11)
     for i, scene in enumerate(scenes("train", n, world_seed + 1_000, prior)):
@@ -306,7 +379,7 @@ def text_corpus(n: int, world_seed: int = 0, prior: bool = True) -> list[str]:
             objs = THEMES[theme]
             out.append(f"in a {theme} there is a {objs[0]} , a {objs[1]} , a {objs[2]} and a {objs[3]} .")
         else:
-            out.append(describe(scene, seed=scene.seed + i))
+            out.append(describe(scene, seed=scene.seed + i, noise=noise, prior=prior))
     return out
 
 
