@@ -128,24 +128,30 @@ def test_generator_rejects_bad_arguments():
 
 def test_faint_objects_are_drawn_at_low_contrast_and_leave_the_scene_unchanged():
     plain = world.scenes("train", 200)
-    faint = world.scenes("train", 200, faint_rate=0.3)
+    faint = world.scenes("train", 200, faint_rate=0.3, faint_range=(0.2, 0.3))
     assert [(s.objects, s.cells, s.seed) for s in plain] == [(s.objects, s.cells, s.seed) for s in faint]
-    flags = [f for s in faint for f in s.faint]
-    assert 0.25 < np.mean(flags) < 0.35
-    assert all(s.faint == () for s in plain)
-    s = next(s for s in faint if any(s.faint) and not all(s.faint))
-    strong, weak = np.asarray(world.render(world.Scene(s.objects, s.cells, s.seed))).astype(int), \
-        np.asarray(world.render(s)).astype(int)
-    for obj, cell, is_faint in zip(s.objects, s.cells, s.faint):
+    values = [c for s in faint for c in s.contrast]
+    assert 0.25 < np.mean([c < 1 for c in values]) < 0.35
+    assert all(0.2 <= c <= 0.3 for c in values if c < 1)
+    assert all(s.contrast == () for s in plain)
+    s = next(s for s in faint if any(c < 1 for c in s.contrast) and 1.0 in s.contrast)
+    strong = np.asarray(world.render(world.Scene(s.objects, s.cells, s.seed))).astype(int)
+    weak = np.asarray(world.render(s)).astype(int)
+    for obj, cell, c in zip(s.objects, s.cells, s.contrast):
         a, b = _cell_pixels(strong, cell), _cell_pixels(weak, cell)
-        if not is_faint:
+        assert s.contrast_of(obj) == c
+        if c == 1.0:
             assert np.array_equal(a, b)
             continue
         glyph = (a.max(-1) - a.min(-1)) > 80
-        # every glyph pixel moved to background + FAINT_CONTRAST * (colour - background), up to rounding
-        expected = world.BACKGROUND + world.FAINT_CONTRAST * (a[glyph] - world.BACKGROUND)
+        # every glyph pixel moved to background + contrast * (colour - background), up to rounding; the rest is kept
+        expected = world.BACKGROUND + c * (a[glyph] - world.BACKGROUND)
         assert np.abs(b[glyph] - expected).max() <= 1
-        assert s.is_faint(obj)
+        assert np.array_equal(a[~glyph], b[~glyph])
+    with pytest.raises(ValueError, match="contrast"):
+        world.Scene(("fork",), (0,), 1, (0.0,))
+    with pytest.raises(ValueError, match="faint_range"):
+        world.sample_scene(1, faint_rate=0.5, faint_range=(0.5, 0.2))
 
 
 def test_description_noise_names_absent_partners_at_free_cells():

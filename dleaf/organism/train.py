@@ -65,6 +65,8 @@ class TrainConfig:
     question_fraction: float = 0.3
     description_noise: float = 0.0
     faint_rate: float = 0.0
+    faint_low: float = world.FAINT_RANGE[0]
+    faint_high: float = world.FAINT_RANGE[1]
     answer_style: str = "object_first"
     text_hidden: int = 96
     text_layers: int = 6
@@ -182,7 +184,7 @@ def _param_groups(model, stage: str, config: TrainConfig) -> list[dict]:
 
 # Settings that must agree between a saved run and the run that resumes it, besides each completed stage's own.
 _RESUME_KEYS = ("seed", "prior", "batch_size", "warmup", "weight_decay", "question_fraction", "description_noise",
-                "faint_rate", "answer_style", "text_hidden", "text_layers", "text_heads", "text_intermediate")
+                "faint_rate", "faint_low", "faint_high", "answer_style", "text_hidden", "text_layers", "text_heads", "text_intermediate")
 _STAGE_KEYS = {"text": ("text_steps", "text_lr"), "align": ("align_steps", "align_lr"),
                "joint": ("joint_steps", "joint_lr"), "refine": ("refine_steps", "refine_lr", "refine_vision_lr")}
 
@@ -245,7 +247,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                 batch = text_batch(processor.tokenizer, corpus[step * config.batch_size:(step + 1) * config.batch_size])
             else:
                 scenes = world.scenes("train", config.batch_size, config.seed, config.prior, start=scene_index,
-                                      faint_rate=config.faint_rate)
+                                      faint_rate=config.faint_rate,
+                                      faint_range=(config.faint_low, config.faint_high))
                 scene_index += config.batch_size
                 qf = 0.0 if stage == "align" else config.question_fraction
                 batch = conversation_batch(processor, scenes, rng, qf, config.description_noise, config.prior,

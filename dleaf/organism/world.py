@@ -54,8 +54,8 @@ LOOK: dict[str, tuple[str, str]] = {
 
 CANVAS = 48
 BACKGROUND = 235
-#: contrast of a faint object against the background, as a fraction of a normal object's
-FAINT_CONTRAST = 0.25
+#: default range of a faint object's contrast against the background, as a fraction of a normal object's
+FAINT_RANGE = (0.1, 0.4)
 GRID = 3
 CELL = CANVAS // GRID
 GLYPH = 12
@@ -87,13 +87,16 @@ class Scene:
     objects: tuple[str, ...]
     cells: tuple[int, ...]
     seed: int
-    faint: tuple[bool, ...] = ()
+    contrast: tuple[float, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.objects, tuple) or not isinstance(self.cells, tuple):
             raise TypeError("Scene.objects and Scene.cells must be tuples")
-        if not isinstance(self.faint, tuple) or len(self.faint) not in (0, len(self.objects)):
-            raise ValueError(f"Scene.faint must be () or one bool per object, got {self.faint!r}")
+        if not isinstance(self.contrast, tuple) or len(self.contrast) not in (0, len(self.objects)):
+            raise ValueError(f"Scene.contrast must be () (every object at full contrast) or one value per object, "
+                             f"got {self.contrast!r}")
+        if any(not 0.0 < c <= 1.0 for c in self.contrast):
+            raise ValueError(f"Scene.contrast values must lie in (0, 1], got {self.contrast!r}")
         if len(self.objects) != len(self.cells):
             raise ValueError(f"Scene has {len(self.objects)} objects but {len(self.cells)} cells")
         if not self.objects:
@@ -109,9 +112,10 @@ class Scene:
         if len(set(self.cells)) != len(self.cells):
             raise ValueError(f"Scene cells must be distinct, got {self.cells}")
 
-    def is_faint(self, obj: str) -> bool:
-        """Whether ``obj`` is drawn faint (low contrast: weak visual evidence that descriptions still name)."""
-        return bool(self.faint) and self.faint[self.objects.index(obj)]
+    def contrast_of(self, obj: str) -> float:
+        """The contrast ``obj`` is drawn at against the background: 1 for a normal object, lower for a faint one
+        (weak visual evidence that descriptions still name)."""
+        return self.contrast[self.objects.index(obj)] if self.contrast else 1.0
 
     @property
     def object_set(self) -> frozenset[str]:
@@ -137,7 +141,8 @@ def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def sample_scene(seed: int, kind: str = "train", prior: bool = True, faint_rate: float = 0.0) -> Scene:
+def sample_scene(seed: int, kind: str = "train", prior: bool = True, faint_rate: float = 0.0,
+                 faint_range: tuple[float, float] = FAINT_RANGE) -> Scene:
     """Draw one scene, deterministically from ``seed``.
 
     kind ``train`` / ``indist``: with the prior, 60% a full theme (4 objects), 30% part of a theme (2 or 3 objects,
@@ -145,11 +150,14 @@ def sample_scene(seed: int, kind: str = "train", prior: bool = True, faint_rate:
     objects drawn uniformly. kind ``adversarial`` / ``replication``: 2 to 4 objects from distinct themes, so every
     present object's partners are absent.
 
-    ``faint_rate``: each object is drawn faint (at :data:`FAINT_CONTRAST`) with this probability, from a separate
-    random stream, so the objects and cells of a seed do not depend on it.
+    ``faint_rate``: each object is drawn faint with this probability, at a contrast drawn uniformly from
+    ``faint_range``, from a separate random stream, so the objects and cells of a seed do not depend on it.
     """
     if not 0.0 <= faint_rate <= 1.0:
         raise ValueError(f"faint_rate must lie in [0, 1], got {faint_rate}")
+    lo, hi = faint_range
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(f"faint_range must satisfy 0 < low <= high <= 1, got {faint_range}")
     if kind not in SPLITS:
         raise ValueError(f"unknown scene kind {kind!r}; expected one of {', '.join(SPLITS)}")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
@@ -178,11 +186,11 @@ def sample_scene(seed: int, kind: str = "train", prior: bool = True, faint_rate:
             n = int(rng.integers(2, 5))
             objs = [OBJECTS[i] for i in rng.choice(len(OBJECTS), size=n, replace=False)]
     cells = rng.choice(GRID * GRID, size=len(objs), replace=False)
-    faint = ()
+    contrast = ()
     if faint_rate > 0:
         frng = _rng(int(seed) * 5 + 17)
-        faint = tuple(bool(frng.random() < faint_rate) for _ in objs)
-    return Scene(tuple(objs), tuple(int(c) for c in cells), int(seed), faint)
+        contrast = tuple(float(frng.uniform(lo, hi)) if frng.random() < faint_rate else 1.0 for _ in objs)
+    return Scene(tuple(objs), tuple(int(c) for c in cells), int(seed), contrast)
 
 
 def split_seed(split: str, index: int, world_seed: int = 0) -> int:
@@ -193,12 +201,13 @@ def split_seed(split: str, index: int, world_seed: int = 0) -> int:
 
 
 def scenes(split: str, n: int, world_seed: int = 0, prior: bool = True, start: int = 0,
-           faint_rate: float = 0.0) -> list[Scene]:
+           faint_rate: float = 0.0, faint_range: tuple[float, float] = FAINT_RANGE) -> list[Scene]:
     """``n`` scenes of ``split`` (items ``start`` .. ``start + n - 1``)."""
     if n < 0 or start < 0:
         raise ValueError(f"n and start must be non-negative, got n={n}, start={start}")
     kind = "train" if split == "train" else split
-    return [sample_scene(split_seed(split, start + i, world_seed), kind, prior, faint_rate) for i in range(n)]
+    return [sample_scene(split_seed(split, start + i, world_seed), kind, prior, faint_rate, faint_range)
+            for i in range(n)]
 
 
 def _draw_glyph(draw: ImageDraw.ImageDraw, shape: str, colour: tuple[int, int, int], x0: int, y0: int, s: int):
@@ -237,8 +246,8 @@ def render(scene: Scene) -> Image.Image:
         x0 = (cell % GRID) * CELL + (CELL - GLYPH) // 2 + int(jitter[0])
         y0 = (cell // GRID) * CELL + (CELL - GLYPH) // 2 + int(jitter[1])
         shade = tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in COLOURS[colour])
-        if scene.faint and scene.faint[k]:  # low contrast: the glyph's colour moved most of the way to the background
-            shade = tuple(int(round(BACKGROUND + FAINT_CONTRAST * (c - BACKGROUND))) for c in shade)
+        if scene.contrast and scene.contrast[k] < 1.0:  # faint: the glyph's colour moved toward the background
+            shade = tuple(int(round(BACKGROUND + scene.contrast[k] * (c - BACKGROUND))) for c in shade)
         _draw_glyph(draw, shape, shade, x0, y0, GLYPH)
     return img
 
