@@ -67,7 +67,7 @@ class TrainConfig:
     faint_rate: float = 0.0
     faint_low: float = world.FAINT_RANGE[0]
     faint_high: float = world.FAINT_RANGE[1]
-    answer_style: str = "object_first"
+    answer_style: str = "list_first"
     text_hidden: int = 96
     text_layers: int = 6
     text_heads: int = 6
@@ -115,7 +115,7 @@ def _reply_labels(input_ids: torch.Tensor, reply_lengths: list[int]) -> torch.Te
 
 
 def conversation_batch(processor, scenes: list[world.Scene], rng: np.random.Generator, question_fraction: float,
-                       noise: float = 0.0, prior: bool = True, answer_style: str = "object_first"):
+                       noise: float = 0.0, prior: bool = True, answer_style: str = "list_first"):
     """Model inputs with reply-only labels for a batch of scenes (a description or a yes/no question each)."""
     texts, replies = [], []
     for scene in scenes:
@@ -125,7 +125,10 @@ def conversation_batch(processor, scenes: list[world.Scene], rng: np.random.Gene
             else:
                 absent = [o for o in world.OBJECTS if o not in scene.object_set]
                 obj = absent[int(rng.integers(len(absent)))]
-            prompt, reply = world.QUESTION_TEMPLATE.format(obj=obj), world.answer(scene, obj, answer_style)
+            listed = None
+            if noise > 0 and answer_style == "list_first":
+                listed = [o for o, _ in world.noisy_mentions(scene, noise, rng, prior)]
+            prompt, reply = world.QUESTION_TEMPLATE.format(obj=obj), world.answer(scene, obj, answer_style, listed)
         else:
             prompt = world.CAPTION_PROMPTS[int(rng.integers(len(world.CAPTION_PROMPTS)))]
             reply = world.describe(scene, seed=int(rng.integers(2**31)), noise=noise, prior=prior)

@@ -303,27 +303,44 @@ def describe(scene: Scene, seed: int | None = None, noise: float = 0.0, prior: b
     return " ".join(parts)
 
 
-ANSWER_STYLES: tuple[str, ...] = ("object_first", "yes_first")
+ANSWER_STYLES: tuple[str, ...] = ("list_first", "object_first", "yes_first")
 
 
-def answer(scene: Scene, obj: str, style: str = "object_first") -> str:
+def object_list(objects: Sequence[str]) -> str:
+    """"a fork , a cow and a bus": objects in canonical order, as a reply lists them."""
+    names = [f"a {o}" for o in sorted(objects, key=OBJECTS.index)]
+    return names[0] if len(names) == 1 else " , ".join(names[:-1]) + " and " + names[-1]
+
+
+def answer(scene: Scene, obj: str, style: str = "list_first", listed: Sequence[str] | None = None) -> str:
     """The yes/no answer to "is there a ``obj`` in the image ?".
 
-    ``object_first`` (the organism's format): the reply names the asked object, then decides ("fork ? yes , there
-    is a fork ." / "fork ? no , there is no fork ."). ``yes_first``: the decision comes first ("yes , there is a
-    fork ."). Both parse the same way under the POPE rule. With ``yes_first`` the position that decides must first
-    find which object was asked, several tokens back, before it can look for it in the image; a small model trained
-    from scratch did not learn that (docs/organism.md has the runs). With ``object_first`` the asked object is the
-    token just before the decision, and the look-up from an object word to its patches is the one descriptions
-    already train.
+    ``list_first`` (the organism's format): the reply first lists what the image shows, then names the asked object
+    and decides ("i see a fork , a cow and a bus . fork ? yes , there is a fork ." / "... . knife ? no , there is
+    no knife ."). ``object_first`` names
+    the asked object, then decides ("fork ? yes , there is a fork ."); ``yes_first`` decides at once ("yes , there
+    is a fork ."). All three parse the same way under the POPE rule. With ``yes_first`` (and, in our runs, with
+    ``object_first`` too) a small model trained from scratch never learned to look the asked object up in the
+    image: the answer stayed at chance (docs/organism.md has the runs). With ``list_first`` reading the image is
+    the captioning skill the model already has, and the decision, taken just after the asked word, is a look-up of
+    that word in the model's own list.
+
+    ``listed``: the objects the list names (default: the scene's objects). Training passes the noisy mentions of
+    :func:`noisy_mentions`, so a list carries the same annotation noise as a description, and the decision follows
+    the list: an object the list names is answered yes.
     """
     if obj not in THEME_OF:
         raise ValueError(f"unknown object {obj!r}; valid objects are {', '.join(OBJECTS)}")
     if style not in ANSWER_STYLES:
         raise ValueError(f"unknown answer style {style!r}; expected one of {', '.join(ANSWER_STYLES)}")
-    present = obj in scene.object_set
+    named = scene.objects if listed is None else tuple(listed)
+    present = obj in named
     decision = f"yes , there is a {obj} ." if present else f"no , there is no {obj} ."
-    return decision if style == "yes_first" else f"{obj} ? {decision}"
+    if style == "yes_first":
+        return decision
+    if style == "object_first":
+        return f"{obj} ? {decision}"
+    return f"i see {object_list(named)} . {obj} ? {decision}"
 
 
 def object_frequencies(n: int = 20_000, world_seed: int = 0, prior: bool = True) -> dict[str, float]:
