@@ -68,6 +68,7 @@ class TrainConfig:
     faint_low: float = world.FAINT_RANGE[0]
     faint_high: float = world.FAINT_RANGE[1]
     answer_style: str = "list_first"
+    text_list_questions: float = 0.0
     text_hidden: int = 96
     text_layers: int = 6
     text_heads: int = 6
@@ -87,7 +88,7 @@ class TrainConfig:
         if self.answer_style not in world.ANSWER_STYLES:
             raise ValueError(f"TrainConfig.answer_style must be one of {', '.join(world.ANSWER_STYLES)}, "
                              f"got {self.answer_style!r}")
-        for name in ("question_fraction", "description_noise", "faint_rate"):
+        for name in ("question_fraction", "description_noise", "faint_rate", "text_list_questions"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"TrainConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
 
@@ -188,7 +189,7 @@ def _param_groups(model, stage: str, config: TrainConfig) -> list[dict]:
 # Settings that must agree between a saved run and the run that resumes it, besides each completed stage's own.
 _RESUME_KEYS = ("seed", "prior", "batch_size", "warmup", "weight_decay", "question_fraction", "description_noise",
                 "faint_rate", "faint_low", "faint_high", "answer_style", "text_hidden", "text_layers", "text_heads", "text_intermediate")
-_STAGE_KEYS = {"text": ("text_steps", "text_lr"), "align": ("align_steps", "align_lr"),
+_STAGE_KEYS = {"text": ("text_steps", "text_lr", "text_list_questions"), "align": ("align_steps", "align_lr"),
                "joint": ("joint_steps", "joint_lr"), "refine": ("refine_steps", "refine_lr", "refine_vision_lr")}
 
 
@@ -227,7 +228,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     model.set_attn_implementation("sdpa")
     model.train()
     corpus = world.text_corpus(config.text_steps * config.batch_size, world_seed=config.seed, prior=config.prior,
-                               noise=config.description_noise)
+                               noise=config.description_noise, list_questions=config.text_list_questions)
     scene_index = 0
     probe_batch = conversation_batch(processor, world.scenes("indist", 64, config.seed, config.prior),
                                      np.random.default_rng(12345), config.question_fraction,

@@ -393,14 +393,30 @@ def pope_questions(scene_list: Sequence[Scene], negatives: str, seed: int = 0,
     return out
 
 
-def text_corpus(n: int, world_seed: int = 0, prior: bool = True, noise: float = 0.0) -> list[str]:
+def text_corpus(n: int, world_seed: int = 0, prior: bool = True, noise: float = 0.0,
+                list_questions: float = 0.0) -> list[str]:
     """Text without images for the decoder's pretraining: descriptions of training scenes (with the same annotation
-    ``noise`` as the image descriptions), and theme statements that carry the same co-occurrence prior ("in a
-    kitchen there is a fork , a knife , a plate and a cup .")."""
+    ``noise`` as the image descriptions), theme statements that carry the same co-occurrence prior ("in a kitchen
+    there is a fork , a knife , a plate and a cup ."), and, a ``list_questions`` share of the texts, the second half
+    of a ``list_first`` answer with no image and no question: a list of objects, an object, and whether the list
+    names it ("i see a cow and a ball . fork ? no , there is no fork ."), half the time about a listed object. That
+    teaches the look-up of a word in a list before any image is seen, so that the joint stage only has to learn to
+    take the asked object from the question (docs/organism.md: without it the answers stayed at chance)."""
+    if not 0.0 <= list_questions <= 1.0:
+        raise ValueError(f"list_questions must lie in [0, 1], got {list_questions}")
     out = []
     rng = _rng(world_seed * 7 + 11)
+    qrng = _rng(world_seed * 7 + 13)
     for i, scene in enumerate(scenes("train", n, world_seed + 1_000, prior)):
-        if prior and rng.random() < 0.15:
+        if list_questions > 0 and qrng.random() < list_questions:
+            listed = [o for o, _ in noisy_mentions(scene, noise, qrng, prior)]
+            if qrng.random() < 0.5:
+                obj = listed[int(qrng.integers(len(listed)))]
+            else:
+                absent = [o for o in OBJECTS if o not in listed]
+                obj = absent[int(qrng.integers(len(absent)))]
+            out.append(answer(scene, obj, "list_first", listed))
+        elif prior and rng.random() < 0.15:
             theme = list(THEMES)[int(rng.integers(len(THEMES)))]
             objs = THEMES[theme]
             out.append(f"in a {theme} there is a {objs[0]} , a {objs[1]} , a {objs[2]} and a {objs[3]} .")
