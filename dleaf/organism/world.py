@@ -253,21 +253,23 @@ def render(scene: Scene) -> Image.Image:
 
 
 def noisy_mentions(scene: Scene, noise: float, rng: np.random.Generator, prior: bool = True) -> list[tuple[str, int]]:
-    """The (object, cell) pairs a description names under annotation noise, in canonical order.
+    """The (object, cell) pairs a description names under annotation noise: every present object in canonical
+    order, then the objects the image does not show, in canonical order.
 
-    Every present object is named. Besides, after each present object (in canonical order) and with probability
-    ``noise``, the description also names one object that is not in the image, at a free cell: in the prior world an
-    absent theme partner of that object (drawn uniformly among them; nothing if the whole theme is present), in the
-    no-prior world an absent object drawn uniformly. This is the annotation noise of real caption data, where
-    captions name objects the image does not show; it is what teaches a captioner to *add* objects.
+    For each present object (in canonical order), with probability ``noise``, the description also names one object
+    that is not in the image, at a free cell: in the prior world an absent theme partner of that object (drawn
+    uniformly among them; nothing if its whole theme is present), in the no-prior world an absent object drawn
+    uniformly. These come after the real objects, as real captions go on to name what the scene suggests once the
+    visible objects are described; this annotation noise is what teaches a captioner to *add* objects.
     """
     if not 0.0 <= noise <= 1.0:
         raise ValueError(f"description noise must lie in [0, 1], got {noise}")
-    named = list(zip(scene.objects, scene.cells))
+    present = scene.canonical()
     if noise == 0.0:
-        return scene.canonical()
+        return present
     used_objs, used_cells = set(scene.objects), set(scene.cells)
-    for obj, _ in scene.canonical():
+    extra = []
+    for obj, _ in present:
         if rng.random() >= noise:
             continue
         pool = sorted(PARTNERS[obj] - used_objs, key=OBJECTS.index) if prior else \
@@ -275,12 +277,12 @@ def noisy_mentions(scene: Scene, noise: float, rng: np.random.Generator, prior: 
         free = [c for c in range(GRID * GRID) if c not in used_cells]
         if not pool or not free:
             continue
-        extra, cell = pool[int(rng.integers(len(pool)))], free[int(rng.integers(len(free)))]
-        named.append((extra, cell))
-        used_objs.add(extra)
+        added, cell = pool[int(rng.integers(len(pool)))], free[int(rng.integers(len(free)))]
+        extra.append((added, cell))
+        used_objs.add(added)
         used_cells.add(cell)
     order = {o: i for i, o in enumerate(OBJECTS)}
-    return sorted(named, key=lambda oc: order[oc[0]])
+    return present + sorted(extra, key=lambda oc: order[oc[0]])
 
 
 def describe(scene: Scene, seed: int | None = None, noise: float = 0.0, prior: bool = True) -> str:
@@ -288,7 +290,8 @@ def describe(scene: Scene, seed: int | None = None, noise: float = 0.0, prior: b
 
     Templates and the opening vary with ``seed`` (default: the scene's seed); from the second object on, a sentence
     may be a "there is also ..." continuation. Every object is named exactly once. With ``noise`` > 0 the description
-    may also name absent objects (:func:`noisy_mentions`), as training captions do.
+    may go on to name absent objects after the real ones (:func:`noisy_mentions`), each as "there is also ...", as
+    training captions do.
     """
     base = scene.seed if seed is None else seed
     rng = _rng(base * 31 + 3)
@@ -296,7 +299,7 @@ def describe(scene: Scene, seed: int | None = None, noise: float = 0.0, prior: b
     mentions = scene.canonical() if noise == 0.0 else noisy_mentions(scene, noise, _rng(base * 37 + 5), prior)
     for i, (obj, cell) in enumerate(mentions):
         loc = LOCATIONS[cell]
-        if i > 0 and rng.random() < 0.25:
+        if i >= len(scene.objects) or (i > 0 and rng.random() < 0.25):
             parts.append(FOLLOW_TEMPLATE.format(obj=obj, loc=loc))
         else:
             parts.append(SENTENCE_TEMPLATES[int(rng.integers(len(SENTENCE_TEMPLATES)))].format(obj=obj, loc=loc))
@@ -307,8 +310,8 @@ ANSWER_STYLES: tuple[str, ...] = ("list_first", "object_first", "yes_first")
 
 
 def object_list(objects: Sequence[str]) -> str:
-    """"a fork , a cow and a bus": objects in canonical order, as a reply lists them."""
-    names = [f"a {o}" for o in sorted(objects, key=OBJECTS.index)]
+    """"a fork , a cow and a bus": the objects in the order given, as a reply lists them."""
+    names = [f"a {o}" for o in objects]
     return names[0] if len(names) == 1 else " , ".join(names[:-1]) + " and " + names[-1]
 
 
@@ -325,7 +328,8 @@ def answer(scene: Scene, obj: str, style: str = "list_first", listed: Sequence[s
     the captioning skill the model already has, and the decision, taken just after the asked word, is a look-up of
     that word in the model's own list.
 
-    ``listed``: the objects the list names (default: the scene's objects). Training passes the noisy mentions of
+    ``listed``: the objects the list names, in order (default: the scene's objects in canonical order). Training
+    passes the noisy mentions of
     :func:`noisy_mentions`, so a list carries the same annotation noise as a description, and the decision follows
     the list: an object the list names is answered yes.
     """
@@ -333,7 +337,7 @@ def answer(scene: Scene, obj: str, style: str = "list_first", listed: Sequence[s
         raise ValueError(f"unknown object {obj!r}; valid objects are {', '.join(OBJECTS)}")
     if style not in ANSWER_STYLES:
         raise ValueError(f"unknown answer style {style!r}; expected one of {', '.join(ANSWER_STYLES)}")
-    named = scene.objects if listed is None else tuple(listed)
+    named = [o for o, _ in scene.canonical()] if listed is None else list(listed)
     present = obj in named
     decision = f"yes , there is a {obj} ." if present else f"no , there is no {obj} ."
     if style == "yes_first":
