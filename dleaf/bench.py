@@ -891,8 +891,18 @@ def cost_model(desc: dict, new_tokens: int = 32) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- report
+def _nan_for_null(x):
+    """A result read back from strict JSON (where NaN was written as null) with null numbers as NaN again."""
+    if isinstance(x, dict):
+        return {k: _nan_for_null(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_for_null(v) for v in x]
+    return math.nan if x is None else x
+
+
 def format_report(result: dict) -> str:
     """The results as text tables: per model and batch size, medians and ratios; memory; scoring."""
+    result = _nan_for_null(result)
     lines = []
     for name, entry in result["models"].items():
         d = entry["description"]
@@ -943,6 +953,7 @@ def format_report(result: dict) -> str:
 def markdown_tables(result: dict) -> str:
     """The results as Markdown tables (for docs/performance.md): per model and batch size, the median decoding
     throughput and its ratios, peak memory and scoring."""
+    result = _nan_for_null(result)
     out = []
     for name, entry in result["models"].items():
         d = entry["description"]

@@ -796,6 +796,15 @@ class Intervention:
         # a loss at gamma = 0 uses it with the flags fixed by the uncorrected model.
         return self.gamma_override if self.gamma_override is not None else self.config.gamma
 
+    # ------------------------------------------------------------------ generate
+    def generation_kwargs(self, inputs: dict) -> dict:
+        """Extra keyword arguments the attached method needs in ``model.generate(**inputs, ...)``; see
+        :func:`generation_kwargs`. Attention-level methods (D-LEAF, PAI, SPIN) act inside the forward pass and need
+        none."""
+        if not self._attached:
+            raise ValueError("the intervention passed to generation_kwargs is detached")
+        return {}
+
     # ------------------------------------------------------------------ summaries
     def flag_rate(self) -> float:
         """Fraction of (active position, watched layer) pairs flagged so far (needs ``trace=True``)."""
@@ -842,6 +851,16 @@ def attached(model, method: str | MethodConfig | None = "dleaf", **kwargs):
         yield intervention
     finally:
         intervention.detach()
+
+
+def generation_kwargs(intervention: "Intervention | None", inputs: dict) -> dict:
+    """The extra keyword arguments ``model.generate(**inputs, **generation_kwargs(iv, inputs))`` needs for the method
+    attached as ``intervention`` (``None``: nothing attached, plain decoding). Methods that act inside the attention
+    (D-LEAF, PAI, SPIN) return ``{}``; a method that acts on the logits returns, for example, a ``logits_processor``.
+    Every generation loop calls it, so any method runs through ``generate`` the same way."""
+    if intervention is None:
+        return {}
+    return intervention.generation_kwargs(inputs)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

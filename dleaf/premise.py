@@ -20,8 +20,6 @@ image-attention entropy, or the image-mass deficit ``-mass``); an AUROC above
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -32,6 +30,7 @@ from scipy import stats
 __all__ = [
     "PremiseRow",
     "auroc",
+    "auc_from_ranks",
     "auroc_interval",
     "premise_table",
     "premise_markdown",
@@ -57,7 +56,7 @@ def _as_scores(x, name: str) -> np.ndarray:
     return arr
 
 
-def _auc_from_ranks(pos: np.ndarray, neg: np.ndarray, axis: int = -1) -> np.ndarray:
+def auc_from_ranks(pos: np.ndarray, neg: np.ndarray, axis: int = -1) -> np.ndarray:
     """Vectorised AUROC along ``axis`` from mid-ranks of the pooled sample.
 
     ``U_pos = R_pos - n_pos (n_pos + 1) / 2`` with ``R_pos`` the sum of the
@@ -134,7 +133,7 @@ def auroc_interval(
         return nan
     res = stats.bootstrap(
         (p, n),
-        _auc_from_ranks,
+        auc_from_ranks,
         n_resamples=int(n_resamples),
         # bound memory: about 2e7 pooled values per batch of replicates
         batch=max(1, int(2e7 // allv.size)),
@@ -283,15 +282,14 @@ def premise_markdown(rows: Sequence[PremiseRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_premise(rows: Sequence[PremiseRow], path) -> Path:
+def plot_premise(rows: Sequence[PremiseRow], path, title: str | None = None) -> Path:
     """Plot AUROC per layer for each signal, with interval error bars.
 
-    A dashed horizontal line marks chance (0.5).  Signals are dodged slightly
-    along the layer axis so their error bars do not overlap.  The figure is
-    rendered with the Agg canvas (no pyplot / global backend change) and
-    saved atomically: written to a temporary file in the destination
-    directory, then moved into place with ``os.replace``.  The format follows
-    the file suffix (PNG if none).
+    A dashed horizontal line marks chance (0.5) and the caption says how to read the values on either side of it.
+    Signals are dodged slightly along the layer axis so their error bars do not overlap; an interval reaching past
+    [0, 1] is clipped to the axis. ``title`` (for example the model, run and split) heads the figure. The figure is
+    rendered with the Agg canvas (no pyplot / global backend change) and saved atomically; the format follows the
+    file suffix (PNG if none).
 
     Returns:
         The destination path.
@@ -299,17 +297,18 @@ def plot_premise(rows: Sequence[PremiseRow], path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from .io import save_figure_atomic
+
     rows = list(rows)
     if not rows:
         raise ValueError("rows is empty: nothing to plot")
     path = Path(path)
-    fmt = path.suffix[1:].lower() or "png"
 
     by_signal: dict[str, list[PremiseRow]] = {}
     for r in rows:
         by_signal.setdefault(r.signal, []).append(r)
 
-    fig = Figure(figsize=(7.0, 4.0), dpi=120)
+    fig = Figure(figsize=(7.0, 4.6), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     k = len(by_signal)
@@ -319,31 +318,23 @@ def plot_premise(rows: Sequence[PremiseRow], path) -> Path:
         off = (j - (k - 1) / 2) * (width / max(k - 1, 1))
         x = np.array([r.layer for r in rs], dtype=float) + off
         y = np.array([r.auroc for r in rs], dtype=float)
-        lo = np.array([r.ci_low for r in rs], dtype=float)
-        hi = np.array([r.ci_high for r in rs], dtype=float)
+        lo = np.clip(np.array([r.ci_low for r in rs], dtype=float), 0.0, 1.0)
+        hi = np.clip(np.array([r.ci_high for r in rs], dtype=float), 0.0, 1.0)
         yerr = np.vstack([np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)])
         yerr = np.nan_to_num(yerr, nan=0.0)
         ax.errorbar(x, y, yerr=yerr, marker="o", markersize=3, capsize=2, label=name)
     ax.axhline(0.5, linestyle="--", color="gray", linewidth=1, label="chance (0.5)")
+    layers = sorted({r.layer for r in rows})
+    ax.set_xticks(layers)
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("AUROC (hallucinated vs grounded)")
     ax.set_ylim(-0.02, 1.02)
     n_h, n_g = rows[0].n_hallucinated, rows[0].n_grounded
-    ax.set_title(f"Premise check: per-layer AUROC ({n_h} hallucinated, {n_g} grounded)")
+    head = f"{title}\n" if title else ""
+    ax.set_title(f"{head}premise check: per-layer AUROC ({n_h} hallucinated, {n_g} grounded words)", fontsize=9)
     ax.legend(loc="best", fontsize="small")
-    fig.tight_layout()
-
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=fmt)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    fig.text(0.01, 0.01, "above 0.5: the signal is larger at hallucinated words (as the premise says); below 0.5: "
+             "it is smaller there (it points the other way); bars: 95% bootstrap intervals", fontsize=6.5,
+             color="dimgray")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return save_figure_atomic(fig, path)

@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import evaluate
+from . import eval as harness
 from .io import write_json_atomic, write_text_atomic
+from .resources import data_path
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
-ORGANISM_ADAPTER = DATA_DIR / "organism_dpo"
+ORGANISM_ADAPTER = data_path("organism_dpo")
 
 #: (label, method, uses the DPO adapter)
 SETTINGS = (
@@ -148,23 +148,23 @@ def _eval_dir(out: Path, bench: str, label: str) -> Path:
 
 
 def eval_arguments(cfg: StudyConfig, out: Path, bench: str, label: str, method: str, adapter: bool,
-                   progress: bool = True) -> evaluate.EvalArguments:
+                   progress: bool = True) -> harness.EvalArguments:
     """The harness arguments of one (benchmark, setting) cell of the study."""
     common = dict(benchmark=bench, output_dir=str(_eval_dir(out, bench, label)), method=method,
                   adapter=cfg.adapter_path if adapter else None, limit=cfg.images, batch_size=cfg.generation_batch,
                   progress=progress, model=cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
     if bench == "organism_caption":
-        return evaluate.EvalArguments(**common, splits=["adversarial"])
+        return harness.EvalArguments(**common, splits=["adversarial"])
     if bench == "organism_pope":
-        return evaluate.EvalArguments(**common, splits=["adversarial"], negatives=["adversarial"])
+        return harness.EvalArguments(**common, splits=["adversarial"], negatives=["adversarial"])
     if bench == "coco_chair":
-        return evaluate.EvalArguments(**common, coco_images=cfg.coco_images, coco_instances=cfg.coco_instances,
+        return harness.EvalArguments(**common, coco_images=cfg.coco_images, coco_instances=cfg.coco_instances,
                                       coco_captions=cfg.coco_captions)
-    return evaluate.EvalArguments(**common, pope_files=list(cfg.pope_files), pope_images=cfg.pope_images)
+    return harness.EvalArguments(**common, pope_files=list(cfg.pope_files), pope_images=cfg.pope_images)
 
 
 def run_evaluations(out: Path, cfg: StudyConfig, progress: bool = True, say: Callable = print) -> dict:
-    """Every setting on both benchmarks through :func:`dleaf.evaluate.run_evaluation` (resumable; sharded under
+    """Every setting on both benchmarks through :func:`dleaf.harness.run_evaluation` (resumable; sharded under
     ``accelerate launch``). The base model is loaded once; a setting with the adapter loads it merged."""
     base = None
     metrics = {}
@@ -172,16 +172,16 @@ def run_evaluations(out: Path, cfg: StudyConfig, progress: bool = True, say: Cal
         for bench in cfg.benchmarks:
             args = eval_arguments(cfg, out, bench, label, method, adapter, progress)
             run_dir = Path(args.output_dir)
-            if (run_dir / evaluate.METRICS).is_file():
-                metrics[(bench, label)] = json.loads((run_dir / evaluate.METRICS).read_text())
+            if (run_dir / harness.METRICS).is_file():
+                metrics[(bench, label)] = json.loads((run_dir / harness.METRICS).read_text())
                 continue
             say(f"[study] {bench}: {label}")
             model = processor = None
             if not adapter:
                 if base is None:
-                    base = evaluate.load_model(dataclasses.replace(args, adapter=None))
+                    base = harness.load_model(dataclasses.replace(args, adapter=None))
                 model, processor = base
-            res = evaluate.run_evaluation(args, model, processor)
+            res = harness.run_evaluation(args, model, processor)
             if res is not None:
                 metrics[(bench, label)] = res
     return metrics
@@ -189,14 +189,11 @@ def run_evaluations(out: Path, cfg: StudyConfig, progress: bool = True, say: Cal
 
 def _timing_batch(cfg: StudyConfig, processor):
     """``timing_batch`` caption prompts of the study's caption benchmark, as processor outputs."""
-    from .organism.chat import user_turn
+    from .models import model_inputs
 
     args = eval_arguments(cfg, Path("."), cfg.benchmarks[0], "timing", "greedy", False, progress=False)
-    items = evaluate.build_benchmark(dataclasses.replace(args, limit=None)).items[:cfg.timing_batch]
-    processor.tokenizer.padding_side = "left"
-    texts = [processor.apply_chat_template(user_turn(it.prompt), add_generation_prompt=True, tokenize=False)
-             for it in items]
-    return processor(text=texts, images=[it.image() for it in items], return_tensors="pt", padding=True)
+    items = harness.build_benchmark(dataclasses.replace(args, limit=None)).items[:cfg.timing_batch]
+    return model_inputs(processor, [it.prompt for it in items], [it.image() for it in items])
 
 
 def measure_overhead(cfg: StudyConfig, model=None, processor=None) -> dict:
@@ -209,7 +206,7 @@ def measure_overhead(cfg: StudyConfig, model=None, processor=None) -> dict:
 
     if model is None:
         args = eval_arguments(cfg, Path("."), cfg.benchmarks[0], "timing", "greedy", False, progress=False)
-        model, processor = evaluate.load_model(args)
+        model, processor = harness.load_model(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in _timing_batch(cfg, processor).items()}
@@ -329,7 +326,7 @@ def run_study(out_dir: str | Path, cfg: StudyConfig = StudyConfig(), progress: b
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     metrics = run_evaluations(out, cfg, progress, say)
-    if not evaluate.process_state().is_main_process:
+    if not harness.process_state().is_main_process:
         return None
     overhead_path = out / "overhead.json"
     if overhead_path.is_file():
@@ -350,7 +347,7 @@ def run_study(out_dir: str | Path, cfg: StudyConfig = StudyConfig(), progress: b
         link = correspondence(out / "correspondence", cfg)
     target = "the organism" if cfg.organism else cfg.model
     claims, claims_md = claims_table(metrics, overhead, link, cfg.benchmarks, target)
-    table = evaluate.comparison_table([_eval_dir(out, b, s[0]) for b in cfg.benchmarks for s in cfg.settings])
+    table = harness.comparison_table([_eval_dir(out, b, s[0]) for b in cfg.benchmarks for s in cfg.settings])
     if cfg.organism:
         titles = ("captions, adversarial split", "yes/no questions, adversarial negatives")
         intro = (f"{cfg.images} adversarial images per benchmark (captions; yes/no questions with adversarial "

@@ -1,5 +1,6 @@
-"""The correspondence statistics of THEORY.md point 4: how closely D-LEAF's reward shift r_D matches the implicit
-reward r_theta of a DPO adapter, with scipy.stats intervals and permutation p-values.
+"""The correspondence statistics: how closely D-LEAF's reward shift r_D matches the implicit reward r_theta of a DPO
+adapter (both defined in :mod:`dpo_link.rewards`), with scipy.stats intervals and permutation p-values. What each
+statistic means for the comparison is in ``docs/correspondence.md``.
 
 Every function is pure (numpy in, a dict of plain floats out) and states its formula. Conventions:
 

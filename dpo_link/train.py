@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
-from . import pairs as pairs_mod
-from .collate import VisionPreferenceCollator
+from .collate import VisionPreferenceCollator, pair_batches
+from .data import load_preference_dataset, parse_column_map, preference_dataset
+from .rewards import adapter_rewards, dpo_loss
 from .validate import validate_preference_dataset
 
 logger = logging.getLogger(__name__)
@@ -52,8 +53,8 @@ class ScriptArguments:
                           "split uses), a path, 'split' (hold out eval_fraction of the training data) or 'none'"})
     eval_split: str = dataclasses.field(default="test", metadata={"help": "split of an eval DatasetDict on disk"})
     eval_fraction: float = dataclasses.field(default=0.02, metadata={"help": "held-out share with eval_dataset=split"})
-    column_map: str | None = dataclasses.field(
-        default=None, metadata={"help": "rename columns first, 'old:new,old:new' (RLAIF-V: 'question:prompt,image:images')"})
+    column_map: list[str] | None = dataclasses.field(
+        default=None, metadata={"help": "rename columns first, old=new entries (RLAIF-V: question=prompt image=images)"})
     dataset_limit: int | None = dataclasses.field(default=None, metadata={"help": "use only the first N rows"})
     n_train_pairs: int = dataclasses.field(default=2000, metadata={"help": "organism: training pairs"})
     n_eval_pairs: int = dataclasses.field(default=200, metadata={"help": "organism: held-out pairs"})
@@ -70,9 +71,6 @@ class ScriptArguments:
     lora_language_model_only: bool = dataclasses.field(
         default=True, metadata={"help": "restrict lora_target_modules to the language model (the vision tower has "
                                         "q_proj/k_proj/v_proj too)"})
-    organism_eval_images: int = dataclasses.field(
-        default=0, metadata={"help": "after training, caption and question this many held-out organism images per "
-                                     "split with and without the adapter (CHAIR, recall, POPE); 0 skips it"})
     save_adapter_only: bool = dataclasses.field(
         default=True, metadata={"help": "save the adapter (not merged weights) in output_dir"})
 
@@ -108,25 +106,23 @@ def load_model(model_args, training_args):
     return model, processor
 
 
-def _column_map(spec: str | None) -> dict[str, str] | None:
-    if not spec:
-        return None
-    out = {}
-    for item in spec.split(","):
-        if ":" not in item:
-            raise ValueError(f"column_map entries look like old:new, got {item!r} in {spec!r}")
-        old, new = (s.strip() for s in item.split(":", 1))
-        out[old] = new
-    return out
+def organism_pair_config(args: ScriptArguments, split: str):
+    """The :class:`dpo_link.pairs.OrganismPairConfig` of the training (``split="train"``) or held-out pairs."""
+    from . import pairs
 
-
-def organism_pair_config(args: ScriptArguments, split: str) -> pairs_mod.OrganismPairConfig:
     held_out = split != "train"
-    return pairs_mod.OrganismPairConfig(
+    return pairs.OrganismPairConfig(
         n=args.n_eval_pairs if held_out else args.n_train_pairs,
         adversarial_fraction=args.adversarial_fraction, question_fraction=args.question_fraction,
-        max_injected=args.max_injected,
-        world_seed=pairs_mod.EVAL_WORLD_SEED if held_out else pairs_mod.TRAIN_WORLD_SEED)
+        max_injected=args.max_injected, world_seed=pairs.EVAL_WORLD_SEED if held_out else pairs.TRAIN_WORLD_SEED)
+
+
+def self_generated_decoders(args: ScriptArguments) -> tuple:
+    """The decoders whose replies self-generated pairs rank: plain greedy and D-LEAF with ``args.dleaf_knobs``."""
+    from . import pairs
+
+    knobs = json.loads(args.dleaf_knobs) if args.dleaf_knobs else {}
+    return pairs.Decoder("greedy"), pairs.Decoder("dleaf", "dleaf", knobs)
 
 
 def build_datasets(args: ScriptArguments, model=None, processor=None, seed: int = 0):
@@ -135,37 +131,36 @@ def build_datasets(args: ScriptArguments, model=None, processor=None, seed: int 
 
     info: dict[str, Any] = {}
     if args.dataset == ORGANISM:
+        from . import pairs
+
         cfg = organism_pair_config(args, "train")
-        train = pairs_mod.organism_pairs(cfg)
+        train = pairs.organism_pairs(cfg)
         info["train"] = {"source": "organism ground truth", "config": dataclasses.asdict(cfg), "rows": len(train)}
         if args.self_generated_scenes > 0:
             if model is None:
                 raise ValueError("self-generated pairs need the model")
-            from dleaf.organism import world
-
-            knobs = json.loads(args.dleaf_knobs) if args.dleaf_knobs else {}
-            decoders = (pairs_mod.Decoder("greedy"), pairs_mod.Decoder("dleaf", "dleaf", knobs))
-            scenes = world.scenes("adversarial", args.self_generated_scenes, world_seed=pairs_mod.TRAIN_WORLD_SEED,
-                                  start=cfg.start + cfg.n)
-            rows = pairs_mod.self_generated_pairs(model, processor, scenes, decoders, return_rows=True)
+            decoders = self_generated_decoders(args)
+            scenes = pairs.adversarial_scenes(args.self_generated_scenes, start=cfg.start + cfg.n)
+            rows = pairs.self_generated_pairs(model, processor, scenes, decoders)
             info["self_generated"] = {"scenes": len(scenes), "pairs": len(rows), "decoders": [
                 dataclasses.asdict(d) for d in decoders]}
             if rows:
                 # keep only the columns both sources share, so the two concatenate
-                extra = pairs_mod._dataset(rows)
+                extra = preference_dataset(rows)
                 common = [c for c in train.column_names if c in extra.column_names]
                 train = concatenate_datasets([train.select_columns(common), extra.select_columns(common)])
                 train = train.shuffle(seed=seed)
     else:
-        train = pairs_mod.load_preference_dataset(args.dataset, args.dataset_split, _column_map(args.column_map),
-                                                  limit=args.dataset_limit)
+        train = load_preference_dataset(args.dataset, args.dataset_split, args.column_map, limit=args.dataset_limit)
         info["train"] = {"source": "disk", "path": _portable(args.dataset), "split": args.dataset_split,
-                         "column_map": args.column_map, "rows": len(train)}
+                         "column_map": parse_column_map(args.column_map), "rows": len(train)}
     eval_ds = None
     spec = (args.eval_dataset or "none").lower()
     if args.eval_dataset == ORGANISM:
+        from . import pairs
+
         cfg = organism_pair_config(args, "eval")
-        eval_ds = pairs_mod.organism_pairs(cfg)
+        eval_ds = pairs.organism_pairs(cfg)
         info["eval"] = {"source": "organism ground truth (held-out scenes)", "config": dataclasses.asdict(cfg),
                         "rows": len(eval_ds)}
     elif spec == "split":
@@ -174,7 +169,7 @@ def build_datasets(args: ScriptArguments, model=None, processor=None, seed: int 
         info["eval"] = {"source": f"{args.eval_fraction:.0%} of the training data", "rows": len(eval_ds)}
         info["train"]["rows"] = len(train)
     elif spec != "none":
-        eval_ds = pairs_mod.load_preference_dataset(args.eval_dataset, args.eval_split, _column_map(args.column_map))
+        eval_ds = load_preference_dataset(args.eval_dataset, args.eval_split, args.column_map)
         info["eval"] = {"source": "disk", "path": _portable(args.eval_dataset), "split": args.eval_split,
                         "rows": len(eval_ds)}
     return train, eval_ds, info
@@ -288,10 +283,6 @@ def run(script_args: ScriptArguments, training_args, model_args, model=None, pro
     if trainer.is_world_process_zero():
         if eval_ds is not None and "task" in eval_ds.column_names and model_args.use_peft:
             record["eval_by_task"] = held_out_by_task(trainer.model, processor, eval_ds, training_args)
-        if script_args.organism_eval_images > 0:
-            from .evaluate import compare_adapter
-
-            record["organism_eval"] = compare_adapter(trainer.model, processor, script_args.organism_eval_images)
         record["config"] = {
             "script": dataclasses.asdict(script_args),
             "dpo": _recipe(training_args),
@@ -307,33 +298,25 @@ def run(script_args: ScriptArguments, training_args, model_args, model=None, pro
     return record
 
 
-@torch.no_grad()
 def held_out_by_task(peft_model, processor, dataset, training_args) -> dict:
-    """Held-out DPO loss, reward accuracy and margin per ``task`` value, recomputed from plain logits
-    (:mod:`dpo_link.rewards`) with the adapter on and off."""
-    from .rewards import dpo_loss, implicit_rewards
-
-    was_training = peft_model.training
-    peft_model.eval()
-    collator = VisionPreferenceCollator(processor=processor, max_length=training_args.max_length)
-    device = next(peft_model.parameters()).device
-    size = training_args.per_device_eval_batch_size
+    """Held-out DPO loss, reward accuracy and margin per ``task`` value, recomputed from the adapter-on and
+    adapter-off log-probabilities (:func:`dpo_link.rewards.adapter_rewards`), every pair weighted equally."""
     chosen, rejected = [], []
-    for i in range(0, len(dataset), size):
-        batch = collator(list(dataset.select(range(i, min(i + size, len(dataset))))))
-        c, r = implicit_rewards(peft_model, {k: v.to(device) for k, v in batch.items()}, training_args.beta)
-        chosen.append(c.cpu())
-        rejected.append(r.cpu())
-    peft_model.train(was_training)
+    rows = [dataset[i] for i in range(len(dataset))]
+    for batch, _ in pair_batches(rows, processor, training_args.per_device_eval_batch_size, training_args.max_length):
+        c, r = adapter_rewards(peft_model, batch, training_args.beta)
+        chosen.append(c)
+        rejected.append(r)
     chosen, rejected = torch.cat(chosen), torch.cat(rejected)
     tasks = dataset["task"]
     out = {}
     for task in sorted(set(tasks)) + ["all"]:
         idx = torch.tensor([t == task or task == "all" for t in tasks])
         c, r = chosen[idx], rejected[idx]
-        out[task] = {"n": int(idx.sum()), "loss": float(dpo_loss(c, r).mean()),
-                     "rewards/chosen": float(c.mean()), "rewards/rejected": float(r.mean()),
-                     "rewards/accuracies": float((c > r).float().mean()), "rewards/margins": float((c - r).mean())}
+        stats = dpo_loss(c, r)
+        out[task] = {"n": stats["n"], "loss": stats["loss"], "rewards/chosen": stats["chosen"],
+                     "rewards/rejected": stats["rejected"], "rewards/accuracies": stats["accuracy"],
+                     "rewards/margins": stats["margin"]}
     return out
 
 
@@ -437,11 +420,6 @@ def model_card(record: dict) -> str:
         for h in shown:
             lines.append(f"| {h.get('step', '-')} | " + " | ".join(_fmt(h.get(k)) for k in REWARD_KEYS) + " |")
         lines.append("")
-    if "organism_eval" in record:
-        from .evaluate import evaluation_markdown
-
-        lines += ["## Effect on hallucination (organism, greedy decoding)", "",
-                  evaluation_markdown(record["organism_eval"]), ""]
     lines += ["## Use", "", "```python", "from peft import PeftModel",
               "from dleaf.organism.build import load_organism", "",
               "model, processor = load_organism()  # or your base model and processor",

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Sequence
 
 from .collate import images_of, render_example, tokenizer_adds_bos, tokenizer_of
-from .pairs import message_text
+from .data import message_text
 
 logger = logging.getLogger(__name__)
 

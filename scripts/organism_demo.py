@@ -1,43 +1,67 @@
-"""The main job on the organism: load it offline, caption a few held-out images, answer a few yes/no questions, mark
-every hallucinated object against the exact ground truth, and print the organism's measured hallucination profile.
+"""A first look at the organism: captions of held-out scenes where greedy decoding names objects that are not
+there, beside the same scenes decoded with D-LEAF (or another method), every object checked against the scene's
+exact ground truth; a few yes/no answers; and the organism's measured profile.
 
-    python scripts/organism_demo.py [--n 4] [--checkpoint data/organism]
+    python scripts/organism_demo.py
+    python scripts/organism_demo.py --n 5 --scan 128 --method dleaf --knob gamma=0.8
+
+The examples are chosen by running greedy decoding on the first --scan adversarial scenes and keeping those whose
+caption hallucinates; nothing is hand-picked. Writes nothing.
 """
 
-import argparse
+import sys
 
-from dleaf.organism import build, world
-from dleaf.organism.profile import VOCAB, generate
+from dleaf import cli
+
+
+def build_parser():
+    ap = cli.ArgumentParser(description=__doc__)
+    cli.add_common_arguments(ap, method=True)
+    ap.set_defaults(method="dleaf")
+    ap.add_argument("--n", type=int, default=3, help="examples to show")
+    ap.add_argument("--scan", type=int, default=64, help="adversarial scenes to scan for greedy hallucinations")
+    return ap
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=str(build.ORGANISM_DIR))
-    ap.add_argument("--n", type=int, default=4, help="images per split to caption")
-    args = ap.parse_args(argv)
-    if args.n <= 0:
-        ap.error(f"--n must be positive, got {args.n}")
-    model, processor = build.load_organism(args.checkpoint)
-    for split in ("indist", "adversarial"):
-        scenes = world.scenes(split, args.n)
-        captions, _ = generate(model, processor, scenes, [world.CAPTION_PROMPTS[0]] * len(scenes), 80)
-        print(f"\n== captions, {split} split ==")
-        for scene, caption in zip(scenes, captions):
-            named = [m.category for m in VOCAB.extract(caption)]
-            wrong = sorted({o for o in named if o not in scene.object_set})
-            print(f"- image objects: {', '.join(scene.objects)}")
-            print(f"  caption: {caption}")
-            print(f"  hallucinated: {', '.join(wrong) if wrong else 'none'}")
-    print("\n== yes/no questions, adversarial negatives ==")
-    questions = world.pope_questions(world.scenes("adversarial", args.n), "adversarial")
-    answers, _ = generate(model, processor, [q.scene for q in questions],
-                          [world.QUESTION_TEMPLATE.format(obj=q.obj) for q in questions], 8)
-    for q, a in zip(questions, answers):
-        print(f"- {', '.join(q.scene.objects)} | is there a {q.obj}? -> {a}   (truth: {'yes' if q.label else 'no'})")
-    profile = build.DATA_DIR / "organism_profile.md"
-    print()
-    print(profile.read_text() if profile.is_file() else "no profile yet: run scripts/profile_organism.py")
+    args = build_parser().parse_args(argv)
+    from dleaf import eval as harness
+    from dleaf import models
+    from dleaf.io import InputError
+    from dleaf.organism.demo import effect_sentence, hallucination_examples
+    from dleaf.resources import data_path
+    from dleaf.settings import Setting
+
+    if args.n < 1 or args.scan < 1:
+        raise InputError("--n and --scan must be positive")
+    setting = Setting(args.method, cli.parse_knobs(args.knob))
+    models.check_model(args.model)
+    cli.set_threads(args.threads)
+    model, processor = models.load(args.model)
+    print(f"scanning {args.scan} adversarial scenes with greedy decoding and with {setting.label} ...", flush=True)
+    res = hallucination_examples(model, processor, setting, args.scan, args.n)
+    if not res["examples"]:
+        print(f"\ngreedy decoding named no absent object on these {args.scan} scenes; try --scan with more scenes")
+    for ex in res["examples"]:
+        print(f"\n- scene {ex['id']}: objects {', '.join(ex['objects'])}")
+        print(f"  greedy      : {ex['greedy']}")
+        print(f"                hallucinated: {', '.join(ex['greedy_hallucinated'])}")
+        print(f"  {setting.method:<12}: {ex['method']}")
+        print(f"                hallucinated: {', '.join(ex['method_hallucinated']) or 'none'}")
+    print("\n" + effect_sentence(res["summary"], setting.label))
+    print("\n== yes/no questions, adversarial negatives (greedy) ==")
+    bench = harness.build_benchmark(harness.EvalArguments(benchmark="organism_pope", splits=["adversarial"],
+                                                          negatives=["adversarial"], limit=2))
+    for it, row in zip(bench.items, harness.evaluate(model, processor, bench)["rows"]):
+        print(f"- {it.prompt} -> {row['text']}   (truth: {'yes' if it.truth else 'no'})")
+    profile = data_path("organism_profile.md")
+    if args.model == "organism" and profile.is_file():
+        print("\n" + profile.read_text())
+        cli.done(profile, what="the measured profile")
+    else:
+        print("\nno files written")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.main(main, resumable=False))

@@ -1,82 +1,57 @@
-"""Compare greedy decoding, D-LEAF (its variants, a gamma sweep, the ablations), PAI and SPIN on the organism.
+"""Compare greedy decoding, D-LEAF (its variants, a gamma sweep, the ablations), PAI and SPIN on the organism,
+every setting through the evaluation harness, with paired bootstrap intervals of each difference from greedy.
 
-    python scripts/organism_grid.py --n_images 1000 --out runs/grid            # screening on the adversarial split
-    python scripts/organism_grid.py --n_images 1000 --out runs/grid --replicate dleaf pai
+    python scripts/organism_grid.py --n_images 1000 --output_dir runs/grid            # the adversarial split
+    python scripts/organism_grid.py --n_images 1000 --output_dir runs/grid --replicate dleaf pai
 
-Every setting's per-image rows go to <out>/grid.jsonl as soon as they are computed (a rerun resumes). The summary,
-with paired bootstrap intervals of each difference from greedy on the same images, is written to <out>/grid.md and
-<out>/grid.json. ``--replicate`` re-runs the named settings (and greedy) on the replication split.
+Each setting is a harness run folder under <output_dir>/<split>/<setting>/ (captions, pope); a rerun resumes or
+skips them. The summary is written to <output_dir>/grid.md and grid.json. --replicate re-runs the named settings
+(and greedy) on the replication split.
 """
 
-import argparse
-from pathlib import Path
+import sys
 
-from dleaf.organism import build, study
-from dleaf.io import write_json_atomic, write_text_atomic
-
-S = study.setting
+from dleaf import cli
 
 
-def grid(random_rate: float | None) -> list:
-    settings = [
-        S("greedy"),
-        S("pai", "pai"),
-        S("spin", "spin"),
-        S("dleaf", "dleaf"),
-        S("dleaf gamma=0.25", "dleaf", gamma=0.25),
-        S("dleaf gamma=1", "dleaf", gamma=1.0),
-        S("dleaf liae=mean_head", "dleaf", liae_variant="mean_head"),
-        S("dleaf iaf=focus", "dleaf", iaf_variant="focus"),
-        S("dleaf threshold=best", "dleaf", threshold="best", margin=0.05),
-        S("dleaf kappa=0", "dleaf", kappa=0.0),
-        S("dleaf signal=mass_deficit", "dleaf", layer_signal="mass_deficit"),
-        S("dleaf heads=all_but_best", "dleaf", head_selection="all_but_best"),
-        S("no_localization", "no_localization"),
-    ]
-    if random_rate is not None:
-        settings.append(S("random_layers", "random_layers", random_rate=round(random_rate, 4)))
-    return settings
+def build_parser():
+    ap = cli.ArgumentParser(description=__doc__)
+    cli.add_common_arguments(ap, output_dir="runs/grid")
+    ap.add_argument("--n_images", type=int, default=1000, help="scenes per split")
+    ap.add_argument("--batch_size", type=int, default=100, help="prompts per generate call")
+    ap.add_argument("--only", nargs="*", default=None, help="labels to run (default: the whole grid)")
+    ap.add_argument("--replicate", nargs="*", default=[], help="labels to confirm on the replication split")
+    ap.add_argument("--no_pope", dest="pope", action="store_false", help="skip the yes/no questions")
+    return ap
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=str(build.ORGANISM_DIR))
-    ap.add_argument("--n_images", type=int, default=1000)
-    ap.add_argument("--out", default="runs/grid")
-    ap.add_argument("--only", nargs="*", default=None, help="labels to run (default: the whole grid)")
-    ap.add_argument("--replicate", nargs="*", default=[], help="labels to confirm on the replication split")
-    ap.add_argument("--no_pope", action="store_true")
-    args = ap.parse_args(argv)
-    if args.n_images <= 0:
-        ap.error(f"--n_images must be positive, got {args.n_images}")
-    model, processor = build.load_organism(args.checkpoint)
-    out = Path(args.out)
-    jsonl = out / "grid.jsonl"
-    first = [s for s in grid(None) if s.label in ("greedy", "dleaf")]
-    results = study.run_grid(model, processor, first, "adversarial", args.n_images, jsonl, pope=not args.no_pope)
-    settings = grid(results["dleaf"]["flag_rate"])
-    if args.only is not None:
-        unknown = set(args.only) - {s.label for s in settings}
+    args = build_parser().parse_args(argv)
+    from pathlib import Path
+
+    from dleaf import models
+    from dleaf.io import InputError, write_json_atomic, write_text_atomic
+    from dleaf.organism import study
+
+    if args.n_images < 1 or args.batch_size < 1:
+        raise InputError("--n_images and --batch_size must be positive")
+    labels = [s.label for s in study.grid(0.1)]
+    for name, chosen in (("--only", args.only or ()), ("--replicate", args.replicate)):
+        unknown = sorted(set(chosen) - set(labels))
         if unknown:
-            ap.error(f"unknown labels {sorted(unknown)}; the grid has {[s.label for s in settings]}")
-        settings = [s for s in settings if s.label in set(args.only) | {"greedy", "dleaf"}]
-    results = study.run_grid(model, processor, settings, "adversarial", args.n_images, jsonl, pope=not args.no_pope)
-    table, md = study.summary_table(results)
-    sections = [f"## Adversarial split, {args.n_images} images\n\n{md}"]
-    report = {"adversarial": table}
-    if args.replicate:
-        rep = [s for s in settings if s.label in set(args.replicate) | {"greedy"}]
-        rep_results = study.run_grid(model, processor, rep, "replication", args.n_images, jsonl,
-                                     pope=not args.no_pope)
-        rep_table, rep_md = study.summary_table(rep_results)
-        sections.append(f"## Replication split, {args.n_images} images\n\n{rep_md}")
-        report["replication"] = rep_table
-    legend = ("Cells: value (difference from greedy [95% paired bootstrap interval]), in percentage points for rates. "
-              "Mentions are totals over the split's captions.\n")
-    write_text_atomic("# Decoding methods on the organism\n\n" + legend + "\n" + "\n\n".join(sections), out / "grid.md")
-    write_json_atomic(report, out / "grid.json")
-    print("\n\n".join(sections))
+            raise InputError(f"{name}: unknown setting(s) {unknown}; the grid has {labels}")
+    cli.check_output_dir(args.output_dir)
+    cli.set_threads(args.threads)
+    model, processor = models.load(args.model)
+    res = study.run_organism_grid(model, processor, args.output_dir, args.n_images, args.only, args.replicate,
+                                  args.pope, args.batch_size, model_name=args.model)
+    out = Path(args.output_dir)
+    write_text_atomic(res["markdown"], out / "grid.md")
+    write_json_atomic(res["report"], out / "grid.json")
+    print(res["markdown"])
+    cli.done(out / "grid.md", out / "grid.json")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.main(main))

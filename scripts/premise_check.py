@@ -1,65 +1,52 @@
-"""The premise check on a caption run of the evaluation harness: does any layer's image attention (LIAE, image
-mass) separate the model's hallucinated object words from its grounded ones?
+"""The premise check on a greedy caption run of the evaluation harness: does any layer's image attention (LIAE,
+image mass) separate the model's hallucinated object words from its grounded ones?
 
     python scripts/evaluate.py --benchmark organism_caption --splits adversarial --output_dir runs/greedy
-    python scripts/premise_check.py --benchmark organism_caption --splits adversarial --run_dir runs/greedy
-    python scripts/premise_check.py --benchmark coco_chair --model llava-hf/llava-1.5-7b-hf \\
-        --coco_images val2014/ --coco_instances instances_val2014.json --coco_captions captions_val2014.json \\
-        --run_dir runs/llava_greedy
+    python scripts/premise_check.py --run_dir runs/greedy
+    python scripts/premise_check.py --run_dir runs/llava_greedy --coco_images val2014/ \\
+        --coco_instances instances_val2014.json --coco_captions captions_val2014.json
 
-Takes the same model and benchmark arguments as evaluate.py (the run's own), reads <run_dir>/generations.jsonl, and
-writes premise.json, premise.md and premise.png to <run_dir> (or --out). Only greedy runs make sense: the replies
-are re-scored without any method attached.
+The run's config.json names the benchmark, the model, the adapter and the decoding; only greedy runs are accepted
+(the replies are re-scored with nothing attached). COCO runs need the COCO files again (their paths are not
+recorded with a run). Writes premise.json, premise.md and one figure per section (premise.png for a one-section
+run) to --output_dir (default: the run folder).
 """
 
-import dataclasses
 import sys
-from pathlib import Path
 
-from transformers import HfArgumentParser
-
-from dleaf import evaluate, premise, premise_check
-from dleaf.io import write_json_atomic, write_text_atomic
+from dleaf import cli
 
 
-@dataclasses.dataclass
-class PremiseArguments:
-    run_dir: str = dataclasses.field(default=None, metadata={"help": "an evaluate.py caption run folder"})
-    out: str | None = dataclasses.field(default=None, metadata={"help": "output folder (default: run_dir)"})
-    n_bootstrap: int = dataclasses.field(default=2000, metadata={"help": "bootstrap resamples per AUROC"})
-    score_batch_size: int = dataclasses.field(default=16, metadata={"help": "replies per scoring pass"})
+def build_parser():
+    ap = cli.ArgumentParser(description=__doc__)
+    ap.add_argument("--run_dir", required=True, help="a finished greedy caption run of scripts/evaluate.py")
+    ap.add_argument("--output_dir", default=None, help="where the outputs go (default: --run_dir)")
+    ap.add_argument("--model", default=None, help="must be the run's own model if given (default: the run's)")
+    ap.add_argument("--protocol", default=None, help="the run's protocol file, when it is not a shipped one")
+    ap.add_argument("--coco_images", default=None, help="coco_chair runs: folder of the val2014 images")
+    ap.add_argument("--coco_instances", default=None, help="coco_chair runs: instances_val2014.json")
+    ap.add_argument("--coco_captions", default=None, help="coco_chair runs: captions_val2014.json")
+    ap.add_argument("--n_bootstrap", type=int, default=2000, help="bootstrap resamples per AUROC")
+    ap.add_argument("--batch_size", "--score_batch_size", type=int, default=16, help="replies per scoring pass")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads torch may use")
+    return ap
 
 
 def main(argv=None):
-    parser = HfArgumentParser((evaluate.EvalArguments, PremiseArguments))
-    args, pargs = parser.parse_args_into_dataclasses(args=argv)
-    if not pargs.run_dir:
-        parser.error("--run_dir is required")
-    benchmark = evaluate.build_benchmark(args)
-    if any(it.kind != "caption" for it in benchmark.items):
-        parser.error(f"benchmark {benchmark.name} is not a caption benchmark; the premise needs object words")
-    rows, _ = evaluate.read_jsonl(Path(pargs.run_dir) / "generations.jsonl", "generations file")
-    by_id = {r["id"]: r for _, r in rows}
-    items = [it for it in benchmark.items if it.id in by_id]
-    if not items:
-        parser.error(f"{pargs.run_dir}/generations.jsonl has no rows of this benchmark's items")
-    model, processor = evaluate.load_model(args)
-    records = premise_check.premise_records(
-        model, processor, [it.image() for it in items], [it.prompt for it in items],
-        [by_id[it.id]["raw"] for it in items], [sorted(it.truth) for it in items], benchmark.vocab,
-        batch_size=pargs.score_batch_size)
-    table = premise_check.premise_rows(records, pargs.n_bootstrap)
-    out = Path(pargs.out or pargs.run_dir)
-    n_hall = sum(r["hallucinated"] for r in records)
-    write_json_atomic({"n_items": len(items), "n_mentions": len(records), "n_hallucinated": n_hall,
-                       "rows": [dataclasses.asdict(r) for r in table], "records": records}, out / "premise.json")
-    md = (f"# Premise check\n\n{len(items)} captions, {len(records)} object mentions, {n_hall} hallucinated.\n\n"
-          + premise.premise_markdown(table))
-    write_text_atomic(md, out / "premise.md")
-    if table:
-        premise.plot_premise(table, out / "premise.png")
-    print(md)
+    args = build_parser().parse_args(argv)
+    from dleaf import premise_check
+    from dleaf.io import InputError
+
+    if args.n_bootstrap < 1 or args.batch_size < 1:
+        raise InputError("--n_bootstrap and --batch_size must be positive")
+    cli.set_threads(args.threads)
+    options = {k: getattr(args, k) for k in ("coco_images", "coco_instances", "coco_captions") if getattr(args, k)}
+    result = premise_check.run_premise_check(args.run_dir, args.output_dir, args.model, options, args.protocol,
+                                             args.n_bootstrap, args.batch_size)
+    print((result["paths"][1]).read_text(), end="")
+    cli.done(args.output_dir or args.run_dir)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli.main(main, resumable=False))

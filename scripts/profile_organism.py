@@ -1,59 +1,78 @@
-"""Measure the hallucination profile of the organism and its no-prior control; write it under data/.
+"""Measure the hallucination profile of the organism and its no-prior control through the evaluation harness:
+captions (CHAIR, additions and substitutions, partner share) and yes/no answers on the held-out splits, the premise
+table (per layer, LIAE and image mass at hallucinated versus grounded object words) and a per-patch linear probe.
 
-    python scripts/profile_organism.py                       # 1,000 images per split, both models
-    python scripts/profile_organism.py --n_images 200 --output_dir runs/profile
+    python scripts/profile_organism.py                                  # 1,000 images per split, both models
+    python scripts/profile_organism.py --n_images 200 --output_dir runs/profile_small
+
+Writes organism_profile.json, organism_profile.md and the premise figures to --output_dir.
 """
 
-import argparse
-import dataclasses
-import time
-from pathlib import Path
+import sys
 
-import torch
+from dleaf import cli
 
-from dleaf.premise import PremiseRow, plot_premise
-from dleaf.organism import build, world
-from dleaf.io import write_json_atomic, write_text_atomic
-from dleaf.organism.profile import ProfileProtocol, patch_probe, profile_markdown, profile_model
+
+def build_parser():
+    ap = cli.ArgumentParser(description=__doc__)
+    cli.add_common_arguments(ap, output_dir="runs/profile", model=False, seed=0)
+    ap.add_argument("--organism", default="organism", help="the organism: a name or a checkpoint folder")
+    ap.add_argument("--control", default="organism_control", help="the control ('' to skip)")
+    ap.add_argument("--n_images", type=int, default=1000, help="images per held-out split")
+    ap.add_argument("--batch_size", type=int, default=100, help="prompts per generate call")
+    ap.add_argument("--probe", action="store_true", default=True, help="also run the per-patch linear probe")
+    ap.add_argument("--no_probe", dest="probe", action="store_false", help="skip the per-patch linear probe")
+    return ap
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--organism", default=str(build.ORGANISM_DIR), help="organism checkpoint folder")
-    ap.add_argument("--control", default=str(build.CONTROL_DIR), help="control checkpoint folder ('' to skip)")
-    ap.add_argument("--n_images", type=int, default=1000, help="images per held-out split")
-    ap.add_argument("--batch_size", type=int, default=100)
-    ap.add_argument("--output_dir", default=str(build.DATA_DIR),
-                    help="where organism_profile.{json,md} and the premise figures go")
-    ap.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
-                    help="also run the per-patch linear probe")
-    args = ap.parse_args(argv)
-    torch.manual_seed(0)
-    protocol = ProfileProtocol(n_images=args.n_images, batch_size=args.batch_size)
+    args = build_parser().parse_args(argv)
+    import dataclasses
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from dleaf import models
+    from dleaf.io import InputError, write_json_atomic, write_text_atomic
+    from dleaf.organism import world
+    from dleaf.organism.profile import ProfileProtocol, patch_probe, profile_markdown, profile_model
+    from dleaf.premise import PremiseRow, plot_premise
+
+    try:
+        protocol = ProfileProtocol(n_images=args.n_images, batch_size=args.batch_size)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    named = {"organism": args.organism, **({"control": args.control} if args.control else {})}
+    for path in named.values():
+        models.check_model(path)
+    cli.check_output_dir(args.output_dir)
+    cli.set_threads(args.threads)
+    torch.manual_seed(args.seed)
     profile = {"protocol": dataclasses.asdict(protocol), "scene_digests": {}, "models": {}}
     for split in set(protocol.caption_splits) | {protocol.pope_split}:
         profile["scene_digests"][split] = world.scene_digest(world.scenes(split, protocol.n_images))
-    models = {"organism": args.organism}
-    if args.control:
-        models["control"] = args.control
-    for name, path in models.items():
-        model, processor = build.load_organism(path)
+    for name, path in named.items():
+        model, processor = models.load(path, device="cpu")
         t0 = time.time()
         profile["models"][name] = profile_model(model, processor, protocol,
                                                 progress=lambda m, n=name: print(f"[{n}] {m}", flush=True))
         if args.probe:
-            profile["models"][name]["patch_probe"] = patch_probe(model, processor)
+            profile["models"][name]["patch_probe"] = patch_probe(model, processor, seed=args.seed)
         profile["models"][name]["seconds"] = time.time() - t0
     out = Path(args.output_dir)
     write_json_atomic(profile, out / "organism_profile.json")
     for name, res in profile["models"].items():
         for split, rows in res["premise"].items():
             if rows:
-                plot_premise([PremiseRow(**r) for r in rows], out / f"{name}_premise_{split}.png")
+                plot_premise([PremiseRow(**r) for r in rows], out / f"{name}_premise_{split}.png",
+                             title=f"{name} ({named[name]}), greedy captions, {split} split")
     md = profile_markdown(profile)
     write_text_atomic(md, out / "organism_profile.md")
     print(md)
+    cli.done(out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.main(main, resumable=False))

@@ -1,66 +1,93 @@
-"""Decode one image with plain greedy decoding and with D-LEAF (or a baseline), side by side, with a trace summary.
+"""Decode one image with plain greedy decoding and with D-LEAF (or another method), side by side, with a trace
+summary for the methods that flag layers.
 
     python scripts/run_dleaf.py                                    # the organism, an adversarial scene
-    python scripts/run_dleaf.py --method dleaf --knob gamma=0.8 --knob threshold=best --out runs/one
+    python scripts/run_dleaf.py --method dleaf --knob gamma=0.8 --knob threshold=best --output_dir runs/one
     python scripts/run_dleaf.py --model llava-hf/llava-1.5-7b-hf --image photo.jpg --prompt "Describe the image."
 
-Methods: dleaf, pai, spin, no_localization, random_layers; knobs are the fields of their configs (dleaf/config.py).
+Methods and their knobs: python -m dleaf methods. With --output_dir, trace.json, trace.png and summary.txt are
+written there.
 """
 
-import argparse
+import sys
 
-from dleaf import run
+from dleaf import cli
+
+
+def build_parser():
+    ap = cli.ArgumentParser(description=__doc__)
+    cli.add_common_arguments(ap, method=True)
+    ap.set_defaults(method="dleaf")
+    ap.add_argument("--output_dir", "--out", default=None, help="folder for trace.json, trace.png and summary.txt")
+    ap.add_argument("--image", default=None, help="image file (default with the organism: an adversarial scene)")
+    ap.add_argument("--scene", type=int, default=None,
+                    help="which adversarial organism scene when --image is not given (default: the first of the "
+                         "first 32 where greedy decoding hallucinates)")
+    ap.add_argument("--prompt", default=None, help="the question (default: the benchmark's caption prompt)")
+    ap.add_argument("--max_new_tokens", type=int, default=64, help="token limit of each reply")
+    return ap
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the committed organism)")
-    ap.add_argument("--image", default=None, help="image file (default with the organism: an adversarial scene)")
-    ap.add_argument("--scene", type=int, default=0, help="which adversarial scene when --image is not given")
-    ap.add_argument("--prompt", default=None)
-    ap.add_argument("--method", default="dleaf")
-    ap.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE")
-    ap.add_argument("--max_new_tokens", type=int, default=64)
-    ap.add_argument("--out", default=None, help="folder for trace.json, trace.png and summary.txt")
-    args = ap.parse_args(argv)
-    try:
-        knobs = run.parse_knobs(args.method, args.knob)
-    except ValueError as err:
-        ap.error(str(err))
-    model, processor, organism = run.load_model(args.model)
-    if args.image is None:
-        if not organism:
-            ap.error("--image is required with --model")
-        from dleaf.organism import world
+    args = build_parser().parse_args(argv)
+    from dleaf import eval as harness, models
+    from dleaf.io import InputError, load_image
+    from dleaf.settings import Setting
 
-        scene = world.scenes("adversarial", args.scene + 1)[args.scene]
-        image = world.render(scene)
-        print(f"image: adversarial scene {args.scene}, objects: {', '.join(scene.objects)}")
+    setting = Setting(args.method, cli.parse_knobs(args.knob))
+    if not setting.attaches:
+        raise InputError("--method greedy attaches nothing: there is nothing to compare plain decoding with")
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
+    if args.scene is not None and args.scene < 0:
+        raise InputError(f"--scene must be >= 0, got {args.scene}")
+    cli.set_threads(args.threads)
+    models.check_model(args.model)
+    named = args.model in models.registered()
+    if args.output_dir:
+        cli.check_output_dir(args.output_dir)
+    if args.image is not None:
+        image = load_image(args.image)
+        prompt = args.prompt or "Describe this image in detail."
+        truth = None
+    elif named:
+        item = None
+        if args.scene is not None:
+            items = harness.build_benchmark(harness.EvalArguments(
+                benchmark="organism_caption", splits=["adversarial"], limit=args.scene + 1)).items
+            if args.scene >= len(items):
+                raise InputError(f"--scene must be below {len(items)}, got {args.scene}")
+            scene, why, item = args.scene, "", items[args.scene]
+        model, processor = models.load(args.model)
+        if item is None:
+            from dleaf.organism.demo import first_hallucination
+
+            scene, item = first_hallucination(model, processor)
+            why = " (the first scanned scene where greedy decoding hallucinates)"
+        image, prompt, truth = item.image(), args.prompt or item.prompt, item.truth
+        print(f"image: adversarial scene {scene}{why}, objects: {', '.join(sorted(truth))}")
     else:
-        from PIL import Image
+        raise InputError("--image is required with a --model other than the organism")
+    if args.image is not None:
+        model, processor = models.load(args.model)
+    from dleaf import run
 
-        image = Image.open(args.image).convert("RGB")
-    if args.prompt:
-        prompt = args.prompt
-    elif organism:
-        from dleaf.organism import world
-
-        prompt = world.CAPTION_PROMPTS[0]
-    else:
-        prompt = "Describe this image in detail."
-    result = run.compare(model, processor, run.prompt_inputs(processor, image, prompt, organism), args.method, knobs,
-                         args.max_new_tokens)
+    result = run.compare(model, processor, image, prompt, setting, args.max_new_tokens)
     print(f"prompt: {prompt}\n\nplain greedy : {result['plain']}\n{args.method:<13}: {result['method']}")
     if result["trace"] is not None:
         from dleaf import trace_report
 
         print("\n" + trace_report.trace_summary(result["trace"]))
-    if args.out:
-        signal = "LIAE" if result["config"].__class__.__name__ == "DLeafConfig" and \
-            result["config"].layer_signal == "liae" else "image-mass deficit"
-        for path in run.write_outputs(result, args.out, signal):
-            print(f"wrote {path}")
+    if args.output_dir:
+        config = result["config"]
+        signal = "LIAE" if getattr(config, "layer_signal", "liae") == "liae" else "image-mass deficit"
+        paths = run.write_outputs(result, args.output_dir, signal)
+        if paths:
+            cli.done(args.output_dir)
+            return 0
+    print("no files written (pass --output_dir to write trace.json, trace.png and summary.txt)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.main(main))

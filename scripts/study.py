@@ -5,7 +5,7 @@ measured numbers beside the paper's claims.
 On the organism (no downloads; 300 adversarial images per benchmark by default):
 
     python scripts/study.py                       # runs/study
-    python scripts/study.py --out runs/study --n_images 1000 --no_correspondence
+    python scripts/study.py --output_dir runs/study_1000 --n_images 1000 --no_correspondence
 
 On a real checkpoint, on GPUs (CHAIR on COCO val2014, the POPE question files, a DPO adapter trained with
 scripts/train_dpo.py, held-out preference pairs for the correspondence suite):
@@ -15,27 +15,25 @@ scripts/train_dpo.py, held-out preference pairs for the correspondence suite):
         --coco_captions coco/annotations/captions_val2014.json --pope_images coco/val2014 \\
         --pope_files pope/coco_pope_random.json pope/coco_pope_popular.json pope/coco_pope_adversarial.json \\
         --adapter runs/llava15_dpo --preference_data rlaif_v_heldout.parquet --column_map question:prompt,image:images \\
-        --out runs/study_llava15
+        --output_dir runs/study_llava15
 
 An interrupted study resumes where it stopped (run the same command again).
 """
 
-import argparse
 import sys
 from pathlib import Path
 
-from dleaf.evaluate import EvaluationInputError
-from dleaf.study import StudyConfig, run_study
+from dleaf import cli
 
 
 def correspondence_suite():
     """The correspondence step, when dpo_link's report is available (None otherwise)."""
     try:
-        from dpo_link.report import study_step
+        from dpo_link.suite import study_step
     except ImportError:
         return None
 
-    def step(out, cfg: StudyConfig):
+    def step(out, cfg):
         column_map = dict(kv.split(":", 1) for kv in cfg.column_map.split(",")) if cfg.column_map else None
         return study_step(out, n_pairs=cfg.correspondence_pairs, model=cfg.model,
                           adapter=None if cfg.organism else cfg.adapter_path, dataset=cfg.preference_data,
@@ -44,16 +42,16 @@ def correspondence_suite():
     return step
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/study")
+def build_parser():
+    ap = cli.ArgumentParser(description=__doc__)
+    ap.add_argument("--output_dir", "--out", default="runs/study", help="the study's folder")
     ap.add_argument("--n_images", type=int, default=None,
-                    help="images per benchmark (organism: default 300; a real checkpoint: the first N COCO images "
-                         "and the first N questions of each POPE file, default all)")
-    ap.add_argument("--pairs", type=int, default=StudyConfig.correspondence_pairs,
-                    help="preference pairs for the correspondence suite")
-    ap.add_argument("--no_correspondence", action="store_true")
-    ap.add_argument("--no_progress", action="store_true")
+                    help="images per benchmark (organism: 300 when not given; a real checkpoint: the first N COCO "
+                         "images and the first N questions of each POPE file, all when not given)")
+    ap.add_argument("--pairs", type=int, default=100, help="preference pairs for the correspondence suite")
+    ap.add_argument("--no_correspondence", action="store_true", help="skip the correspondence suite")
+    ap.add_argument("--no_progress", dest="progress", action="store_false", help="hide the progress bars")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads torch may use")
     real = ap.add_argument_group("a real checkpoint (instead of the organism)")
     real.add_argument("--model", default="organism", help="hub id or checkpoint folder (default: the organism)")
     real.add_argument("--adapter", default=None, help="DPO LoRA adapter folder trained on --model (train_dpo.py)")
@@ -65,14 +63,22 @@ def main(argv=None):
     real.add_argument("--preference_data", default=None,
                       help="held-out preference pairs for the correspondence suite (save_to_disk folder, parquet or "
                            "JSON lines)")
-    real.add_argument("--preference_split", default="test")
+    real.add_argument("--preference_split", default="test", help="split of --preference_data")
     real.add_argument("--column_map", default=None, help="rename preference columns, 'old:new,old:new'")
     real.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     real.add_argument("--attn_implementation", default=None,
                       help="attention implementation to load with (default: eager for the organism, the model's own "
                            "otherwise; D-LEAF switches the layers it watches itself)")
-    real.add_argument("--batch_size", type=int, default=None, help="prompts per generate call (organism 100, else 8)")
-    args = ap.parse_args(argv)
+    real.add_argument("--batch_size", type=int, default=None,
+                      help="prompts per generate call (default: 100 for the organism, else 8)")
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from dleaf.io import InputError
+    from dleaf.study import StudyConfig, run_study
+
     try:
         cfg = StudyConfig(n_images=args.n_images, correspondence=not args.no_correspondence,
                           correspondence_pairs=args.pairs, model=args.model, adapter=args.adapter,
@@ -82,16 +88,15 @@ def main(argv=None):
                           preference_split=args.preference_split, column_map=args.column_map, dtype=args.dtype,
                           attn_implementation=args.attn_implementation, batch_size=args.batch_size)
     except ValueError as err:
-        ap.error(str(err))
-    try:
-        report = run_study(args.out, cfg, progress=not args.no_progress, correspondence=correspondence_suite())
-    except EvaluationInputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise InputError(str(err)) from None
+    cli.check_output_dir(args.output_dir)
+    cli.set_threads(args.threads)
+    report = run_study(args.output_dir, cfg, progress=args.progress, correspondence=correspondence_suite())
     if report is not None:  # process 0
-        print((Path(args.out) / "report.md").read_text())
+        print((Path(args.output_dir) / "report.md").read_text())
+        cli.done(args.output_dir)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(cli.main(main))

@@ -76,3 +76,32 @@ def write_coco():
 def write_pope():
     """``write_pope(folder)``: a six-question POPE file over two images; returns (file, image folder)."""
     return _write_pope
+
+
+# ------------------------------------------------------------------------------------ running scripts
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def script_env(**extra) -> dict:
+    """The environment a script subprocess runs in: offline, one CPU thread, and this checkout first on the path
+    (so the scripts import the code under test, whatever is installed)."""
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture()
+def run_script():
+    """``run_script(name, *args, cwd=ROOT, timeout=600, env=None)``: run ``scripts/<name>`` with the current
+    interpreter; returns the ``subprocess.CompletedProcess`` (text output)."""
+    import subprocess
+    import sys
+
+    def run(name, *args, cwd=ROOT, timeout=600, env=None):
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], cwd=cwd,
+                              env=env or script_env(), capture_output=True, text=True, timeout=timeout)
+
+    return run

@@ -626,3 +626,16 @@ def test_compiled_step_gives_the_same_generation(tiny):
     assert torch.equal(outs[0].sequences, outs[1].sequences) and rates[0] == rates[1] > 0
     for a, b in zip(outs[0].logits, outs[1].logits):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_generation_kwargs_of_attention_methods_and_of_nothing_attached(tiny):
+    """Methods acting inside the attention need nothing extra in generate; None (plain decoding) neither; a detached
+    intervention is an error, not a silent no-op."""
+    model, _, _, _, batch = tiny
+    assert engine.generation_kwargs(None, batch) == {}
+    for name in ("dleaf", "pai", "spin"):
+        with engine.attached(model, name) as iv:
+            assert engine.generation_kwargs(iv, batch) == {}
+    with pytest.raises(ValueError, match="detached"):
+        engine.generation_kwargs(iv, batch)

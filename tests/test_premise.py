@@ -9,7 +9,7 @@ import pytest
 
 from dleaf.premise import (
     PremiseRow,
-    _auc_from_ranks,
+    auc_from_ranks,
     auroc,
     auroc_interval,
     plot_premise,
@@ -56,10 +56,10 @@ def test_vectorised_rank_statistic_matches_auroc():
     rng = np.random.default_rng(1)
     pos = rng.integers(0, 4, size=(6, 11)).astype(float)
     neg = rng.integers(0, 4, size=(6, 7)).astype(float)
-    got = _auc_from_ranks(pos, neg, axis=-1)
+    got = auc_from_ranks(pos, neg, axis=-1)
     exp = [_bf_auroc(p, n) for p, n in zip(pos, neg)]
     np.testing.assert_allclose(got, exp, atol=1e-12)
-    np.testing.assert_allclose(_auc_from_ranks(pos.T, neg.T, axis=0), exp, atol=1e-12)
+    np.testing.assert_allclose(auc_from_ranks(pos.T, neg.T, axis=0), exp, atol=1e-12)
 
 
 def test_auroc_nan_when_group_empty():

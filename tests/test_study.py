@@ -1,84 +1,164 @@
-import json
+"""Tests for dleaf.study: the claims table by hand, bad configurations, the organism study end to end (slow), and
+the real-checkpoint path on a saved tiny model with COCO and POPE fixtures, an adapter and preference pairs."""
 
-import numpy as np
+import json
+import sys
+from pathlib import Path
+
 import pytest
 
-from dleaf import metrics
-from dleaf.organism import study, world
-from dleaf.organism.profile import VOCAB
+from dleaf import study as dstudy
 
 
-def _rows(captions, scenes):
-    res = metrics.chair(captions, [s.objects for s in scenes], VOCAB)
-    return [{"objects": list(s.objects), "caption": c, "n_words": pc.n_words, "n_mentions": pc.n_mentions,
-             "n_hallucinated_mentions": pc.n_hallucinated_mentions, "hallucinated": sorted(pc.hallucinated),
-             "grounded": sorted(pc.mentioned - pc.hallucinated)} for s, c, pc in zip(scenes, captions, res.per_caption)], res
+def _metrics(chair_g, chair_d, acc_g, acc_d):
+    cap = lambda c: {"sections": {"adversarial": {"kind": "caption", "chair_s": c, "recall": 0.5}}}
+    pope = lambda a: {"sections": {"adversarial/adversarial": {"kind": "yesno", "accuracy": a, "f1": a}}}
+    return {("organism_caption", "greedy"): cap(chair_g), ("organism_caption", "dleaf"): cap(chair_d),
+            ("organism_pope", "greedy"): pope(acc_g), ("organism_pope", "dleaf"): pope(acc_d)}
 
 
-def _captions(scenes, rng, p_extra):
-    caps = []
-    for s in scenes:
-        words = list(s.objects[: max(1, len(s.objects) - int(rng.random() < 0.2))])
-        if rng.random() < p_extra:
-            words.append(str(rng.choice([o for o in world.OBJECTS if o not in s.object_set])))
-        caps.append("there is a " + " and a ".join(words) + " .")
-    return caps
+def test_claims_table_computes_relative_chair_and_pope_changes():
+    rows, md = dstudy.claims_table(_metrics(0.40, 0.20, 0.80, 0.85), {"dleaf_over_greedy_throughput": 0.97,
+                                                                        "batch": 8}, None)
+    assert "-50.0% relative" not in md and "+50.0% relative" in md  # (0.40 - 0.20) / 0.40
+    assert [r["agrees"] for r in rows] == [True, True, True]
+    rows, md = dstudy.claims_table(_metrics(0.40, 0.40, 0.80, 0.80), {"dleaf_over_greedy_throughput": 0.5,
+                                                                        "batch": 8}, None)
+    assert [r["agrees"] for r in rows] == [False, False, False] and "+0.0% relative" in md
+    assert "accuracy +0.0 points" in md
 
 
-def test_caption_stats_equal_the_metric_core():
-    scenes = world.scenes("adversarial", 60)
-    rows, res = _rows(_captions(scenes, np.random.default_rng(0), 0.4), scenes)
-    got = study.caption_stats(rows)
-    for key in ("chair_s", "chair_i", "recall", "mean_length"):
-        assert got[key] == pytest.approx(getattr(res, key))
-    assert got["n_hallucinated_mentions"] == res.n_hallucinated_mentions
-    assert got["n_grounded_mentions"] == res.n_grounded_mentions
+def test_study_config_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="n_images"):
+        dstudy.StudyConfig(n_images=0)
 
 
-def test_paired_difference_matches_a_brute_force_bootstrap():
-    scenes = world.scenes("adversarial", 200)
-    base, _ = _rows(_captions(scenes, np.random.default_rng(1), 0.5), scenes)
-    other, _ = _rows(_captions(scenes, np.random.default_rng(2), 0.2), scenes)
-    b, o = study._caption_arrays(base), study._caption_arrays(other)
-    f = study.CAPTION_STATISTICS["chair_i"]
-    d = study.paired_difference(b, o, f, n_resamples=3000)
-    assert d["diff"] == pytest.approx(study.caption_stats(other)["chair_i"] - study.caption_stats(base)["chair_i"])
-    rng = np.random.default_rng(5)
-    boot = []
-    for _ in range(3000):
-        idx = rng.integers(0, len(base), len(base))
-        boot.append(f(*(x[idx] for x in o)) - f(*(x[idx] for x in b)))
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    assert d["low"] == pytest.approx(lo, abs=0.015) and d["high"] == pytest.approx(hi, abs=0.015)
-    assert d["low"] < d["diff"] < d["high"] < 0  # fewer extras -> lower CHAIR_i
-    same = study.paired_difference(b, b, f, n_resamples=200)
-    assert same == {"diff": 0.0, "low": 0.0, "high": 0.0}
+def test_study_config_names_what_a_real_checkpoint_needs(tmp_path):
+    with pytest.raises(ValueError, match="coco_images, coco_instances, pope_images, pope_files"):
+        dstudy.StudyConfig(model="llava-hf/llava-1.5-7b-hf")
+    with pytest.raises(ValueError, match="coco_images given, but the study's model is the organism"):
+        dstudy.StudyConfig(coco_images="val2014")
+    full = dict(model="m", coco_images="i", coco_instances="a.json", pope_files=("p.json",), pope_images="i")
+    with pytest.raises(ValueError, match="preference_data"):
+        dstudy.StudyConfig(**full, adapter=str(tmp_path))
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        dstudy.StudyConfig(**full, adapter=str(tmp_path), correspondence=False)
+    cfg = dstudy.StudyConfig(**full)  # no adapter: no DPO rows
+    assert [s[0] for s in cfg.settings] == ["greedy", "pai", "spin", "dleaf"] and cfg.images is None
+    assert cfg.benchmarks == ("coco_chair", "pope_file")
+    assert [s[0] for s in dstudy.StudyConfig().settings][-2:] == ["dpo", "dleaf_dpo"]
 
 
-def test_pope_statistics_equal_the_metric_core():
-    rows = [{"label": l, "answer": a} for l, a in [(True, "yes"), (True, "no ."), (False, "yes , there is"),
-                                                    (False, "no"), (True, "yes"), (False, "no"), (True, "maybe"),
-                                                    (False, "a cup")]]
-    p = study.pope_stats(rows)
-    assert p["n_unparsed"] == 2
-    arrays = study._pope_arrays(rows)
-    # tp 2, fn 1, fp 1, tn 2, two unparsed answers (wrong, and neither fp nor fn)
-    assert study._pope_accuracy(*arrays) == pytest.approx(p["accuracy"]) == pytest.approx(4 / 8)
-    assert study._pope_f1(*arrays) == pytest.approx(p["f1"]) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+def test_claims_table_averages_pope_question_sets():
+    pope = lambda a: {"sections": {"random": {"accuracy": a, "f1": a}, "adversarial": {"accuracy": a - 0.1,
+                                                                                      "f1": a - 0.2}}}
+    metrics = {("pope_file", "greedy"): pope(0.80), ("pope_file", "dleaf"): pope(0.83)}
+    rows, md = dstudy.claims_table(metrics, None, None, ("coco_chair", "pope_file"), "m")
+    assert "accuracy +3.0 points, F1 +3.0 points (mean of 2 question sets)" in md and rows[0]["agrees"]
 
 
-def test_grid_file_resumes_and_drops_a_cut_line(tmp_path):
-    path = tmp_path / "grid.jsonl"
-    path.write_text(json.dumps({"key": "adversarial/4/greedy", "label": "greedy", "method": "greedy"}) + "\n"
-                    + '{"key": "adversarial/4/cut"')
-    done = study._read_done(path)
-    assert list(done) == ["adversarial/4/greedy"]
-    path.write_text("not json\n")
-    with pytest.raises(ValueError, match="grid.jsonl:1"):
-        study._read_done(path)
+@pytest.mark.slow
+def test_study_runs_end_to_end_and_resumes(tmp_path):
+    cfg = dstudy.StudyConfig(n_images=3, timing_repeats=1, timing_batch=2, timing_tokens=4, correspondence=False)
+    first = dstudy.run_study(tmp_path, cfg, progress=False, say=lambda m: None)
+    assert len(first["metrics"]) == len(dstudy.SETTINGS) * len(dstudy.BENCHMARKS)
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "methods.png").stat().st_size > 1000
+    (tmp_path / "report.json").unlink()
+    second = dstudy.run_study(tmp_path, cfg, progress=False, say=lambda m: None)
+    assert json.dumps(first["claims"]) == json.dumps(second["claims"])
+    same = lambda x: json.dumps(x, sort_keys=True)  # NaN-safe: NaN != NaN, but serialises the same
+    assert same(first["metrics"]) == same(second["metrics"])
+    fresh = dstudy.run_study(tmp_path / "again", cfg, progress=False, say=lambda m: None)
+    assert same(fresh["metrics"]["organism_caption/dleaf"]["sections"]) == \
+        same(first["metrics"]["organism_caption/dleaf"]["sections"])  # seeded: a fresh run gives the same numbers
 
 
-def test_settings_validate_knobs():
-    with pytest.raises(ValueError, match="no knob"):
-        study.setting("x", "dleaf", alpha=1)
-    assert study.setting("d", "dleaf", gamma=0.5).knob_dict == {"gamma": 0.5}
+@pytest.fixture()
+def real_target(tmp_path, tiny_organism, write_coco, write_pope):
+    """A saved tiny checkpoint folder, a LoRA adapter trained on it (random weights), COCO and POPE fixtures, and
+    preference pairs on disk: everything the real-checkpoint study reads."""
+    from datasets import DatasetDict
+    from peft import LoraConfig, get_peft_model
+
+    from dpo_link import pairs
+
+    model, processor = tiny_organism
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    processor.save_pretrained(ckpt)
+    lora = get_peft_model(type(model).from_pretrained(ckpt),
+                          LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    rows = pairs.organism_examples(pairs.OrganismPairConfig(n=6, world_seed=pairs.EVAL_WORLD_SEED))
+    DatasetDict({"test": pairs._dataset(rows)}).save_to_disk(tmp_path / "prefs")
+    img_dir, inst, caps = write_coco(tmp_path)
+    pope, pope_dir = write_pope(tmp_path)
+    return dict(model=str(ckpt), adapter=str(tmp_path / "adapter"), coco_images=str(img_dir),
+                coco_instances=str(inst), coco_captions=str(caps), pope_files=(str(pope),), pope_images=str(pope_dir),
+                preference_data=str(tmp_path / "prefs"))
+
+
+@pytest.mark.slow
+def test_study_on_a_real_checkpoint_folder(tmp_path, real_target):
+    """The GPU command's code path, on a saved tiny model: COCO CHAIR and POPE files through the harness, the DPO
+    rows from the adapter, the correspondence suite on pairs from disk, the report; then a resume."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    import study as study_script
+
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "--no_progress", "--n_images", "2", "--pairs", "4", "--batch_size", "2",
+            "--model", real_target["model"], "--adapter", real_target["adapter"],
+            "--coco_images", real_target["coco_images"], "--coco_instances", real_target["coco_instances"],
+            "--coco_captions", real_target["coco_captions"], "--pope_files", *real_target["pope_files"],
+            "--pope_images", real_target["pope_images"], "--preference_data", real_target["preference_data"]]
+    study_script.main(argv)
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(report["metrics"]) == sorted(f"{b}/{s[0]}" for b in ("coco_chair", "pope_file")
+                                               for s in dstudy.SETTINGS)
+    assert report["metrics"]["coco_chair/dpo"]["run"]["adapter"] == real_target["adapter"]
+    assert report["metrics"]["coco_chair/greedy"]["sections"]["val2014"]["n_captions"] == 2
+    assert report["metrics"]["pope_file/greedy"]["sections"]["coco_pope_random"]["n"] == 2
+    assert report["correspondence"]["summary"].endswith("on 4 held-out pairs")
+    assert (out / "correspondence" / "correspondence.json").is_file()
+    md = (out / "report.md").read_text()
+    assert f"# The study on {real_target['model']}" in md and "| 53% relative CHAIR" in md
+    before = (out / "evals" / "coco_chair_dleaf" / "generations.jsonl").read_bytes()
+    (out / "report.json").unlink()
+    study_script.main(argv)  # resumes: nothing is generated again
+    assert (out / "evals" / "coco_chair_dleaf" / "generations.jsonl").read_bytes() == before
+    assert json.loads((out / "report.json").read_text())["claims"] == report["claims"]
+
+
+def test_every_study_setting_runs_its_own_method_and_adapter(tmp_path, tiny_organism, monkeypatch):
+    from dleaf import generation
+    from dleaf.eval import runner
+
+    model, processor = tiny_organism
+    loaded, seen = [], []
+    from dleaf import eval as harness
+
+    def load(args):
+        loaded.append(args.adapter)
+        return model, processor
+
+    monkeypatch.setattr(runner, "load_model", load)
+    monkeypatch.setattr(harness, "load_model", load)
+    original = generation.generate
+
+    def spy(model, processor, items, setting, *a, **k):
+        seen.append((items[0].id.split("/")[0] if items else None, setting.method))
+        return original(model, processor, items, setting, *a, **k)
+
+    monkeypatch.setattr(runner, "generate", spy)
+    cfg = dstudy.StudyConfig(n_images=1, correspondence=False, batch_size=2)
+    dstudy.run_evaluations(tmp_path, cfg, progress=False, say=lambda m: None)
+    expected = {label: (method, adapter) for label, method, adapter in cfg.settings}
+    assert sorted(m for _, m in seen) == sorted(m for m, _ in expected.values() for _ in cfg.benchmarks)
+    for bench in cfg.benchmarks:
+        for label, (method, adapter) in expected.items():
+            config = json.loads((tmp_path / "evals" / f"{bench}_{label}" / "config.json").read_text())
+            assert config["method"] == method, (bench, label)
+            assert bool(config["adapter"]) == adapter and (not adapter or config["adapter"] == cfg.adapter_path)
+    # the adapter settings load the model with the adapter; the others share the base model loaded once
+    n_adapter = sum(adapter for _, _, adapter in cfg.settings) * len(cfg.benchmarks)
+    assert loaded.count(cfg.adapter_path) == n_adapter == 4 and loaded.count(None) == 1

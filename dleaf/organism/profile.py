@@ -1,5 +1,7 @@
-"""The organism's hallucination profile: greedy captions and yes/no answers on held-out splits, scored with the
-metric core, and the premise table (per layer, LIAE and image mass at hallucinated versus grounded object words).
+"""The organism's hallucination profile: greedy captions and yes/no answers on held-out splits through the
+evaluation harness (the organism's two benchmarks and their protocols, the one generation loop, the trailing-sentence
+rule, the metric core), and the premise table (per layer, LIAE and image mass at hallucinated versus grounded object
+words, from :func:`dleaf.premise_check.attention_records`).
 
 The premise statistics are read at the query row that *predicts* each object word (the position just before it), in
 one teacher-forced eager forward pass over the prompt and the generated reply, which reproduces the attention the
@@ -13,28 +15,30 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import attention_stats, metrics, premise
-from ..premise_check import premise_rows
+from .. import eval as harness
+from .. import premise
+from ..models import model_inputs
+from ..premise_check import attention_records, premise_rows
+from ..settings import Setting
 from . import world
-from .chat import user_turn
+from .benchmarks import VOCAB
 
-VOCAB = metrics.ObjectVocabulary.from_categories(world.OBJECTS, related=world.PARTNERS)
+__all__ = ["VOCAB", "ProfileProtocol", "profile_model", "profile_markdown", "patch_probe", "patch_labels",
+           "image_token_features"]
 
 
 @dataclasses.dataclass(frozen=True)
 class ProfileProtocol:
-    """Everything that fixes a profile run; recorded with its results."""
+    """Everything that fixes a profile run besides the benchmark protocols (``data/protocols/organism_caption.yaml``
+    and ``organism_pope.yaml``: prompts, token limits, world and question seeds, sentence rule); recorded with its
+    results."""
 
     n_images: int = 1000
     caption_splits: tuple[str, ...] = ("indist", "adversarial", "replication")
     pope_split: str = "adversarial"
     pope_negatives: tuple[str, ...] = world.POPE_NEGATIVES
     premise_splits: tuple[str, ...] = ("adversarial", "replication")
-    caption_prompt: str = world.CAPTION_PROMPTS[0]
-    caption_max_new_tokens: int = 80
-    answer_max_new_tokens: int = 8
     batch_size: int = 100
-    world_seed: int = 0
     n_bootstrap: int = 2000
 
     def __post_init__(self):
@@ -46,109 +50,54 @@ class ProfileProtocol:
 
 
 def _prompt_batch(processor, scenes: Sequence[world.Scene], prompts: Sequence[str]):
-    texts = [processor.apply_chat_template(user_turn(p), add_generation_prompt=True, tokenize=False) for p in prompts]
-    return processor(text=texts, images=[world.render(s) for s in scenes], return_tensors="pt", padding=True)
+    """Left-padded processor inputs of one prompt per scene (kept for callers that build organism batches by hand;
+    :func:`dleaf.models.model_inputs` is the general form)."""
+    return model_inputs(processor, list(prompts), [world.render(s) for s in scenes])
 
 
-@torch.no_grad()
 def generate(model, processor, scenes: Sequence[world.Scene], prompts: Sequence[str], max_new_tokens: int,
-             batch_size: int = 100) -> tuple[list[str], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Greedy replies to one prompt per scene, with each batch's (input_ids, attention_mask) of prompt + reply."""
+             batch_size: int = 100) -> tuple[list[str], list]:
+    """Greedy replies to one prompt per scene through :func:`dleaf.generation.generate` (no sentence rule), and an
+    empty list (kept for the former return shape)."""
+    from ..generation import generate_texts
+
     if len(scenes) != len(prompts):
         raise ValueError(f"got {len(scenes)} scenes but {len(prompts)} prompts")
-    replies: list[str] = []
-    sequences = []
-    for i in range(0, len(scenes), batch_size):
-        batch = _prompt_batch(processor, scenes[i:i + batch_size], prompts[i:i + batch_size])
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-        new = out[:, batch["input_ids"].shape[1]:]
-        replies += processor.tokenizer.batch_decode(new, skip_special_tokens=True)
-        sequences.append((out, batch["pixel_values"]))
-    return [r.strip() for r in replies], sequences
+    return generate_texts(model, processor, list(prompts), [world.render(s) for s in scenes],
+                          max_new_tokens=max_new_tokens, batch_size=batch_size), []
 
 
-@torch.no_grad()
-def object_word_attention(model, processor, sequences, prompt_length_of, scenes: Sequence[world.Scene]):
-    """Per object word in the generated replies: per-layer LIAE and mean image mass at the row that predicts it.
-
-    Returns (records, image_share): records is a list of dicts (scene index, word, hallucinated, liae[L], mass[L]);
-    image_share is the mean over generated positions of each layer's head-mean image mass.
-    """
-    tok = processor.tokenizer
-    object_ids = {tok.convert_tokens_to_ids(o): o for o in world.OBJECTS}
-    pad, eos = tok.pad_token_id, tok.eos_token_id
-    records, share_sum, share_n = [], None, 0
-    offset = 0
-    for out, pixel_values in sequences:
-        mask = (out != pad).long()
-        # positions after the first </s> of the reply are padding from generate; keep them out of the statistics
-        res = model(input_ids=out, attention_mask=mask, pixel_values=pixel_values, output_attentions=True)
-        att = torch.stack(res.attentions, dim=1)  # (B, L, H, T, T)
-        image_mask = out == model.config.image_token_id  # (B, T)
-        start = prompt_length_of(out)
-        for b in range(out.shape[0]):
-            scene = scenes[offset + b]
-            ids = out[b].tolist()
-            reply_end = len(ids)
-            for t in range(start, len(ids)):
-                if ids[t] in (eos, pad):
-                    reply_end = t
-                    break
-            rows = att[b, :, :, start - 1:reply_end - 1]  # rows that predict tokens start .. reply_end-1
-            if rows.shape[-2] == 0:
-                continue
-            m = image_mask[b][None, :]
-            mass = attention_stats.image_mass(rows, m)  # (L, H, Q)
-            liae = attention_stats.layer_entropy(rows, m, variant="mixed")  # (L, Q)
-            head_mean_mass = mass.mean(dim=1)  # (L, Q)
-            share_sum = head_mean_mass.sum(-1) if share_sum is None else share_sum + head_mean_mass.sum(-1)
-            share_n += head_mean_mass.shape[-1]
-            for q, t in enumerate(range(start, reply_end)):
-                if ids[t] in object_ids:
-                    word = object_ids[ids[t]]
-                    records.append({
-                        "scene": offset + b, "word": word, "hallucinated": word not in scene.object_set,
-                        "liae": liae[:, q].tolist(), "mass": head_mean_mass[:, q].tolist(),
-                    })
-        offset += out.shape[0]
-    share = (share_sum / max(share_n, 1)).tolist() if share_sum is not None else []
-    return records, share
-
-
-def premise_from_records(records: list[dict], n_bootstrap: int = 2000, seed: int = 0) -> list[premise.PremiseRow]:
-    """The premise table from object-word records: LIAE and image-mass deficit (-mass), both 'larger = anomalous'."""
-    return premise_rows(records, n_bootstrap, seed)
+def _benchmark(name: str, n_images: int, **options) -> "harness.Benchmark":
+    return harness.build_benchmark(harness.EvalArguments(benchmark=name, limit=n_images, **options))
 
 
 def profile_model(model, processor, protocol: ProfileProtocol = ProfileProtocol(), progress=None) -> dict:
-    """Captions, yes/no answers and the premise table of one model on the protocol's held-out splits."""
+    """Captions, yes/no answers and the premise table of one model on the protocol's held-out splits, through the
+    harness (greedy decoding)."""
     say = progress or (lambda msg: None)
-    result: dict = {"captions": {}, "pope": {}, "premise": {}, "image_share": {}, "examples": {}}
+    result: dict = {"captions": {}, "pope": {}, "premise": {}, "image_share": {}, "examples": {}, "protocols": {}}
     for split in protocol.caption_splits:
-        scenes = world.scenes(split, protocol.n_images, protocol.world_seed)
-        say(f"captioning {split} ({len(scenes)} images)")
-        captions, sequences = generate(model, processor, scenes, [protocol.caption_prompt] * len(scenes),
-                                       protocol.caption_max_new_tokens, protocol.batch_size)
-        ch = metrics.chair(captions, [s.objects for s in scenes], VOCAB)
-        result["captions"][split] = ch.as_dict()
-        result["examples"][split] = [
-            {"objects": list(s.objects), "caption": c} for s, c in zip(scenes[:5], captions[:5])
-        ]
+        bench = _benchmark("organism_caption", protocol.n_images, splits=[split])
+        result["protocols"]["organism_caption"] = bench.protocol.record()
+        say(f"captioning {split} ({len(bench.items)} images)")
+        run = harness.evaluate(model, processor, bench, Setting(), protocol.batch_size)
+        result["captions"][split] = run["sections"][split]
+        result["examples"][split] = [{"objects": sorted(it.truth), "caption": r["text"]}
+                                     for it, r in zip(bench.items[:5], run["rows"][:5])]
         if split in protocol.premise_splits:
             say(f"premise on {split}")
-            prompt_len = _prompt_batch(processor, scenes[:1], [protocol.caption_prompt])["input_ids"].shape[1]
-            records, share = object_word_attention(model, processor, sequences, lambda out: prompt_len, scenes)
-            rows = premise_from_records(records, protocol.n_bootstrap)
-            result["premise"][split] = [dataclasses.asdict(r) for r in rows]
+            records, share = attention_records(
+                model, processor, [it.image() for it in bench.items], [it.prompt for it in bench.items],
+                [r["raw"] for r in run["rows"]], [sorted(it.truth) for it in bench.items], VOCAB,
+                batch_size=protocol.batch_size)
+            result["premise"][split] = [dataclasses.asdict(r) for r in premise_rows(records, protocol.n_bootstrap)]
             result["image_share"][split] = share
-    pope_scenes = world.scenes(protocol.pope_split, protocol.n_images, protocol.world_seed)
     for neg in protocol.pope_negatives:
-        questions = world.pope_questions(pope_scenes, neg)
-        say(f"yes/no questions, {neg} negatives ({len(questions)} questions)")
-        answers, _ = generate(model, processor, [q.scene for q in questions],
-                              [world.QUESTION_TEMPLATE.format(obj=q.obj) for q in questions],
-                              protocol.answer_max_new_tokens, protocol.batch_size)
-        result["pope"][neg] = metrics.pope(answers, [q.label for q in questions]).as_dict()
+        bench = _benchmark("organism_pope", protocol.n_images, splits=[protocol.pope_split], negatives=[neg])
+        result["protocols"]["organism_pope"] = bench.protocol.record()
+        say(f"yes/no questions, {neg} negatives ({len(bench.items)} questions)")
+        run = harness.evaluate(model, processor, bench, Setting(), protocol.batch_size)
+        result["pope"][neg] = run["sections"][f"{protocol.pope_split}/{neg}"]
     return result
 
 
@@ -156,10 +105,10 @@ def _pct(x) -> str:
     return "nan" if x is None or x != x else f"{100 * x:.1f}"
 
 
-def _checks(profile: dict) -> list[str]:
+def design_targets(profile: dict) -> list[str]:
     """The organism's design targets, each with the measured value and whether it is met (measured, not tuned)."""
     models = profile["models"]
-    out = ["## Design targets (ORGANISM.md), as measured", "", "| target | measured | met |", "|---|---|---|"]
+    out = ["## Design targets, as measured", "", "| target | measured | met |", "|---|---|---|"]
 
     def row(text, value, ok):
         out.append(f"| {text} | {value} | {'yes' if ok else '**no**'} |")
@@ -196,8 +145,11 @@ def profile_markdown(profile: dict) -> str:
     lines = ["# Organism hallucination profile", ""]
     proto = profile.get("protocol", {})
     if proto:
-        lines += [f"Greedy decoding, {proto.get('n_images')} images per split, world seed {proto.get('world_seed')}, "
-                  f"caption prompt \"{proto.get('caption_prompt')}\".", ""]
+        records = next(iter(profile["models"].values()), {}).get("protocols", {})
+        named = ", ".join(f"{r['name']} v{r['version']}" for r in records.values())
+        lines += [f"Greedy decoding through the evaluation harness, {proto.get('n_images')} images per split"
+                  + (f" (protocols {named}: prompts, token limits, seeds and the trailing-sentence rule)" if named
+                     else "") + ".", ""]
     lines += ["## Captions (CHAIR)", "",
               "| model | split | CHAIR_s % | CHAIR_i % | recall % | words | hallucinated mentions | grounded mentions "
               "| additions | substitutions | partner share % | partner chance % |",
@@ -226,7 +178,7 @@ def profile_markdown(profile: dict) -> str:
             lines.append(f"Image share of attention per layer ({name}, {split}, mean over generated positions): "
                          + ", ".join(f"L{i} {s:.2f}" for i, s in enumerate(share)))
         lines.append("")
-    lines += _checks(profile)
+    lines += design_targets(profile)
     probes = {name: res["patch_probe"] for name, res in profile["models"].items() if "patch_probe" in res}
     if probes:
         lines += ["## Per-patch linear probe (object evidence is local to its patches)", "",

@@ -1,5 +1,6 @@
-"""Tests for dleaf.evaluate: COCO CHAIR and POPE files against hand-computed values, resume after a kill, bad input,
-sharded runs under accelerate launch, the comparison table."""
+"""Tests for dleaf.eval (the evaluation harness): COCO CHAIR and POPE files against hand-computed values, resume
+after a kill, bad input refused before any model loads, sharded runs under accelerate launch, the method, knobs and
+adapter really applied, per-item scores and paired comparisons, the comparison table."""
 
 from __future__ import annotations
 
@@ -12,19 +13,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from dleaf import evaluate as ev
-from dleaf.organism import build
+from dleaf import cli, generation
+from dleaf import eval as ev
+from dleaf.eval import coco, pope
+from dleaf.resources import data_root
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPE = build.OrganismShape(text_hidden=32, text_layers=2, text_heads=4, text_intermediate=64)
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    processor = build.build_processor(SHAPE)
-    model = build.build_model(processor.tokenizer, SHAPE, seed=0).eval()
-    return model, processor
+def tiny(tiny_organism):
+    return tiny_organism
 
 
 def _args(tmp_path, name="run", **kw):
@@ -35,7 +36,7 @@ def _args(tmp_path, name="run", **kw):
 
 
 def _files(run_dir):
-    return {f: (Path(run_dir) / f).read_bytes() for f in (ev.CONFIG, ev.GENERATIONS, ev.METRICS)}
+    return {f: (Path(run_dir) / f).read_bytes() for f in (ev.CONFIG, ev.GENERATIONS, ev.METRICS, ev.SCORES)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -63,7 +64,7 @@ GENERATED = {
 def test_coco_chair_on_hand_made_fixture(tmp_path, write_coco):
     img_dir, inst, caps = write_coco(tmp_path)
     protocol = ev.load_protocol("coco_chair")
-    bench = ev.coco_chair_benchmark(protocol, img_dir, inst, caps, image_ids=[1, 2, 3])
+    bench = coco.coco_chair_benchmark(protocol, img_dir, inst, caps, image_ids=[1, 2, 3])
     assert [it.truth for it in bench.items] == [{"dog", "dining table", "person"}, {"teddy bear", "bed"},
                                                 {"hot dog", "cup"}]
     rows = [{"id": k, "text": v} for k, v in GENERATED.items()]
@@ -77,12 +78,12 @@ def test_coco_chair_on_hand_made_fixture(tmp_path, write_coco):
     assert m["mean_length"] == pytest.approx(38 / 3)
     assert m["n_hallucinated_objects"] == 2 and m["n_grounded_objects"] == 5
     # ground truth from instances alone: "woman" (person) becomes a hallucination in caption 1
-    ann = ev.load_coco_annotations(inst, None, bench.vocab)
+    ann = coco.load_coco_annotations(inst, None, bench.vocab)
     assert ann.ground_truth(1, ("instances",)) == {"dog", "dining table"}
 
 
 def test_coco_vocabulary_synonyms_plurals_and_double_words():
-    vocab = ev.coco_vocabulary()
+    vocab = coco.coco_vocabulary()
     assert len(vocab.categories) == 80
     cats = lambda text: [(m.surface, m.category) for m in vocab.extract(text)]  # noqa: E731
     assert cats("two hot dogs beside three dogs") == [("hot dogs", "hot dog"), ("dogs", "dog")]
@@ -93,8 +94,8 @@ def test_coco_vocabulary_synonyms_plurals_and_double_words():
         ("glasses of wine", "wine glass"), ("buses", "bus"), ("microwave oven", "microwave"),
         ("ponies", "horse"), ("sheep", "sheep")]
     assert cats("a toilet bowl and a motor bike") == [("toilet bowl", "toilet"), ("motor bike", "motorcycle")]
-    assert ev.plural_forms("sandwich") == ["sandwiches"] and ev.plural_forms("boy") == ["boys"]
-    assert ev.plural_forms("sheep", same=["sheep"]) == []
+    assert coco.plural_forms("sandwich") == ["sandwiches"] and coco.plural_forms("boy") == ["boys"]
+    assert coco.plural_forms("sheep", same=["sheep"]) == []
 
 
 def test_coco_chair_end_to_end_and_bad_input(tmp_path, tiny, write_coco):
@@ -104,7 +105,7 @@ def test_coco_chair_end_to_end_and_bad_input(tmp_path, tiny, write_coco):
     ids_file = tmp_path / "ids.txt"
     ids_file.write_text("# fixture ids\n3\n1\n")
     text = (ROOT / "data/protocols/coco_chair.yaml").read_text().replace(
-        "file: coco/chair_val2014_ids.txt", f"file: {os.path.relpath(ids_file, ev.DATA_DIR)}")
+        "file: coco/chair_val2014_ids.txt", f"file: {os.path.relpath(ids_file, data_root())}")
     ids_protocol.write_text(text)
     args = ev.EvalArguments(benchmark="coco_chair", protocol=str(ids_protocol), output_dir=str(tmp_path / "run"),
                             coco_images=str(img_dir), coco_instances=str(inst), coco_captions=str(caps),
@@ -123,22 +124,22 @@ def test_coco_chair_end_to_end_and_bad_input(tmp_path, tiny, write_coco):
     bad = tmp_path / "bad_instances.json"
     bad.write_text('{\n  "images": [\n    {"id": 1,}\n  ]\n}\n')
     with pytest.raises(ev.EvaluationInputError, match=r"bad_instances\.json.*line 3"):
-        ev.load_coco_annotations(bad, None, ev.coco_vocabulary())
+        coco.load_coco_annotations(bad, None, coco.coco_vocabulary())
     with pytest.raises(ev.EvaluationInputError, match="not found.*nowhere.json"):
-        ev.load_coco_annotations(tmp_path / "nowhere.json", None, ev.coco_vocabulary())
+        coco.load_coco_annotations(tmp_path / "nowhere.json", None, coco.coco_vocabulary())
     bad.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "unicorn"}]}))
     with pytest.raises(ev.EvaluationInputError, match="unicorn"):
-        ev.load_coco_annotations(bad, None, ev.coco_vocabulary())
+        coco.load_coco_annotations(bad, None, coco.coco_vocabulary())
     ids_file.write_text("3\nseven\n")
     with pytest.raises(ev.EvaluationInputError, match=r"ids\.txt, line 2"):
-        ev.read_id_list(ids_file)
+        coco.read_id_list(ids_file)
 
 
 def test_coco_id_rule_is_deterministic(tmp_path, write_coco):
     _, inst, _ = write_coco(tmp_path, with_images=False)
-    ann = ev.load_coco_annotations(inst, None, ev.coco_vocabulary())
-    assert ev.select_coco_ids(ann, 2, 0) == ev.select_coco_ids(ann, 2, 0)
-    assert sorted(ev.select_coco_ids(ann, 5, 1)) == [1, 2, 3]
+    ann = coco.load_coco_annotations(inst, None, coco.coco_vocabulary())
+    assert coco.select_coco_ids(ann, 2, 0) == coco.select_coco_ids(ann, 2, 0)
+    assert sorted(coco.select_coco_ids(ann, 5, 1)) == [1, 2, 3]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def test_coco_id_rule_is_deterministic(tmp_path, write_coco):
 
 def test_pope_file_metrics_with_free_form_answers(tmp_path, write_pope):
     path, img_dir = write_pope(tmp_path)
-    bench = ev.pope_file_benchmark(ev.load_protocol("pope_file"), [path], img_dir)
+    bench = pope.pope_file_benchmark(ev.load_protocol("pope_file"), [path], img_dir)
     assert bench.sections == ["coco_pope_random"]
     assert bench.items[0].prompt == "Is there a dog in the image?"
     answers = ["Yes, there is a dog.",            # present, yes  -> tp
@@ -172,14 +173,14 @@ def test_pope_file_bad_input(tmp_path, write_pope):
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:2]) + '{"question_id": 3, "image": "b.jpg", \n' + "".join(lines[3:]))
     with pytest.raises(ev.EvaluationInputError, match=r"coco_pope_random\.json, line 3"):
-        ev.read_pope_file(path)
+        pope.read_pope_file(path)
     path.write_text("".join(lines[:3]) + json.dumps({"question_id": 9, "image": "b.jpg", "text": "?"}) + "\n")
     with pytest.raises(ev.EvaluationInputError, match=r"line 4: lacks label"):
-        ev.read_pope_file(path)
+        pope.read_pope_file(path)
     path.write_text("".join(lines))
     (img_dir / "b.jpg").unlink()
     with pytest.raises(ev.EvaluationInputError, match="b.jpg"):
-        ev.pope_file_benchmark(ev.load_protocol("pope_file"), [path], img_dir)
+        pope.pope_file_benchmark(ev.load_protocol("pope_file"), [path], img_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,20 +189,20 @@ def test_pope_file_bad_input(tmp_path, write_pope):
 
 
 def test_protocol_files_load_and_are_recorded():
-    for name in ev.BENCHMARKS:
+    for name in ev.benchmark_names():
         p = ev.load_protocol(name)
         assert p.benchmark == name and p.version >= 1 and len(p.sha256) == 64
-        assert p.get("trailing_incomplete_sentence") in ev.SENTENCE_RULES
+        assert p.get("trailing_incomplete_sentence") in generation.SENTENCE_RULES
     with pytest.raises(ev.EvaluationInputError, match="protocol file not found"):
         ev.load_protocol("no_such_protocol")
 
 
 def test_trailing_incomplete_sentence_rule():
-    assert ev.apply_sentence_rule("a fork . a knife is on the", True, "drop") == "a fork ."
-    assert ev.apply_sentence_rule("a fork . a knife is on the", False, "drop") == "a fork . a knife is on the"
-    assert ev.apply_sentence_rule("no sentence end", True, "drop") == "no sentence end"
-    assert ev.apply_sentence_rule("Done! And then", True, "keep") == "Done! And then"
-    assert ev.apply_sentence_rule("Is it? yes", True, "drop") == "Is it?"
+    assert generation.apply_sentence_rule("a fork . a knife is on the", True, "drop") == "a fork ."
+    assert generation.apply_sentence_rule("a fork . a knife is on the", False, "drop") == "a fork . a knife is on the"
+    assert generation.apply_sentence_rule("no sentence end", True, "drop") == "no sentence end"
+    assert generation.apply_sentence_rule("Done! And then", True, "keep") == "Done! And then"
+    assert generation.apply_sentence_rule("Is it? yes", True, "drop") == "Is it?"
 
 
 def test_unknown_benchmark_method_and_knob(tmp_path, tiny):
@@ -307,9 +308,9 @@ def test_organism_pope_methods_and_comparison_table(tmp_path, tiny):
         import evaluate as script  # scripts/evaluate.py
     finally:
         sys.path.pop(0)
-    assert script.main(sys_argv) == 0
+    assert cli.main(script.main, sys_argv) == 0
     assert out.read_text() == ev.comparison_table(dirs)
-    assert script.main(["--benchmark", "nope", "--output_dir", str(tmp_path / "x")]) == 2
+    assert cli.main(script.main, ["--benchmark", "nope", "--output_dir", str(tmp_path / "x")]) == 2
 
 
 def test_sampling_is_independent_of_batching(tmp_path, tiny):
@@ -347,7 +348,7 @@ def test_two_process_accelerate_run_equals_one_process(tmp_path, tiny):
     assert two.returncode == 0, two.stderr[-3000:]
     assert "[0/2]" in two.stderr and "[1/2]" in two.stderr  # two processes, each with its shard
     assert _files(tmp_path / "one") == _files(tmp_path / "two")
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted([ev.CONFIG, ev.GENERATIONS, ev.METRICS])
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted([ev.CONFIG, ev.GENERATIONS, ev.METRICS, ev.SCORES])
     m = json.loads((tmp_path / "two" / ev.METRICS).read_text())
     assert set(m["sections"]) == {"indist", "adversarial", "replication"}
     assert not math.isnan(m["sections"]["indist"]["mean_length"])
@@ -398,3 +399,152 @@ def test_sigkill_midway_then_rerun_gives_identical_files(tmp_path, tiny):
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _files(tmp_path / "killed") == _files(tmp_path / "ref")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The method, its knobs and the adapter are really applied
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _texts(run_dir):
+    return [json.loads(line)["raw"] for line in (Path(run_dir) / ev.GENERATIONS).read_text().splitlines()]
+
+
+def test_method_and_knobs_change_the_generations(tmp_path, tiny):
+    model, processor = tiny
+    kw = dict(splits=["adversarial"], limit=4, max_new_tokens=8)
+    ev.run_evaluation(_args(tmp_path, "greedy", **kw), model, processor)
+    ev.run_evaluation(_args(tmp_path, "gamma0", method="dleaf", knobs=["gamma=0"], **kw), model, processor)
+    ev.run_evaluation(_args(tmp_path, "spin", method="spin", knobs=["keep_ratio=0.25", "scale=0"], **kw), model,
+                      processor)
+    ev.run_evaluation(_args(tmp_path, "spin_default", method="spin", **kw), model, processor)
+    greedy = _texts(tmp_path / "greedy")
+    assert _texts(tmp_path / "gamma0") == greedy  # D-LEAF at zero strength decodes exactly like greedy ...
+    assert _texts(tmp_path / "spin") != greedy  # ... a method with strength changes the replies ...
+    assert _texts(tmp_path / "spin") != _texts(tmp_path / "spin_default")  # ... and so do its knobs
+    config = json.loads((tmp_path / "spin" / ev.CONFIG).read_text())
+    assert (config["method"], config["knobs"]) == ("spin", {"keep_ratio": 0.25, "scale": 0.0})
+    # the command line reaches the run: repeated --knob, the --knobs form, dash aliases
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import evaluate as script
+    finally:
+        sys.path.pop(0)
+    args = script.parse(["--benchmark", "organism_caption", "--method", "pai", "--knob", "alpha=5", "--knob",
+                         "layer_start=0", "--output-dir", "x"])
+    assert (args.method, args.knob_values(), args.output_dir) == ("pai", {"alpha": 5, "layer_start": 0}, "x")
+    assert script.parse(["--knobs", "alpha=5", "layer_start=0"]).knobs == ["alpha=5", "layer_start=0"]
+
+
+def test_an_adapter_changes_the_generations(tmp_path, tiny):
+    from peft import LoraConfig, get_peft_model
+
+    model, processor = tiny
+    ckpt = tmp_path / "base"
+    model.save_pretrained(ckpt)
+    processor.save_pretrained(ckpt)
+    import copy
+
+    peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"]))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0, generator=torch.Generator().manual_seed(1))
+    peft.save_pretrained(tmp_path / "lora")
+    kw = dict(splits=["adversarial"], limit=4, max_new_tokens=8, model=str(ckpt))
+    ev.run_evaluation(_args(tmp_path, "plain", **kw))
+    ev.run_evaluation(_args(tmp_path, "adapted", adapter=str(tmp_path / "lora"), **kw))
+    assert _texts(tmp_path / "adapted") != _texts(tmp_path / "plain")
+    # the same replies as the PEFT model itself with the adapter merged
+    merged = peft.merge_and_unload().eval()
+    bench = ev.build_benchmark(_args(tmp_path, "x", **kw))
+    mem = ev.evaluate(merged, processor, bench, max_new_tokens=8)
+    assert [r["raw"] for r in mem["rows"]] == _texts(tmp_path / "adapted")
+    assert json.loads((tmp_path / "adapted" / ev.CONFIG).read_text())["adapter"] == str(tmp_path / "lora")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every input checked before a model loads
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--knob", "gama=0.3", "--method", "dleaf"], "no knob.*gama"),
+    (["--knob", "gamma=abc", "--method", "dleaf"], "gamma='abc' must be a number"),
+    (["--knob", "gamma=1.5", "--method", "dleaf"], "gamma must lie in"),
+    (["--knob", "gamma=0.3"], "method is greedy"),
+    (["--method", "nope"], "unknown method 'nope'"),
+    (["--limit", "0"], "--limit must be a positive integer"),
+    (["--max_new_tokens", "-1"], "--max_new_tokens must be a positive integer"),
+    (["--splits", "train"], "unknown split 'train'"),
+    (["--coco_images", "x"], "--coco_images does not apply to benchmark organism_caption"),
+    (["--model", "no/such/folder/"], "model folder not found"),
+    (["--adapter", "nowhere"], "no adapter_config.json"),
+    (["--decoding", "nucleus"], "unknown decoding"),
+])
+def test_bad_input_fails_before_any_model_loads(tmp_path, monkeypatch, capsys, extra, message):
+    from dleaf import models
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(models, "load", no_loading)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import evaluate as script
+    finally:
+        sys.path.pop(0)
+    code = cli.main(script.main, ["--benchmark", "organism_caption", "--output_dir", str(tmp_path / "r"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and __import__("re").search(message, err), err
+    assert "Traceback" not in err
+
+
+def test_damaged_coco_image_is_refused_before_loading(tmp_path, write_coco):
+    img_dir, inst, caps = write_coco(tmp_path)
+    (img_dir / "COCO_val2014_000000000001.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ev.InputError, match="COCO_val2014_000000000001.jpg is not an image file"):
+        coco.coco_chair_benchmark(ev.load_protocol("coco_chair"), img_dir, inst, caps, image_ids=[1, 2])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-item scores, paired comparisons, resume message
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_scores_and_paired_comparison_match_the_metrics(tmp_path, tiny, capsys):
+    model, processor = tiny
+    kw = dict(splits=["adversarial"], limit=6, max_new_tokens=10)
+    a = ev.run_evaluation(_args(tmp_path, "a", **kw), model, processor)
+    b = ev.run_evaluation(_args(tmp_path, "b", method="pai", knobs=["alpha=5"], **kw), model, processor)
+    scores = ev.read_scores(tmp_path / "a")
+    assert len(scores) == 6 and ev.caption_stats(scores)["chair_s"] == pytest.approx(
+        a["sections"]["adversarial"]["chair_s"])
+    assert ev.caption_stats(scores)["recall"] == pytest.approx(a["sections"]["adversarial"]["recall"], nan_ok=True)
+    diff = ev.compare_runs(tmp_path / "a", tmp_path / "b", n_resamples=200)["adversarial"]
+    for key in ("chair_s", "mean_length"):
+        want = b["sections"]["adversarial"][key] - a["sections"]["adversarial"][key]
+        assert diff[key]["diff"] == pytest.approx(want)
+        assert diff[key]["low"] <= diff[key]["diff"] + 1e-12 and diff[key]["diff"] <= diff[key]["high"] + 1e-12
+    table = ev.comparison_table([tmp_path / "a", tmp_path / "b"], paired=True, n_resamples=200)
+    assert "difference from a on the same items" in table and " [" in table.splitlines()[3]
+    # rerunning a finished run says so on stderr
+    capsys.readouterr()
+    ev.run_evaluation(_args(tmp_path, "a", **kw), model, processor)
+    err = capsys.readouterr().err
+    assert "resuming" in err and "6 of 6 done, nothing left to generate" in err
+
+
+def test_every_json_the_harness_writes_is_strict(tmp_path, tiny):
+    from dleaf.io import loads_strict
+
+    model, processor = tiny
+    ev.run_evaluation(_args(tmp_path, "r", splits=["adversarial"], limit=2, max_new_tokens=2), model, processor)
+    m = loads_strict((tmp_path / "r" / ev.METRICS).read_text())
+    assert m["sections"]["adversarial"]["n_captions"] == 2
+    for name in (ev.CONFIG, ev.METRICS):
+        loads_strict((tmp_path / "r" / name).read_text())
+    for name in (ev.GENERATIONS, ev.SCORES):
+        for line in (tmp_path / "r" / name).read_text().splitlines():
+            loads_strict(line)

@@ -1,0 +1,172 @@
+"""The one model loader and the one chat-prompt helper.
+
+:func:`load` returns ``(model, processor)`` for a name registered here (the checkpoints that ship with the project:
+``organism`` and its no-prior control ``organism_control``), a local checkpoint folder or a hub id, with an
+optional LoRA adapter merged in, in the requested dtype, on the requested device (by default the GPU when there is
+one), in eval mode. :func:`chat_prompt` formats a one-turn question about an image with the processor's own chat
+template, whatever the model. :func:`model_inputs` turns prompts and images into left-padded processor inputs on
+the model's device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+from .io import InputError
+from .resources import data_path
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class NamedModel:
+    """A model known by name: where its checkpoint is and how it is loaded by default."""
+
+    path: Path
+    attn_implementation: str | None = None
+    description: str = ""
+
+
+_REGISTRY: dict[str, NamedModel] = {}
+
+
+def register(name: str, path: str | os.PathLike, attn_implementation: str | None = None, description: str = "") -> None:
+    """Make ``name`` resolve to the checkpoint folder ``path`` in :func:`load` (re-registering replaces it)."""
+    _REGISTRY[name] = NamedModel(Path(path), attn_implementation, description)
+
+
+def unregister(name: str) -> None:
+    """Forget a named model (a missing name is ignored)."""
+    _REGISTRY.pop(name, None)
+
+
+def registered() -> dict[str, NamedModel]:
+    """The named models, by name."""
+    return dict(_REGISTRY)
+
+
+# The checkpoints that ship as package data. Eager attention by default: their measured results were taken with it,
+# and a method attached to them then reproduces plain decoding bit for bit at zero strength.
+register("organism", data_path("organism"), "eager", "the organism (a tiny Llava trained on the synthetic world)")
+register("organism_control", data_path("organism_control"), "eager", "the organism's no-prior control")
+
+
+def resolve(model: str | os.PathLike) -> tuple[str, NamedModel | None]:
+    """``(path or hub id, the registry entry or None)`` for a model name, folder or hub id."""
+    key = os.fspath(model)
+    entry = _REGISTRY.get(key)
+    return (str(entry.path), entry) if entry is not None else (key, None)
+
+
+def check_model(model: str | os.PathLike) -> str:
+    """Check a model argument before loading anything: a registered name must have its checkpoint, a local folder
+    its ``config.json``. A string that is no local path is taken as a hub id (checked when loading). Returns the
+    path or hub id."""
+    path, entry = resolve(model)
+    if entry is not None and not (Path(path) / "config.json").is_file():
+        raise InputError(f"the {model!r} checkpoint is missing ({path} has no config.json)")
+    p = Path(path)
+    if entry is None:
+        if p.is_file():
+            raise InputError(f"--model {path} is a file; pass a checkpoint folder or a hub id")
+        if p.is_dir() and not (p / "config.json").is_file():
+            raise InputError(f"model folder {p} has no config.json")
+        if not p.exists() and not _HUB_ID.match(path):
+            raise InputError(f"model folder not found: {path} (nor is it a hub id like owner/name)")
+    return path
+
+
+def check_adapter(adapter: str | os.PathLike | None) -> str | None:
+    """Check a LoRA adapter folder (it must hold ``adapter_config.json``); returns it as a string."""
+    if adapter is None:
+        return None
+    path = Path(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise InputError(f"LoRA adapter folder {path} has no adapter_config.json (pass the output_dir of "
+                         "scripts/train_dpo.py or another PEFT adapter folder)")
+    return str(path)
+
+
+def check_dtype(dtype: str):
+    import torch
+
+    if dtype not in DTYPES:
+        raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return "auto" if dtype == "auto" else getattr(torch, dtype)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(model: str | os.PathLike = "organism", adapter: str | os.PathLike | None = None,
+         attn_implementation: str | None = None, dtype: str = "float32", device: str | None = None):
+    """``(model, processor)``.
+
+    ``model``: a registered name (``organism``, ``organism_control``), a checkpoint folder or a hub id (loaded with
+    ``AutoModelForImageTextToText`` and ``AutoProcessor``). ``adapter``: a PEFT LoRA adapter folder, merged into the
+    weights. ``attn_implementation``: default eager for the registered checkpoints, the checkpoint's own otherwise.
+    ``dtype``: ``float32``, ``bfloat16``, ``float16`` or ``auto``. ``device``: default the GPU when there is one,
+    else the CPU. The model is returned in eval mode.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = check_model(model)
+    _, entry = resolve(model)
+    adapter = check_adapter(adapter)
+    torch_dtype = check_dtype(dtype)
+    attn = attn_implementation or (entry.attn_implementation if entry else None)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if attn:
+        kwargs["attn_implementation"] = attn
+    processor = AutoProcessor.from_pretrained(path)
+    net = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    if adapter:
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(net, adapter).merge_and_unload()
+    net.to(device or default_device())
+    net.eval()
+    return net, processor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts and inputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def user_turn(prompt: str, image: bool = True) -> list[dict]:
+    """A one-turn conversation asking ``prompt`` (about an image when ``image``), in the message format of
+    transformers' multimodal chat templates."""
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": prompt}]
+    return [{"role": "user", "content": content}]
+
+
+def chat_prompt(processor, prompt: str, image: bool = True) -> str:
+    """The text a model is prompted with: ``prompt`` (after an image placeholder when ``image``) as one user turn
+    in the processor's own chat template, followed by the assistant's generation prompt."""
+    return processor.apply_chat_template(user_turn(prompt, image), add_generation_prompt=True, tokenize=False)
+
+
+def model_inputs(processor, prompts: Sequence[str], images: Sequence, model=None, chat: bool = True):
+    """Processor inputs for one image per prompt, left-padded; on ``model``'s device with floating-point pixel
+    values in its dtype when a model is given. ``chat=False`` takes ``prompts`` as already formatted texts."""
+    if len(prompts) != len(images):
+        raise ValueError(f"got {len(prompts)} prompts but {len(images)} images")
+    tok = getattr(processor, "tokenizer", processor)
+    tok.padding_side = "left"
+    texts = [chat_prompt(processor, p) for p in prompts] if chat else list(prompts)
+    batch = processor(text=texts, images=list(images), return_tensors="pt", padding=True)
+    if model is not None:
+        device = next(model.parameters()).device
+        batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
+        if "pixel_values" in batch and batch["pixel_values"].is_floating_point():
+            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    return batch

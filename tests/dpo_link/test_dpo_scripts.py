@@ -1,0 +1,156 @@
+"""The scripts: train_dpo.py (recipes, flags, errors before training, multi-process launches) and
+correspondence.py (errors before any model loads, the report, its last line)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpo_link.collate import VisionPreferenceCollator
+from dpo_link.train import ScriptArguments
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tiny(tiny_dir):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    return (LlavaForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="eager"),
+            AutoProcessor.from_pretrained(tiny_dir))
+
+
+def _parse(argv):
+    from trl import DPOConfig, ModelConfig, TrlParser
+
+    return TrlParser((ScriptArguments, DPOConfig, ModelConfig)).parse_args_and_config(args=argv)
+
+
+def test_recipes_parse_and_flags_override():
+    s, t, m = _parse(["--config", str(ROOT / "scripts/recipes/dpo_organism.yaml"), "--max_steps", "7",
+                      "--output_dir", "runs/x"])
+    assert s.dataset == "organism" and t.max_steps == 7 and t.output_dir == "runs/x"
+    assert t.use_cpu and not t.bf16 and t.max_length == 256 and m.use_peft and m.model_name_or_path is None
+    import dataclasses
+
+    import yaml
+    from trl import DPOConfig, ModelConfig
+
+    gpu = yaml.safe_load((ROOT / "scripts/recipes/dpo_llava15_rlaifv.yaml").read_text())
+    known = {f.name for cls in (ScriptArguments, DPOConfig, ModelConfig) for f in dataclasses.fields(cls)}
+    assert set(gpu) <= known, set(gpu) - known
+    assert gpu["bf16"] and gpu["max_length"] is None
+    # bf16 needs a GPU to validate, so parse the GPU recipe here with the CPU switches flipped
+    s, t, m = _parse(["--config", str(ROOT / "scripts/recipes/dpo_llava15_rlaifv.yaml"), "--bf16", "false",
+                      "--use_cpu", "true"])
+    assert s.column_map == ["question=prompt", "image=images"] and t.max_length is None and t.beta == 0.1
+    assert m.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _script_env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_script_reports_bad_data_without_training(tmp_path, tiny_dir):
+    out = tmp_path / "s"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/train_dpo.py"), "--config", str(ROOT / "scripts/recipes/dpo_organism.yaml"),
+         "--model_name_or_path", str(tiny_dir), "--output_dir", str(out), "--n_train_pairs", "4",
+         "--n_eval_pairs", "2", "--max_length", "30"], capture_output=True, text=True, env=_script_env(), cwd=ROOT,
+        timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "would cut image tokens" in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_accelerate_two_processes_train_a_loadable_adapter(tmp_path, tiny_dir):
+    import torch
+    from peft import PeftModel
+
+    from dpo_link import pairs
+    from dpo_link.rewards import adapter_rewards
+
+    out = tmp_path / "ddp"
+    # accelerate's --cpu launcher fans out only through mpirun; --multi_gpu (torchrun) with no visible GPU runs two
+    # CPU processes with the gloo backend
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "scripts/train_dpo.py"), "--config", str(ROOT / "scripts/recipes/dpo_organism.yaml"),
+           "--model_name_or_path", str(tiny_dir), "--output_dir", str(out), "--n_train_pairs", "32",
+           "--n_eval_pairs", "8", "--max_steps", "4", "--per_device_train_batch_size", "4",
+           "--per_device_eval_batch_size", "4", "--save_steps", "4", "--learning_rate", "0.01"]
+    env = dict(_script_env(), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("saved the adapter") == 1  # reported once, by rank 0
+    record = json.loads((out / "dpo_run.json").read_text())
+    assert record["config"]["processes"] == 2 and record["train"]["global_step"] == 4
+    base, proc2 = _tiny(tiny_dir)
+    loaded = PeftModel.from_pretrained(base, out).eval()
+    batch = VisionPreferenceCollator(processor=proc2)([pairs.organism_examples(pairs.OrganismPairConfig(n=1))[0]])
+    chosen, rejected = adapter_rewards(loaded, batch, beta=0.1)
+    assert torch.isfinite(chosen).all() and float((chosen - rejected).abs().sum()) > 0
+
+
+@pytest.mark.slow
+def test_accelerate_cpu_flag_runs_one_process_and_says_so(tmp_path, tiny_dir):
+    out = tmp_path / "cpu"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "scripts/train_dpo.py"),
+           "--config", str(ROOT / "scripts/recipes/dpo_organism.yaml"), "--model_name_or_path", str(tiny_dir),
+           "--output_dir", str(out), "--n_train_pairs", "8", "--eval_dataset", "none", "--max_steps", "1",
+           "--per_device_train_batch_size", "4", "--save_steps", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_script_env(), cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "started a single process" in proc.stderr
+    assert json.loads((out / "dpo_run.json").read_text())["config"]["processes"] == 1
+
+
+def _correspondence_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("correspondence_script", ROOT / "scripts" / "correspondence.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tmp_path_factory, tiny_dir, make_model, processor):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    path = tmp_path_factory.mktemp("adapter")
+    torch.manual_seed(0)
+    get_peft_model(make_model(processor), LoraConfig(target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights=False)).save_pretrained(path)
+    return path
+
+
+def test_correspondence_script_writes_the_report(tmp_path, tiny_dir, tiny_adapter, capsys):
+    out = tmp_path / "report"
+    rc = _correspondence_script().main(
+        ["--model", str(tiny_dir), "--adapter", str(tiny_adapter), "--n_pairs", "4", "--n_generations", "0",
+         "--batch_size", "4", "--n_resamples", "20", "--permutations", "20", "--gammas", "0,0.5",
+         "--knob", "kappa=0", "--output_dir", str(out)])
+    assert rc == 0
+    assert json.loads((out / "correspondence.json").read_text())["pairs_report"]["n_pairs"] == 4
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"outputs: {out}"
+
+
+def test_correspondence_script_refuses_bad_input_before_loading(tmp_path, tiny_dir, tiny_adapter, capsys):
+    script = _correspondence_script()
+    common = ["--model", str(tiny_dir), "--output_dir", str(tmp_path / "o")]
+    for extra, message in [(["--adapter", str(tiny_adapter), "--n_pairs", "2"], "n_pairs must be at least 3"),
+                           (["--adapter", str(tmp_path / "missing")], "no PEFT adapter"),
+                           (["--adapter", str(tiny_adapter), "--knob", "gamma=1.5"], "gamma"),
+                           (["--adapter", str(tiny_adapter), "--knob", "gama=0.3"], "gama")]:
+        assert script.main(common + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "loading" not in err
+    assert not (tmp_path / "o").exists()

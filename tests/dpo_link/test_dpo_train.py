@@ -1,0 +1,160 @@
+"""dpo_link.train: TRL + PEFT training on the organism's pairs, logged rewards against an independent computation,
+resume, LoRA targets, the model card."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dleaf.organism import build
+from dpo_link import pairs, validate
+from dpo_link.collate import VisionPreferenceCollator
+from dpo_link.train import ScriptArguments, build_trainer, lora_config, run
+
+
+def _configs(output_dir, max_steps=4, **dpo):
+    from trl import DPOConfig, ModelConfig
+
+    options = dict(max_steps=max_steps, per_device_train_batch_size=4, per_device_eval_batch_size=8,
+                   learning_rate=1e-2, use_cpu=True, bf16=False, report_to="none",
+                   logging_steps=2, save_steps=2, max_length=256, disable_tqdm=True, seed=0)
+    ta = DPOConfig(output_dir=str(output_dir), **{**options, **dpo})
+    ma = ModelConfig(use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, attn_implementation="eager")
+    return ta, ma
+
+
+def _tiny(tiny_dir):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    return (LlavaForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="eager"),
+            AutoProcessor.from_pretrained(tiny_dir))
+
+
+def test_bad_max_length_fails_before_training(tmp_path, tiny_dir):
+    model, proc = _tiny(tiny_dir)
+    ta, ma = _configs(tmp_path / "out", max_length=40)
+    with pytest.raises(validate.PreferenceDataError, match="max_length=40 would cut image tokens"):
+        run(ScriptArguments(n_train_pairs=8, n_eval_pairs=4), ta, ma, model=model, processor=proc)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cpu_with_bf16_is_refused(tmp_path, tiny_dir):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    model, proc = _tiny(tiny_dir)
+    ta, ma = _configs(tmp_path / "out")
+    ta.bf16 = True
+    with pytest.raises(ValueError, match="--bf16 false"):
+        run(ScriptArguments(n_train_pairs=8, n_eval_pairs=4), ta, ma, model=model, processor=proc)
+
+
+def test_lora_targets_only_the_language_model(tiny_dir):
+    from peft import get_peft_model
+
+    _, ma = _configs("unused")
+    ma.lora_target_modules = ["q_proj", "v_proj"]
+    model, _ = _tiny(tiny_dir)
+    peft_model = get_peft_model(model, lora_config(ma))
+    wrapped = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
+    assert wrapped and all("language_model" in n for n in wrapped)
+    assert len(wrapped) == 2 * 2
+
+
+def test_the_organism_is_recorded_by_its_repository_path(monkeypatch, tiny_dir):
+    from peft import get_peft_model
+
+    from dpo_link.train import load_model
+
+    monkeypatch.setattr(build, "ORGANISM_DIR", Path(tiny_dir))
+    ta, ma = _configs("unused")
+    ma.model_name_or_path = None
+    model, proc = load_model(ma, ta)
+    peft_model = get_peft_model(model, lora_config(ma))
+    assert peft_model.peft_config["default"].base_model_name_or_path == "data/organism"
+    assert proc.tokenizer.padding_side == "left"
+
+
+def test_tiny_dpo_run_saves_a_loadable_adapter_and_card(tmp_path, tiny_dir):
+    from peft import PeftModel
+
+    model, proc = _tiny(tiny_dir)
+    out = tmp_path / "adapter"
+    ta, ma = _configs(out, max_steps=3, save_strategy="no")
+    record = run(ScriptArguments(n_train_pairs=12, n_eval_pairs=8), ta, ma, model=model, processor=proc)
+    assert record["eval_before"]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert record["train"]["global_step"] == 3
+    assert record["eval_after"]["loss"] != pytest.approx(math.log(2), abs=1e-6)
+    for f in ("adapter_model.safetensors", "adapter_config.json", "README.md", "dpo_run.json", "tokenizer.json"):
+        assert (out / f).exists(), f
+    card = (out / "README.md").read_text()
+    assert "Held-out DPO metrics" in card and "beta" in card and "organism ground truth" in card
+    assert record["eval_by_task"]["all"]["n"] == 8
+    assert record["eval_by_task"]["all"]["loss"] == pytest.approx(record["eval_after"]["loss"], abs=2e-6)
+    assert json.loads((out / "dpo_run.json").read_text())["config"]["dpo"]["beta"] == 0.1
+    base, proc2 = _tiny(tiny_dir)
+    assert proc2.tokenizer.padding_side == "left"
+    loaded = PeftModel.from_pretrained(base, out).eval()
+    batch = VisionPreferenceCollator(processor=proc2)([pairs.organism_examples(pairs.OrganismPairConfig(n=1))[0]])
+    inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+    with torch.no_grad():
+        tuned = loaded(**inputs).logits
+        with loaded.disable_adapter():
+            plain = loaded(**inputs).logits
+    assert not torch.allclose(tuned, plain)
+
+
+def _plain_rewards(peft_model, batch, beta):
+    """(chosen, rejected) beta * (log pi_theta - log pi_0) of a collated batch from plain forward passes (no engine),
+    float64 log-softmax, the reply's tokens picked by the completion mask."""
+    inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+
+    def logps():
+        logp = torch.log_softmax(peft_model(**inputs).logits[:, :-1].double(), -1)
+        token = logp.gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+        return (token * batch["completion_mask"][:, 1:]).sum(1)
+
+    with torch.no_grad():
+        policy = logps()
+        with peft_model.disable_adapter():
+            reference = logps()
+    return (beta * (policy - reference)).chunk(2)
+
+
+def test_logged_rewards_equal_an_independent_computation(tmp_path, tiny_dir, small_pairs):
+    model, proc = _tiny(tiny_dir)
+    ta, ma = _configs(tmp_path / "r", max_steps=2, beta=0.5, save_strategy="no")
+    eval_rows = small_pairs.select(range(8))  # one eval batch of 8
+    trainer = build_trainer(model, proc, small_pairs.select(range(8, 40)), eval_rows, ta, ma, ScriptArguments())
+    trainer.train()
+    logged = trainer.evaluate()
+    peft_model = trainer.model.eval()
+    batch = VisionPreferenceCollator(processor=proc, max_length=256)(list(eval_rows))
+    chosen, rejected = _plain_rewards(peft_model, batch, beta=0.5)
+    assert logged["eval_rewards/chosen"] == pytest.approx(float(chosen.mean()), abs=2e-6)
+    assert logged["eval_rewards/rejected"] == pytest.approx(float(rejected.mean()), abs=2e-6)
+    assert logged["eval_rewards/margins"] == pytest.approx(float((chosen - rejected).mean()), abs=2e-6)
+    assert logged["eval_rewards/accuracies"] == pytest.approx(float((chosen > rejected).double().mean()))
+    loss = float(torch.nn.functional.softplus(-(chosen - rejected)).mean())
+    assert logged["eval_loss"] == pytest.approx(loss, abs=2e-6)
+    assert float(chosen.abs().sum()) > 0
+
+
+def test_resume_from_the_last_checkpoint(tmp_path, tiny_dir):
+    out = tmp_path / "resume"
+    model, proc = _tiny(tiny_dir)
+    ta, ma = _configs(out, max_steps=2)
+    args = ScriptArguments(n_train_pairs=8, eval_dataset="none")
+    run(args, ta, ma, model=model, processor=proc)
+    assert (out / "checkpoint-2").is_dir()
+    model, proc = _tiny(tiny_dir)
+    ta, ma = _configs(out, max_steps=4, resume_from_checkpoint="last")
+    record = run(args, ta, ma, model=model, processor=proc)
+    assert record["train"]["resumed_from"] == "checkpoint-2" and record["train"]["global_step"] == 4
+    assert "resumed from checkpoint-2" in (out / "README.md").read_text()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run(ScriptArguments(), *_configs(tmp_path / "empty", resume_from_checkpoint="last"), model=model,
+            processor=proc)
+
+

@@ -1,0 +1,184 @@
+"""A small mutation-testing tool (not collected by pytest; slow): does a module's test file notice when the module's
+code is wrong?
+
+    python tests/mutation.py dleaf/metrics.py tests/test_metrics.py [--out runs/mutation/metrics.json]
+
+Every mutation site of the module is changed once, in a copy of the repository under a temporary folder, and the
+test file is run against it (``pytest -x``). A mutant is *killed* when the tests fail (or time out), *survives* when
+they pass. Mutations: arithmetic operators (``+ -``, ``* /``, ``// /``, ``** *``, ``% *``, augmented assignments),
+comparisons (``< <=``, ``> >=``, ``== !=``, ``in`` / ``not in``, ``is`` / ``is not``), boolean operators
+(``and or``), ``not x`` -> ``x``, unary minus removed, numbers (``0 -> 1``, ``n -> n + 1``, ``x.y -> 2 x.y + 1``),
+``True <-> False``, and ``break``/``continue`` swapped. Docstrings, strings, f-strings and the arguments of ``raise``
+are left alone. The report lists every survivor with its line and the mutated source line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BINOPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
+          ast.Pow: ast.Mult, ast.Mod: ast.Mult}
+CMPOPS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
+          ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is}
+
+
+def _skipped_nodes(tree: ast.AST) -> set[int]:
+    """ids of nodes never mutated: docstrings, f-strings, raise statements, annotations, decorators."""
+    skip: set[int] = set()
+
+    def mark(node):
+        for sub in ast.walk(node):
+            skip.add(id(sub))
+
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.JoinedStr, ast.Raise)):
+            mark(node)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for d in node.decorator_list:
+                mark(d)
+            if node.returns is not None:
+                mark(node.returns)
+            for a in node.args.args + node.args.kwonlyargs + node.args.posonlyargs:
+                if a.annotation is not None:
+                    mark(a.annotation)
+        if isinstance(node, ast.AnnAssign):
+            mark(node.annotation)
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)) and node.body and \
+                isinstance(node.body[0], ast.Expr) and isinstance(getattr(node.body[0], "value", None), ast.Constant):
+            mark(node.body[0])
+    return skip
+
+
+def sites(tree: ast.AST) -> list[tuple[int, str]]:
+    """(index of the node in ast.walk order, description) of every mutation site."""
+    skip = _skipped_nodes(tree)
+    out = []
+    for k, node in enumerate(ast.walk(tree)):
+        if id(node) in skip:
+            continue
+        if isinstance(node, (ast.BinOp, ast.AugAssign)) and type(node.op) in BINOPS:
+            out.append((k, f"{type(node.op).__name__} -> {BINOPS[type(node.op)].__name__}"))
+        elif isinstance(node, ast.Compare):
+            for j, op in enumerate(node.ops):
+                if type(op) in CMPOPS:
+                    out.append((k, f"compare {j}: {type(op).__name__} -> {CMPOPS[type(op)].__name__}"))
+        elif isinstance(node, ast.BoolOp):
+            out.append((k, f"{type(node.op).__name__} -> {'Or' if isinstance(node.op, ast.And) else 'And'}"))
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Not, ast.USub)):
+            out.append((k, f"drop {type(node.op).__name__}"))
+        elif isinstance(node, ast.Constant) and type(node.value) in (int, float, bool):
+            out.append((k, f"constant {node.value!r}"))
+        elif isinstance(node, (ast.Break, ast.Continue)):
+            out.append((k, f"{type(node).__name__.lower()} swapped"))
+    return out
+
+
+class _Mutate(ast.NodeTransformer):
+    def __init__(self, target: int, desc: str, order: dict[int, int]):
+        self.target, self.desc, self.order = target, desc, order
+
+    def generic_visit(self, node):
+        node = super().generic_visit(node)
+        return node
+
+    def visit(self, node):
+        if self.order.get(id(node)) != self.target:
+            return self.generic_visit(node)
+        if isinstance(node, (ast.BinOp, ast.AugAssign)):
+            node.op = BINOPS[type(node.op)]()
+        elif isinstance(node, ast.Compare):
+            j = int(self.desc.split(":")[0].split()[1])
+            node.ops[j] = CMPOPS[type(node.ops[j])]()
+        elif isinstance(node, ast.BoolOp):
+            node.op = ast.Or() if isinstance(node.op, ast.And) else ast.And()
+        elif isinstance(node, ast.UnaryOp):
+            return node.operand
+        elif isinstance(node, ast.Constant):
+            v = node.value
+            if isinstance(v, bool):
+                node.value = not v
+            elif isinstance(v, int):
+                node.value = 1 if v == 0 else v + 1
+            else:
+                node.value = 2 * v + 1
+        elif isinstance(node, ast.Break):
+            return ast.copy_location(ast.Continue(), node)
+        elif isinstance(node, ast.Continue):
+            return ast.copy_location(ast.Break(), node)
+        return node
+
+
+def mutant_source(tree: ast.AST, target: int, desc: str) -> tuple[str, int]:
+    tree = copy.deepcopy(tree)
+    order = {id(n): k for k, n in enumerate(ast.walk(tree))}
+    line = next(getattr(n, "lineno", 0) for k, n in enumerate(ast.walk(tree)) if k == target)
+    new = _Mutate(target, desc, order).visit(tree)
+    ast.fix_missing_locations(new)
+    return ast.unparse(new), line
+
+
+def run_tests(copy_root: Path, test_file: str, timeout: float) -> str:
+    env = {**os.environ, "PYTHONPATH": str(copy_root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    try:
+        res = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", test_file],
+                             cwd=copy_root, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout"
+    return "survived" if res.returncode == 0 else "killed"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("module", help="the module to mutate, relative to the repository (e.g. dleaf/metrics.py)")
+    ap.add_argument("tests", help="the test file that must notice (e.g. tests/test_metrics.py)")
+    ap.add_argument("--out", default=None, help="write the report (JSON) here")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N mutants (a quick look)")
+    args = ap.parse_args(argv)
+    source = (ROOT / args.module).read_text()
+    lines = source.splitlines()
+    tree = ast.parse(source)
+    todo = sites(tree)[: args.limit]
+    with tempfile.TemporaryDirectory() as tmp:
+        copy_root = Path(tmp) / "repo"
+        shutil.copytree(ROOT, copy_root, ignore=shutil.ignore_patterns(".git", "runs", ".venv", "__pycache__",
+                                                                          "build", "*.egg-info"))
+        target = copy_root / args.module
+        target.write_text(ast.unparse(tree))
+        t0 = time.time()
+        if run_tests(copy_root, args.tests, 600) != "survived":
+            raise SystemExit("the tests fail on the unmutated (re-printed) module; fix that first")
+        timeout = max(30.0, 5 * (time.time() - t0))
+        results = []
+        for n, (k, desc) in enumerate(todo, start=1):
+            text, line = mutant_source(tree, k, desc)
+            target.write_text(text)
+            status = run_tests(copy_root, args.tests, timeout)
+            results.append({"line": line, "mutation": desc, "status": status,
+                            "source": lines[line - 1].strip() if 0 < line <= len(lines) else ""})
+            print(f"[{n}/{len(todo)}] line {line}: {desc}: {status}", flush=True)
+        target.write_text(source)
+    survivors = [r for r in results if r["status"] == "survived"]
+    report = {"module": args.module, "tests": args.tests, "mutants": len(results), "survived": len(survivors),
+              "killed": len(results) - len(survivors), "survivors": survivors}
+    print(json.dumps({k: v for k, v in report.items() if k != "survivors"}))
+    for r in survivors:
+        print(f"  survived: line {r['line']}: {r['mutation']}: {r['source']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
