@@ -47,7 +47,7 @@ STAGES = ("text", "align", "joint", "refine")
 class TrainConfig:
     """Every knob of an organism training run."""
 
-    output_dir: str = str(build.ORGANISM_DIR)
+    output_dir: str = "runs/organism"
     seed: int = 0
     prior: bool = True
     batch_size: int = 32
@@ -79,6 +79,9 @@ class TrainConfig:
     resume_from: str | None = None
 
     def __post_init__(self):
+        if not 0.0 < self.faint_low <= self.faint_high <= 1.0:
+            raise ValueError(f"TrainConfig.faint_low and faint_high must satisfy 0 < faint_low <= faint_high <= 1, "
+                             f"got {self.faint_low}, {self.faint_high}")
         for name in ("batch_size", "warmup", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
