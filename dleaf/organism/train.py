@@ -6,7 +6,7 @@ Stages (each with AdamW, linear warm-up and cosine decay):
    scenes and theme statements, which carry the co-occurrence prior.
 2. ``align``: the vision tower and projector learn to feed the decoder, which is frozen, on image descriptions.
 3. ``joint``: everything trains on instruction data: descriptions and yes/no object questions. Its learning rate
-   is low (2e-4) and the text stage short (150 steps): with a longer text stage or a higher joint rate the
+   is low (2e-4): with a longer text stage (without list questions) or a higher joint rate the
    unfrozen decoder found its language prior cheaper than the image and stopped reading it (docs/organism.md has
    the runs).
 4. ``refine`` (optional, ``refine_steps``): a second joint stage in which the vision tower and projector learn
@@ -51,7 +51,7 @@ class TrainConfig:
     seed: int = 0
     prior: bool = True
     batch_size: int = 32
-    text_steps: int = 150
+    text_steps: int = 300
     align_steps: int = 250
     joint_steps: int = 2500
     text_lr: float = 2e-3
@@ -63,12 +63,12 @@ class TrainConfig:
     warmup: int = 50
     weight_decay: float = 0.01
     question_fraction: float = 0.3
-    description_noise: float = 0.0
+    description_noise: float = 0.15
     faint_rate: float = 0.0
     faint_low: float = world.FAINT_RANGE[0]
     faint_high: float = world.FAINT_RANGE[1]
     answer_style: str = "list_first"
-    text_list_questions: float = 0.0
+    text_list_questions: float = 0.5
     text_hidden: int = 96
     text_layers: int = 6
     text_heads: int = 6
@@ -77,6 +77,7 @@ class TrainConfig:
     probe_every: int = 250
     threads: int = 0
     resume_from: str | None = None
+    stage_checkpoints: bool = True
 
     def __post_init__(self):
         if not 0.0 < self.faint_low <= self.faint_high <= 1.0:
@@ -278,10 +279,19 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                                 "loss_first": float(np.mean(losses[:config.log_every])),
                                 "loss_last": float(np.mean(losses[-config.log_every:])),
                                 "image_gap": gaps}
+        if config.stage_checkpoints and stage != STAGES[-1]:
+            # A run stopped later resumes from here (resume_from) instead of from scratch.
+            save(model, processor, stage_checkpoint(config.output_dir, stage), log)
     model.eval()
     model.set_attn_implementation("eager")
     save(model, processor, config.output_dir, log)
     return log
+
+
+def stage_checkpoint(output_dir: str | os.PathLike, stage: str) -> Path:
+    """Where a run writes its checkpoint after ``stage`` (beside ``output_dir``): ``<output_dir>.after-<stage>``."""
+    out = Path(output_dir)
+    return out.with_name(f"{out.name}.after-{stage}")
 
 
 def save(model, processor, output_dir: str | os.PathLike, log: dict) -> None:
