@@ -57,7 +57,7 @@ class TrainConfig:
     text_lr: float = 2e-3
     align_lr: float = 2e-3
     joint_lr: float = 2e-4
-    refine_steps: int = 2500
+    refine_steps: int = 1000
     refine_lr: float = 2e-4
     refine_vision_lr: float = 1e-3
     warmup: int = 50
