@@ -44,9 +44,9 @@ def description_sentences(description: str) -> list[str]:
 
 def inject_objects(scene: world.Scene, description: str, objects: Sequence[str],
                    rng: np.random.Generator) -> str:
-    """``description`` of ``scene`` followed by one "there is also a ..." sentence per object of ``objects`` (all
-    absent from the scene), in canonical order, each at a free cell: the organism's own kind of error, an object the
-    scene suggests named after the real ones (as its training captions' annotation noise does)."""
+    """``description`` of ``scene`` with one sentence per object of ``objects`` (all absent from the scene) inserted
+    at its place in the canonical order, so that an absent partner follows its present partner exactly where a
+    model driven by the theme prior names it. Each injected object gets a location in a free cell."""
     sentences = description_sentences(description)
     present = [o for o, _ in scene.canonical()]
     if len(sentences) != len(present) + 1:
@@ -55,11 +55,19 @@ def inject_objects(scene: world.Scene, description: str, objects: Sequence[str],
     for o in objects:
         if o in scene.object_set:
             raise ValueError(f"cannot inject {o!r}: it is in the scene ({', '.join(scene.objects)})")
+    order = {o: i for i, o in enumerate(world.OBJECTS)}
     free = [c for c in range(world.GRID * world.GRID) if c not in scene.cells]
     cells = rng.choice(free, size=len(objects), replace=False)
-    added = sorted(zip(objects, cells), key=lambda oc: world.OBJECTS.index(oc[0]))
-    extra = [world.FOLLOW_TEMPLATE.format(obj=o, loc=world.LOCATIONS[int(c)]) for o, c in added]
-    return " ".join(sentences + extra)
+    items = [(o, s) for o, s in zip(present, sentences[1:])]
+    for obj, cell in zip(objects, cells):
+        loc = world.LOCATIONS[int(cell)]
+        pos = sum(order[o] < order[obj] for o, _ in items)
+        if pos == 0:
+            template = world.SENTENCE_TEMPLATES[int(rng.integers(len(world.SENTENCE_TEMPLATES)))]
+        else:
+            template = world.FOLLOW_TEMPLATE
+        items.insert(pos, (obj, template.format(obj=obj, loc=loc)))
+    return " ".join([sentences[0]] + [s for _, s in items])
 
 
 def absent_partners(scene: world.Scene) -> list[str]:
@@ -120,10 +128,7 @@ def organism_examples(config: OrganismPairConfig = OrganismPairConfig()) -> list
                 pool = partners or [o for o in world.OBJECTS if o not in scene.object_set]
                 obj = pool[int(rng.integers(len(pool)))]
             right = world.answer(scene, obj)
-            # the wrong answer reads the image wrongly: it drops the asked object from its list, or adds it
-            truth = [o for o, _ in scene.canonical()]
-            wrong = world.answer(scene, obj, listed=[o for o in truth if o != obj] if obj in scene.object_set
-                                 else truth + [obj])
+            wrong = (f"no , there is no {obj} ." if obj in scene.object_set else f"yes , there is a {obj} .")
             rows.append(preference_example(
                 world.render(scene), world.QUESTION_TEMPLATE.format(obj=obj), right, wrong, task="question",
                 injected=[] if obj in scene.object_set else [obj],

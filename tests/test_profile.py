@@ -80,6 +80,12 @@ def test_design_targets_table_judges_each_target_from_the_numbers():
     caption.update(chair_s=0.15, recall=0.85, partner_share=0.75, partner_chance=0.5)  # boundaries are inclusive
     rows, ok = verdicts()
     assert ok[1:4] == [True, True, True]
+    good.update(ci_low=0.52, n_hallucinated=19)  # too few additions to judge, however clear the interval
+    rows, ok = verdicts()
+    assert not ok[5] and "on only 19 mentions (at least 20 needed to judge)" in rows[5], rows[5]
+    good.update(n_hallucinated=20)
+    rows, ok = verdicts()
+    assert ok[5] and "mentions" not in rows[5], rows[5]
     profile["models"]["organism"]["premise_by_error"]["adversarial"]["addition"] = []
     rows, ok = verdicts()
     assert "no hallucinated mentions of this kind" in rows[5] and not ok[5]

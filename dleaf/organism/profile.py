@@ -98,15 +98,26 @@ def _best(rows: Sequence[dict]) -> dict | None:
     return max(rows, key=lambda r: r["auroc"]) if rows else None
 
 
+# Fewer hallucinated mentions than this and a premise target is not judged: with a handful of words the bootstrap
+# interval of the best of 12 (signal, layer) cells says nothing (4 additions gave AUROC 1.000 [1.000, 1.000]).
+MIN_PREMISE_MENTIONS = 20
+
+
 def _premise_cell(top: dict | None) -> str:
     if top is None:
         return "no hallucinated mentions of this kind"
-    return (f"best {top['signal']} layer {top['layer']}: {top['auroc']:.3f} "
+    cell = (f"best {top['signal']} layer {top['layer']}: {top['auroc']:.3f} "
             f"[{top['ci_low']:.3f}, {top['ci_high']:.3f}]")
+    n = top.get("n_hallucinated")
+    if n is not None and n < MIN_PREMISE_MENTIONS:
+        cell += f", on only {n} mentions (at least {MIN_PREMISE_MENTIONS} needed to judge)"
+    return cell
 
 
 def _premise_met(top: dict | None) -> bool:
-    return top is not None and top["auroc"] >= 0.65 and top["ci_low"] > 0.5
+    if top is None or top.get("n_hallucinated", MIN_PREMISE_MENTIONS) < MIN_PREMISE_MENTIONS:
+        return False
+    return top["auroc"] >= 0.65 and top["ci_low"] > 0.5
 
 
 def design_targets(profile: dict) -> list[str]:

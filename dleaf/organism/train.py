@@ -6,7 +6,7 @@ Stages (each with AdamW, linear warm-up and cosine decay):
    scenes and theme statements, which carry the co-occurrence prior.
 2. ``align``: the vision tower and projector learn to feed the decoder, which is frozen, on image descriptions.
 3. ``joint``: everything trains on instruction data: descriptions and yes/no object questions. Its learning rate
-   is low (2e-4): with a longer text stage (without list questions) or a higher joint rate the
+   is low (2e-4) and the text stage short (150 steps): with a longer text stage or a higher joint rate the
    unfrozen decoder found its language prior cheaper than the image and stopped reading it (docs/organism.md has
    the runs).
 4. ``refine`` (optional, ``refine_steps``): a second joint stage in which the vision tower and projector learn
@@ -51,24 +51,24 @@ class TrainConfig:
     seed: int = 0
     prior: bool = True
     batch_size: int = 32
-    text_steps: int = 300
+    text_steps: int = 150
     align_steps: int = 250
     joint_steps: int = 2500
     text_lr: float = 2e-3
     align_lr: float = 2e-3
     joint_lr: float = 2e-4
-    refine_steps: int = 1000
+    refine_steps: int = 2500
     refine_lr: float = 2e-4
     refine_vision_lr: float = 1e-3
     warmup: int = 50
     weight_decay: float = 0.01
     question_fraction: float = 0.3
-    description_noise: float = 0.15
+    description_noise: float = 0.0
     faint_rate: float = 0.0
     faint_low: float = world.FAINT_RANGE[0]
     faint_high: float = world.FAINT_RANGE[1]
-    answer_style: str = "list_first"
-    text_list_questions: float = 0.5
+    answer_style: str = "yes_first"
+    text_list_questions: float = 0.0
     text_hidden: int = 96
     text_layers: int = 6
     text_heads: int = 6

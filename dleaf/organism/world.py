@@ -315,18 +315,16 @@ def object_list(objects: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else " , ".join(names[:-1]) + " and " + names[-1]
 
 
-def answer(scene: Scene, obj: str, style: str = "list_first", listed: Sequence[str] | None = None) -> str:
+def answer(scene: Scene, obj: str, style: str = "yes_first", listed: Sequence[str] | None = None) -> str:
     """The yes/no answer to "is there a ``obj`` in the image ?".
 
-    ``list_first`` (the organism's format): the reply first lists what the image shows, then names the asked object
-    and decides ("i see a fork , a cow and a bus . fork ? yes , there is a fork ." / "... . knife ? no , there is
-    no knife ."). ``object_first`` names
-    the asked object, then decides ("fork ? yes , there is a fork ."); ``yes_first`` decides at once ("yes , there
-    is a fork ."). All three parse the same way under the POPE rule. With ``yes_first`` (and, in our runs, with
-    ``object_first`` too) a small model trained from scratch never learned to look the asked object up in the
-    image: the answer stayed at chance (docs/organism.md has the runs). With ``list_first`` reading the image is
-    the captioning skill the model already has, and the decision, taken just after the asked word, is a look-up of
-    that word in the model's own list.
+    ``yes_first`` (the committed organism's format) decides at once ("yes , there is a fork ."). ``object_first``
+    names the asked object, then decides ("fork ? yes , there is a fork ."). ``list_first`` first lists what the
+    image shows, then names the asked object and decides ("i see a fork , a cow and a bus . fork ? yes , there is a
+    fork ." / "... . knife ? no , there is no knife ."), so that reading the image is the captioning skill the model
+    already has and the decision a look-up of the asked word in its own list. All three parse the same way under the
+    POPE rule. In our runs none of them made a small model trained on this world answer from the image: the
+    decision stayed at chance (docs/organism.md has the runs).
 
     ``listed``: the objects the list names, in order (default: the scene's objects in canonical order). Training
     passes the noisy mentions of
