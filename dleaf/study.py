@@ -238,7 +238,12 @@ def measure_overhead(cfg: StudyConfig, model=None, processor=None) -> dict:
     base = "plain_eager" if model.config._attn_implementation == "eager" else "plain_sdpa"
     bench_cfg = BenchConfig(configs=("plain_eager", "plain_sdpa", "dleaf"), paired_steps=cfg.timing_steps,
                             paired_warmup=cfg.timing_warmup, device=device)
-    row = bench_paired(model, {n: batch}, bench_cfg, log=lambda m: None)[str(n)]["dleaf"]
+    attn = {name: getattr(model.config, name)._attn_implementation for name in ("text_config", "vision_config")
+            if getattr(model.config, name, None) is not None}
+    try:
+        row = bench_paired(model, {n: batch}, bench_cfg, log=lambda m: None)[str(n)]["dleaf"]
+    finally:  # the benchmark switches the decoder's attention; the caller's model is given back as it came
+        model.set_attn_implementation(attn)
     greedy, dleaf = np.array(row["raw_s"][base]), np.array(row["raw_s"]["dleaf"])
     ratio = float(_throughput_ratio(greedy, dleaf))
     ci = stats.bootstrap((greedy, dleaf), _throughput_ratio, paired=True, vectorized=True, n_resamples=2000,

@@ -69,7 +69,8 @@ def test_dash_aliases_parse_like_the_underscore_flags():
 
 
 def _help_of(name, capsys):
-    main = runpy.run_path(str(ROOT / "scripts" / name), run_name="script")["main"]
+    namespace = runpy.run_path(str(ROOT / "scripts" / name), run_name="script")
+    main = namespace.get("main") or namespace["run"]
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0

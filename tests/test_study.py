@@ -168,7 +168,9 @@ def test_every_study_setting_runs_its_own_method_and_adapter(tmp_path, tiny_orga
 def test_overhead_is_measured_in_paired_steps_with_an_interval(tiny_organism):
     model, processor = tiny_organism
     cfg = dstudy.StudyConfig(timing_steps=6, timing_warmup=1, timing_batch=2)
+    before = (model.config.text_config._attn_implementation, model.config.vision_config._attn_implementation)
     res = dstudy.measure_overhead(cfg, model, processor)
+    assert (model.config.text_config._attn_implementation, model.config.vision_config._attn_implementation) == before
     lo, hi = res["interval"]
     assert 0 < lo <= res["dleaf_over_greedy_throughput"] <= hi
     assert res["dleaf_over_greedy_throughput"] == pytest.approx(res["greedy_step_ms"] / res["dleaf_step_ms"])
