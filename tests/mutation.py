@@ -1,7 +1,7 @@
 """A small mutation-testing tool (not collected by pytest; slow): does a module's test file notice when the module's
 code is wrong?
 
-    python tests/mutation.py dleaf/metrics.py tests/test_metrics.py [--out runs/mutation/metrics.json]
+    python tests/mutation.py dleaf/metrics.py tests/test_metrics.py [more test files] [--out runs/mutation/m.json]
 
 Every mutation site of the module is changed once, in a copy of the repository under a temporary folder, and the
 test file is run against it (``pytest -x``). A mutant is *killed* when the tests fail (or time out), *survives* when
@@ -129,20 +129,20 @@ def mutant_source(tree: ast.AST, target: int, desc: str) -> tuple[str, int]:
     return ast.unparse(new), line
 
 
-def run_tests(copy_root: Path, test_file: str, timeout: float) -> str:
-    """Run the test file against the copy in a fresh interpreter."""
+def run_tests(copy_root: Path, test_files: list[str], timeout: float) -> str:
+    """Run the test files against the copy in a fresh interpreter."""
     env = {**os.environ, "PYTHONPATH": str(copy_root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     try:
-        res = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", test_file],
+        res = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *test_files],
                              cwd=copy_root, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timeout"
     return "survived" if res.returncode == 0 else "killed"
 
 
-def run_tests_forked(copy_root: Path, test_file: str, timeout: float) -> str:
-    """Run the test file against the copy in a child forked from this process, which has already imported the
-    heavy libraries (numpy, scipy, matplotlib, pytest): much faster than a fresh interpreter per mutant. The child
+def run_tests_forked(copy_root: Path, test_files: list[str], timeout: float) -> str:
+    """Run the test files against the copy in a child forked from this process, which has already imported the
+    heavy libraries (numpy, scipy, matplotlib, pytest, torch, transformers): much faster than a fresh interpreter per mutant. The child
     imports the project from the copy (nothing of it is imported in the parent)."""
     pid = os.fork()
     if pid == 0:  # child
@@ -155,7 +155,7 @@ def run_tests_forked(copy_root: Path, test_file: str, timeout: float) -> str:
             os.dup2(devnull, 2)
             import pytest
 
-            code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", test_file]))
+            code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", *test_files]))
         finally:
             os._exit(code)
     deadline = time.time() + timeout
@@ -172,7 +172,8 @@ def run_tests_forked(copy_root: Path, test_file: str, timeout: float) -> str:
 
 def _warm_imports() -> None:
     for name in ("numpy", "scipy.stats", "matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg",
-                 "pytest", "yaml", "PIL.Image"):
+                 "pytest", "yaml", "PIL.Image", "torch", "transformers", "transformers.models.llava.modeling_llava",
+                 "transformers.models.gemma2.modeling_gemma2", "transformers.models.gpt_oss.modeling_gpt_oss"):
         try:
             __import__(name)
         except ImportError:
@@ -182,7 +183,7 @@ def _warm_imports() -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("module", help="the module to mutate, relative to the repository (e.g. dleaf/metrics.py)")
-    ap.add_argument("tests", help="the test file that must notice (e.g. tests/test_metrics.py)")
+    ap.add_argument("tests", nargs="+", help="the test files that must notice (e.g. tests/test_metrics.py)")
     ap.add_argument("--out", default=None, help="write the report (JSON) here")
     ap.add_argument("--limit", type=int, default=None, help="only the first N mutants (a quick look)")
     ap.add_argument("--no_fork", action="store_true", help="a fresh interpreter per mutant (slower; no os.fork)")
