@@ -4,8 +4,10 @@ code is wrong?
     python tests/mutation.py dleaf/metrics.py tests/test_metrics.py [more test files] [--out runs/mutation/m.json]
 
 Every mutation site of the module is changed once, in a copy of the repository under a temporary folder, and the
-test file is run against it (``pytest -x``). A mutant is *killed* when the tests fail (or time out), *survives* when
-they pass. Mutations: arithmetic operators (``+ -``, ``* /``, ``// /``, ``** *``, ``% *``, augmented assignments),
+test file is run against it (``pytest -x``). A mutant is *killed* when the tests fail (or time out: counted apart, as
+``timeouts``, since a loaded machine can time out a mutant the tests would not have caught), *survives* when they
+pass. ``--sites`` reruns chosen mutants (by number) only, for example an earlier run's survivors after tests were
+added. Mutations: arithmetic operators (``+ -``, ``* /``, ``// /``, ``** *``, ``% *``, augmented assignments),
 comparisons (``< <=``, ``> >=``, ``== !=``, ``in`` / ``not in``, ``is`` / ``is not``), boolean operators
 (``and or``), ``not x`` -> ``x``, unary minus removed, numbers (``0 -> 1``, ``n -> n + 1``, ``x.y -> 2 x.y + 1``),
 ``True <-> False``, and ``break``/``continue`` swapped. Docstrings, strings, f-strings and the arguments of ``raise``
@@ -186,6 +188,9 @@ def main(argv=None):
     ap.add_argument("tests", nargs="+", help="the test files that must notice (e.g. tests/test_metrics.py)")
     ap.add_argument("--out", default=None, help="write the report (JSON) here")
     ap.add_argument("--limit", type=int, default=None, help="only the first N mutants (a quick look)")
+    ap.add_argument("--sites", default=None,
+                    help="only these mutants, by the numbers a full run prints and reports as 'site' (comma-separated; "
+                         "for example an earlier run's survivors, after tests were added)")
     ap.add_argument("--no_fork", action="store_true", help="a fresh interpreter per mutant (slower; no os.fork)")
     args = ap.parse_args(argv)
     runner = run_tests if args.no_fork or not hasattr(os, "fork") else run_tests_forked
@@ -194,7 +199,14 @@ def main(argv=None):
     source = (ROOT / args.module).read_text()
     lines = source.splitlines()
     tree = ast.parse(source)
-    todo = sites(tree)[: args.limit]
+    numbered = list(enumerate(sites(tree), start=1))
+    if args.sites:
+        wanted = {int(x) for x in args.sites.split(",") if x.strip()}
+        unknown = sorted(wanted - {n for n, _ in numbered})
+        if unknown:
+            raise SystemExit(f"error: no mutant numbered {unknown} in {args.module} ({len(numbered)} mutants)")
+        numbered = [(n, site) for n, site in numbered if n in wanted]
+    todo = numbered[: args.limit]
     with tempfile.TemporaryDirectory() as tmp:
         copy_root = Path(tmp) / "repo"
         shutil.copytree(ROOT, copy_root, ignore=shutil.ignore_patterns(".git", "runs", ".venv", "__pycache__",
@@ -206,20 +218,22 @@ def main(argv=None):
             raise SystemExit("the tests fail on the unmutated (re-printed) module; fix that first")
         timeout = max(60.0, 5 * (time.time() - t0))
         results = []
-        for n, (k, desc) in enumerate(todo, start=1):
+        total = len(sites(tree))
+        for n, (k, desc) in todo:
             text, line = mutant_source(tree, k, desc)
             target.write_text(text)
             status = runner(copy_root, args.tests, timeout)
-            results.append({"line": line, "mutation": desc, "status": status,
+            results.append({"site": n, "line": line, "mutation": desc, "status": status,
                             "source": lines[line - 1].strip() if 0 < line <= len(lines) else ""})
-            print(f"[{n}/{len(todo)}] line {line}: {desc}: {status}", flush=True)
+            print(f"[{n}/{total}] line {line}: {desc}: {status}", flush=True)
         target.write_text(source)
     survivors = [r for r in results if r["status"] == "survived"]
+    timeouts = sum(r["status"] == "timeout" for r in results)
     report = {"module": args.module, "tests": args.tests, "mutants": len(results), "survived": len(survivors),
-              "killed": len(results) - len(survivors), "survivors": survivors}
+              "killed": len(results) - len(survivors), "timeouts": timeouts, "survivors": survivors}
     print(json.dumps({k: v for k, v in report.items() if k != "survivors"}))
     for r in survivors:
-        print(f"  survived: line {r['line']}: {r['mutation']}: {r['source']}")
+        print(f"  survived: site {r['site']}: line {r['line']}: {r['mutation']}: {r['source']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
