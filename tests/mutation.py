@@ -6,9 +6,8 @@ code is wrong?
 Every mutation site of the module is changed once, in a copy of the repository under a temporary folder, and the
 test file is run against it (``pytest -x``). A mutant is *killed* when the tests fail (or time out: counted apart, as
 ``timeouts``, since a loaded machine can time out a mutant the tests would not have caught), *survives* when they
-pass. ``--sites`` reruns chosen mutants (by number) only, for example an earlier run's survivors after tests were
-added. Mutations: arithmetic operators (``+ -``, ``* /``, ``// /``, ``** *``, ``% *``, augmented assignments),
-comparisons (``< <=``, ``> >=``, ``== !=``, ``in`` / ``not in``, ``is`` / ``is not``), boolean operators
+pass. ``--survivors REPORT`` re-tests only an earlier report's survivors (after tests were added). Mutations:
+arithmetic operators (``+ -``, ``* /``, ``// /``, ``** *``, ``% *``, augmented assignments), comparisons (``< <=``, ``> >=``, ``== !=``, ``in`` / ``not in``, ``is`` / ``is not``), boolean operators
 (``and or``), ``not x`` -> ``x``, unary minus removed, numbers (``0 -> 1``, ``n -> n + 1``, ``x.y -> 2 x.y + 1``),
 ``True <-> False``, and ``break``/``continue`` swapped. Docstrings, strings, f-strings and the arguments of ``raise``
 are left alone. The report lists every survivor with its line and the mutated source line.
@@ -144,8 +143,8 @@ def run_tests(copy_root: Path, test_files: list[str], timeout: float) -> str:
 
 def run_tests_forked(copy_root: Path, test_files: list[str], timeout: float) -> str:
     """Run the test files against the copy in a child forked from this process, which has already imported the
-    heavy libraries (numpy, scipy, matplotlib, pytest, torch, transformers): much faster than a fresh interpreter per mutant. The child
-    imports the project from the copy (nothing of it is imported in the parent)."""
+    heavy libraries (numpy, scipy, matplotlib, pytest, torch, transformers): much faster than a fresh interpreter
+    per mutant. The child imports the project from the copy (nothing of it is imported in the parent)."""
     pid = os.fork()
     if pid == 0:  # child
         code = 1
@@ -188,9 +187,9 @@ def main(argv=None):
     ap.add_argument("tests", nargs="+", help="the test files that must notice (e.g. tests/test_metrics.py)")
     ap.add_argument("--out", default=None, help="write the report (JSON) here")
     ap.add_argument("--limit", type=int, default=None, help="only the first N mutants (a quick look)")
-    ap.add_argument("--sites", default=None,
-                    help="only these mutants, by the numbers a full run prints and reports as 'site' (comma-separated; "
-                         "for example an earlier run's survivors, after tests were added)")
+    ap.add_argument("--survivors", default=None,
+                    help="a previous report: re-test only the mutants that survived it (same source line and "
+                         "mutation); tests only ever added cannot revive a killed mutant")
     ap.add_argument("--no_fork", action="store_true", help="a fresh interpreter per mutant (slower; no os.fork)")
     args = ap.parse_args(argv)
     runner = run_tests if args.no_fork or not hasattr(os, "fork") else run_tests_forked
@@ -200,12 +199,11 @@ def main(argv=None):
     lines = source.splitlines()
     tree = ast.parse(source)
     numbered = list(enumerate(sites(tree), start=1))
-    if args.sites:
-        wanted = {int(x) for x in args.sites.split(",") if x.strip()}
-        unknown = sorted(wanted - {n for n, _ in numbered})
-        if unknown:
-            raise SystemExit(f"error: no mutant numbered {unknown} in {args.module} ({len(numbered)} mutants)")
-        numbered = [(n, site) for n, site in numbered if n in wanted]
+    if args.survivors:
+        before = json.loads(Path(args.survivors).read_text())["survivors"]
+        wanted = {(r["source"], r["mutation"]) for r in before}
+        numbered = [(n, (k, d)) for n, (k, d) in numbered
+                    if (lines[mutant_source(tree, k, d)[1] - 1].strip(), d) in wanted]
     todo = numbered[: args.limit]
     with tempfile.TemporaryDirectory() as tmp:
         copy_root = Path(tmp) / "repo"
