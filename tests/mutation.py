@@ -7,8 +7,9 @@ Every mutation site of the module is changed once, in a copy of the repository u
 test file is run against it (``pytest -x``). A mutant is *killed* when the tests fail (or time out: counted apart, as
 ``timeouts``, since a loaded machine can time out a mutant the tests would not have caught), *survives* when they
 pass. ``--survivors REPORT`` re-tests only an earlier report's survivors (after tests were added). Mutations:
-arithmetic operators (``+ -``, ``* /``, ``// /``, ``** *``, ``% *``, augmented assignments), comparisons (``< <=``, ``> >=``, ``== !=``, ``in`` / ``not in``, ``is`` / ``is not``), boolean operators
-(``and or``), ``not x`` -> ``x``, unary minus removed, numbers (``0 -> 1``, ``n -> n + 1``, ``x.y -> 2 x.y + 1``),
+arithmetic operators (``+ -``, ``* /``, ``// /``, ``** *``, ``% *``, augmented assignments), comparisons
+(``< <=``, ``> >=``, ``== !=``, ``in`` / ``not in``, ``is`` / ``is not``), boolean operators (``and or``),
+``not x`` -> ``x``, unary minus removed, numbers (``0 -> 1``, ``n -> n + 1``, ``x.y -> 2 x.y + 1``),
 ``True <-> False``, and ``break``/``continue`` swapped. Docstrings, strings, f-strings and the arguments of ``raise``
 are left alone. The report lists every survivor with its line and the mutated source line.
 """
