@@ -66,8 +66,8 @@ class ScriptArguments:
     self_generated_scenes: int = dataclasses.field(
         default=0, metadata={"help": "organism: also caption this many scenes with greedy and D-LEAF decoding and add "
                                      "the pairs their exact hallucination counts rank"})
-    dleaf_knobs: str | None = dataclasses.field(
-        default=None, metadata={"help": "JSON object of D-LEAF knobs for self-generated pairs, e.g. '{\"gamma\": 0.8}'"})
+    dleaf_knobs: list[str] | None = dataclasses.field(
+        default=None, metadata={"help": "D-LEAF knobs of the self-generated pairs, name=value entries (gamma=0.8)"})
     lora_language_model_only: bool = dataclasses.field(
         default=True, metadata={"help": "restrict lora_target_modules to the language model (the vision tower has "
                                         "q_proj/k_proj/v_proj too)"})
@@ -77,27 +77,23 @@ class ScriptArguments:
 
 # ------------------------------------------------------------------------------------------------- model & data
 def load_model(model_args, training_args):
-    """(model, processor) from ``model_args.model_name_or_path``: None or 'organism' loads the committed organism."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """(model, processor) from ``model_args.model_name_or_path`` through the project's one loader
+    (:func:`dleaf.models.load`): None or 'organism' is the committed organism, else a checkpoint folder or hub id."""
+    from dleaf import models
+    from dleaf.io import InputError
 
-    name = model_args.model_name_or_path
-    attn = model_args.attn_implementation or "eager"
-    dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "auto"
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype)
-    if name in (None, ORGANISM):
-        from dleaf.organism.build import load_organism
-
-        model, processor = load_organism(attn_implementation=attn)
+    if model_args.model_revision not in (None, "main") or training_args.trust_remote_code:
+        raise InputError("model_revision and trust_remote_code are not supported: save the checkpoint to a "
+                                "folder and pass that folder as model_name_or_path")
+    name = model_args.model_name_or_path or ORGANISM
+    dtype = model_args.dtype if model_args.dtype not in (None, "auto") else ("float32" if name == ORGANISM else "auto")
+    device = "cpu" if training_args.use_cpu or not torch.cuda.is_available() else None
+    model, processor = models.load(name, attn_implementation=model_args.attn_implementation or "eager", dtype=dtype,
+                                   device=device)
+    if name == ORGANISM:
         # recorded in adapter_config.json as the base model: the repository-relative path, not this machine's
         model.config._name_or_path = "data/organism"
         model.name_or_path = "data/organism"
-    else:
-        processor = AutoProcessor.from_pretrained(name, revision=model_args.model_revision,
-                                                  trust_remote_code=training_args.trust_remote_code)
-        model = AutoModelForImageTextToText.from_pretrained(
-            name, revision=model_args.model_revision, dtype=dtype, attn_implementation=attn,
-            trust_remote_code=training_args.trust_remote_code)
     tok = getattr(processor, "tokenizer", processor)
     if tok.padding_side != "left":
         # TRL pads prompts on the left itself; this only matters for generation with the saved processor
@@ -117,12 +113,13 @@ def organism_pair_config(args: ScriptArguments, split: str):
         max_injected=args.max_injected, world_seed=pairs.EVAL_WORLD_SEED if held_out else pairs.TRAIN_WORLD_SEED)
 
 
-def self_generated_decoders(args: ScriptArguments) -> tuple:
-    """The decoders whose replies self-generated pairs rank: plain greedy and D-LEAF with ``args.dleaf_knobs``."""
-    from . import pairs
+def self_generated_settings(args: ScriptArguments) -> tuple:
+    """The decoding settings whose replies self-generated pairs rank: plain greedy and D-LEAF with
+    ``args.dleaf_knobs``."""
+    from dleaf.cli import parse_knobs
+    from dleaf.settings import Setting
 
-    knobs = json.loads(args.dleaf_knobs) if args.dleaf_knobs else {}
-    return pairs.Decoder("greedy"), pairs.Decoder("dleaf", "dleaf", knobs)
+    return Setting(label="greedy"), Setting("dleaf", parse_knobs(args.dleaf_knobs), label="dleaf")
 
 
 def build_datasets(args: ScriptArguments, model=None, processor=None, seed: int = 0):
@@ -139,11 +136,11 @@ def build_datasets(args: ScriptArguments, model=None, processor=None, seed: int 
         if args.self_generated_scenes > 0:
             if model is None:
                 raise ValueError("self-generated pairs need the model")
-            decoders = self_generated_decoders(args)
+            settings = self_generated_settings(args)
             scenes = pairs.adversarial_scenes(args.self_generated_scenes, start=cfg.start + cfg.n)
-            rows = pairs.self_generated_pairs(model, processor, scenes, decoders)
-            info["self_generated"] = {"scenes": len(scenes), "pairs": len(rows), "decoders": [
-                dataclasses.asdict(d) for d in decoders]}
+            rows = pairs.self_generated_pairs(model, processor, scenes, settings)
+            info["self_generated"] = {"scenes": len(scenes), "pairs": len(rows), "settings": [
+                {"label": st.label, **st.record()} for st in settings]}
             if rows:
                 # keep only the columns both sources share, so the two concatenate
                 extra = preference_dataset(rows)
@@ -421,8 +418,8 @@ def model_card(record: dict) -> str:
             lines.append(f"| {h.get('step', '-')} | " + " | ".join(_fmt(h.get(k)) for k in REWARD_KEYS) + " |")
         lines.append("")
     lines += ["## Use", "", "```python", "from peft import PeftModel",
-              "from dleaf.organism.build import load_organism", "",
-              "model, processor = load_organism()  # or your base model and processor",
+              "from dleaf import models", "",
+              f"model, processor = models.load({'organism' if base == 'data/organism' else base!r})",
               "model = PeftModel.from_pretrained(model, 'path/to/this/folder')", "```", "",
               "Everything above is also in `dpo_run.json` next to this card.", "",
               "## Environment", "", ", ".join(f"{k} {v}" for k, v in record["environment"].items()), ""]

@@ -81,6 +81,7 @@ def real_target(tmp_path, tiny_organism, write_coco, write_pope):
     from peft import LoraConfig, get_peft_model
 
     from dpo_link import pairs
+    from dpo_link.data import preference_dataset
 
     model, processor = tiny_organism
     ckpt = tmp_path / "ckpt"
@@ -90,7 +91,7 @@ def real_target(tmp_path, tiny_organism, write_coco, write_pope):
                           LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     lora.save_pretrained(tmp_path / "adapter")
     rows = pairs.organism_examples(pairs.OrganismPairConfig(n=6, world_seed=pairs.EVAL_WORLD_SEED))
-    DatasetDict({"test": pairs._dataset(rows)}).save_to_disk(tmp_path / "prefs")
+    DatasetDict({"test": preference_dataset(rows)}).save_to_disk(tmp_path / "prefs")
     img_dir, inst, caps = write_coco(tmp_path)
     pope, pope_dir = write_pope(tmp_path)
     return dict(model=str(ckpt), adapter=str(tmp_path / "adapter"), coco_images=str(img_dir),

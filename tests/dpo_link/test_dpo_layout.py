@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-GENERIC = ("data", "validate", "collate", "rewards", "correspondence", "dleaf_dpo", "suite", "report")
+GENERIC = ("data", "validate", "collate", "rewards", "correspondence", "dleaf_dpo", "suite", "report", "train")
 
 
 def test_generic_modules_do_not_import_the_organism():

@@ -134,8 +134,9 @@ def tiny_adapter(tmp_path_factory, tiny_dir, make_model, processor):
 
 def test_correspondence_script_writes_the_report(tmp_path, tiny_dir, tiny_adapter, capsys):
     out = tmp_path / "report"
-    rc = _correspondence_script().main(
-        ["--model", str(tiny_dir), "--adapter", str(tiny_adapter), "--n_pairs", "4", "--n_generations", "0",
+    script = _correspondence_script()
+    rc = script.cli.main(script.main, [
+        "--model", str(tiny_dir), "--adapter", str(tiny_adapter), "--n_pairs", "4", "--n_generations", "0",
          "--batch_size", "4", "--n_resamples", "20", "--permutations", "20", "--gammas", "0,0.5",
          "--knob", "kappa=0", "--output_dir", str(out)])
     assert rc == 0
@@ -149,8 +150,11 @@ def test_correspondence_script_refuses_bad_input_before_loading(tmp_path, tiny_d
     for extra, message in [(["--adapter", str(tiny_adapter), "--n_pairs", "2"], "n_pairs must be at least 3"),
                            (["--adapter", str(tmp_path / "missing")], "no PEFT adapter"),
                            (["--adapter", str(tiny_adapter), "--knob", "gamma=1.5"], "gamma"),
-                           (["--adapter", str(tiny_adapter), "--knob", "gama=0.3"], "gama")]:
-        assert script.main(common + extra) == 2, extra
+                           (["--adapter", str(tiny_adapter), "--knob", "gama=0.3"], "gama"),
+                           (["--adapter", str(tiny_adapter), "--knob", "gamma=abc"], "must be a number"),
+                           (["--adapter", str(tiny_adapter), "--gammas", "0,x"], "comma-separated numbers"),
+                           (["--adapter", str(tiny_adapter), "--dataset", str(tmp_path / "d.csv")], "no dataset")]:
+        assert script.cli.main(script.main, common + extra) == 2, extra
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and "loading" not in err
     assert not (tmp_path / "o").exists()

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from dleaf.organism import build
 from dpo_link import pairs, validate
 from dpo_link.collate import VisionPreferenceCollator
 from dpo_link.train import ScriptArguments, build_trainer, lora_config, run
@@ -62,15 +61,21 @@ def test_lora_targets_only_the_language_model(tiny_dir):
     assert len(wrapped) == 2 * 2
 
 
-def test_the_organism_is_recorded_by_its_repository_path(monkeypatch, tiny_dir):
+def test_the_organism_is_recorded_by_its_repository_path(tiny_dir):
     from peft import get_peft_model
 
+    from dleaf import models
     from dpo_link.train import load_model
 
-    monkeypatch.setattr(build, "ORGANISM_DIR", Path(tiny_dir))
-    ta, ma = _configs("unused")
-    ma.model_name_or_path = None
-    model, proc = load_model(ma, ta)
+    entry = models.registered()["organism"]
+    models.register("organism", tiny_dir, "eager")  # the tiny model stands in for the committed organism
+    try:
+        ta, ma = _configs("unused")
+        ma.model_name_or_path = None
+        model, proc = load_model(ma, ta)
+    finally:
+        models.register("organism", entry.path, entry.attn_implementation, entry.description)
+    assert model.config.text_config.num_hidden_layers == 2
     peft_model = get_peft_model(model, lora_config(ma))
     assert peft_model.peft_config["default"].base_model_name_or_path == "data/organism"
     assert proc.tokenizer.padding_side == "left"
