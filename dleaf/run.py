@@ -1,9 +1,11 @@
 """One image and prompt through plain decoding and through a method, side by side (the logic behind
-``scripts/run_dleaf.py``): the two replies, and for methods that flag layers the method's trace (exported as JSON,
-summarised in text and drawn by :mod:`dleaf.trace_report`)."""
+``scripts/run_dleaf.py``): the two replies, and for methods that flag layers the method's trace and the trace of
+the same method watching plain decoding at zero strength (which decodes exactly like plain decoding), exported as
+JSON, summarised in text and drawn by :mod:`dleaf.trace_report`."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,24 +20,50 @@ def parse_knobs(method: str, pairs: list[str]) -> dict:
     return Setting(method, _parse_pairs(pairs)).knob_dict
 
 
-def compare(model, processor, image, prompt: str, setting: Setting, max_new_tokens: int = 64) -> dict:
+def token_marks(tokenizer, token_ids, vocab=None, truth=None) -> list[str]:
+    """Per generated token: ``"object"`` (the first token of an object word that is in ``truth``),
+    ``"hallucinated"`` (one that is not) or ``""``; all ``""`` without a vocabulary and ground truth."""
+    marks = [""] * len(token_ids)
+    if vocab is None or truth is None:
+        return marks
+    from .premise_check import mention_token_offsets
+
+    for j, m in mention_token_offsets(tokenizer, token_ids, vocab):
+        marks[j] = "object" if m.category in truth else "hallucinated"
+    return marks
+
+
+def compare(model, processor, image, prompt: str, setting: Setting, max_new_tokens: int = 64, vocab=None,
+            truth=None) -> dict:
     """Plain greedy decoding and ``setting`` on one image: ``plain``, ``method`` (the replies), ``config`` (the
-    method's configuration), ``trace`` (the method's :class:`~dleaf.engine.Trace` for methods that flag layers,
-    else None), ``tokens`` (the method's generated tokens, one list per sample) and ``plain_tokens``."""
+    method's configuration), ``trace`` and ``plain_trace`` (for methods that flag layers: the method's
+    :class:`~dleaf.engine.Trace`, and the trace of the same configuration at zero strength, which decodes like plain
+    decoding; else None), ``tokens`` / ``plain_tokens`` (the generated tokens, one list per sample) and ``marks`` /
+    ``plain_marks`` (object and hallucinated words, see :func:`token_marks`, when ``vocab`` and ``truth`` are
+    given)."""
     item = SimpleNamespace(id="0", prompt=prompt, image=image)
-    plain = next(generate(model, processor, [item], Setting(), max_new_tokens, token_ids=True))
     config = setting.config()
     traced = config is not None and hasattr(config, "localization")
+    tok = processor.tokenizer
+    plain_trace = None
+    if traced:
+        watch = Setting(setting.method, {**setting.knob_dict, "gamma": 0.0})
+        with watch.attached(model, trace=True) as iv:
+            plain = next(generate(model, processor, [item], watch, max_new_tokens, intervention=iv, token_ids=True))
+        plain_trace = iv.trace
+    else:
+        plain = next(generate(model, processor, [item], Setting(), max_new_tokens, token_ids=True))
     with setting.attached(model, trace=traced) as iv:
         steered = next(generate(model, processor, [item], setting, max_new_tokens, intervention=iv, token_ids=True))
-    tok = processor.tokenizer
     return {"plain": plain["raw"], "method": steered["raw"], "config": config,
-            "trace": iv.trace if traced else None,
+            "trace": iv.trace if traced else None, "plain_trace": plain_trace,
             "tokens": [tok.convert_ids_to_tokens(steered["token_ids"])],
-            "plain_tokens": [tok.convert_ids_to_tokens(plain["token_ids"])]}
+            "plain_tokens": [tok.convert_ids_to_tokens(plain["token_ids"])],
+            "marks": token_marks(tok, steered["token_ids"], vocab, truth),
+            "plain_marks": token_marks(tok, plain["token_ids"], vocab, truth)}
 
 
-def write_outputs(result: dict, out_dir: str | Path, signal_name: str) -> list[Path]:
+def write_outputs(result: dict, out_dir: str | Path, title: str | None = None) -> list[Path]:
     """Trace JSON, text summary and figure of a :func:`compare` result under ``out_dir``."""
     from . import trace_report
     from .io import write_text_atomic
@@ -44,9 +72,17 @@ def write_outputs(result: dict, out_dir: str | Path, signal_name: str) -> list[P
     trace = result["trace"]
     if trace is None:
         return []
-    tokens = result["tokens"]
     n = trace.sample(0)["positions"].shape[0]
-    paths = [trace_report.write_trace_json(trace, out_dir / "trace.json", tokens=tokens, config=result["config"]),
-             trace_report.plot_trace(trace, out_dir / "trace.png", tokens=tokens[0][:n], signal_name=signal_name),
-             write_text_atomic(trace_report.trace_summary(trace) + "\n", out_dir / "summary.txt")]
+    plain = result.get("plain_trace")
+    m = plain.sample(0)["positions"].shape[0] if plain is not None else 0
+    record = {"plain": result["plain"], "method": result["method"],
+              "config": dataclasses.asdict(result["config"]) if result["config"] is not None else None}
+    paths = [trace_report.write_trace_json(trace, out_dir / "trace.json", tokens=result["tokens"],
+                                           config=result["config"]),
+             trace_report.plot_trace(trace, out_dir / "trace.png", tokens=result["tokens"][0][:n],
+                                     config=result["config"], marks=result["marks"][:n], plain=plain,
+                                     plain_tokens=result["plain_tokens"][0][:m],
+                                     plain_marks=result["plain_marks"][:m], title=title),
+             write_text_atomic(trace_report.trace_summary(trace) + "\n\nplain   : " + record["plain"] +
+                               "\nmethod  : " + record["method"] + "\n", out_dir / "summary.txt")]
     return paths

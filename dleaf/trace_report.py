@@ -10,10 +10,8 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from .engine import Trace
-from .io import write_text_atomic
+from .io import to_json, write_text_atomic
 
 
 def _clean(x):
@@ -58,8 +56,8 @@ def trace_dict(trace: Trace, tokens: Sequence[Sequence[str]] | None = None, conf
 
 
 def write_trace_json(trace: Trace, path: str | os.PathLike, tokens=None, config=None) -> Path:
-    """Write :func:`trace_dict` to ``path`` atomically."""
-    return write_text_atomic(json.dumps(trace_dict(trace, tokens, config)) + "\n", path)
+    """Write :func:`trace_dict` to ``path`` atomically (strict JSON: NaN is written as null)."""
+    return write_text_atomic(to_json(trace_dict(trace, tokens, config)) + "\n", path)
 
 
 def trace_summary(trace: Trace, sample: int = 0, top: int = 3) -> str:
@@ -93,54 +91,108 @@ def trace_summary(trace: Trace, sample: int = 0, top: int = 3) -> str:
     return "\n".join(lines)
 
 
+def signal_label(config=None) -> str:
+    """The colorbar label of the layer signal, with its unit, for a D-LEAF configuration."""
+    if config is None:
+        return "layer signal"
+    if getattr(config, "layer_signal", "liae") == "mass_deficit":
+        return "image-mass deficit: minus head-mean image mass (share of the row's attention)"
+    if getattr(config, "liae_normalize", False):
+        return "LIAE / log |image tokens| (0: one image token, 1: uniform)"
+    return "LIAE (nats)"
+
+
+def _heatmap(fig, ax, s, tokens, marks, title, label):
+    from matplotlib.patches import Rectangle
+
+    sig = s["signal"].numpy().T  # (L, T)
+    flag = s["flag"].numpy().T
+    T = sig.shape[1]
+    im = ax.imshow(np.ma.masked_invalid(sig), aspect="auto", cmap="viridis", origin="lower")
+    for l, t in zip(*np.nonzero(flag)):
+        ax.add_patch(Rectangle((t - 0.5, l - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+    ax.set_ylabel("decoder layer")
+    ax.set_title(title, fontsize=9)
+    ax.set_yticks(range(sig.shape[0]))
+    if tokens is not None and T <= 80:
+        ax.set_xticks(range(T))
+        ax.set_xticklabels(list(tokens)[:T], rotation=90, fontsize=7)
+        for k, tick in enumerate(ax.get_xticklabels()):
+            mark = marks[k] if marks is not None and k < len(marks) else ""
+            if mark == "hallucinated":
+                tick.set_color("red")
+                tick.set_fontweight("bold")
+            elif mark == "object":
+                tick.set_color("tab:blue")
+                tick.set_fontweight("bold")
+        ax.set_xlabel("generated position (the token it predicts; blue: object word in the image, red: "
+                      "hallucinated object word; red boxes: flagged layers)", fontsize=7)
+    else:
+        ax.set_xlabel("generated position (red boxes: flagged layers)", fontsize=7)
+    cb = fig.colorbar(im, ax=ax, fraction=0.04)
+    cb.set_label(label, fontsize=7)
+
+
 def plot_trace(trace: Trace, path: str | os.PathLike, sample: int = 0, tokens: Sequence[str] | None = None,
-               signal_name: str = "layer signal (LIAE)") -> Path:
-    """Draw one sample's trace: signal heatmap (layers x positions) with flagged cells outlined, and per head the
-    mean IAF and how often it was corrected. Written atomically as PNG."""
+               signal_name: str | None = None, config=None, marks: Sequence[str] | None = None,
+               plain: Trace | None = None, plain_tokens: Sequence[str] | None = None,
+               plain_marks: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """Draw one sample's trace and write it atomically as PNG.
+
+    Left: the layer signal (layers x generated positions) with the flagged cells outlined in red, for the method's
+    pass and, when ``plain`` is given (a trace of the same method at zero strength, which decodes exactly like
+    plain decoding), for the plain pass above it. Token labels (``tokens``) are coloured by ``marks``
+    (``"object"``: an object word that is in the image, ``"hallucinated"``: one that is not). Right: per head the
+    mean IAF over the positions, and how many times each head was corrected (integer counts). ``config`` (the
+    method's configuration) names the signal and its unit on the colorbar; ``signal_name`` overrides it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
+    from matplotlib.ticker import MaxNLocator
+
+    from .io import save_figure_atomic
 
     s = trace.sample(sample)
-    sig = s["signal"].numpy().T  # (L, T)
-    flag = s["flag"].numpy().T
-    T = sig.shape[1]
-    fig, axes = plt.subplots(1, 3, figsize=(min(4 + 0.25 * T, 22) + 8, 4.2),
-                             gridspec_kw={"width_ratios": [max(T, 4) / 4, 1.3, 1.3]})
-    ax = axes[0]
-    im = ax.imshow(np.ma.masked_invalid(sig), aspect="auto", cmap="viridis", origin="lower")
-    for l, t in zip(*np.nonzero(flag)):
-        ax.add_patch(Rectangle((t - 0.5, l - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
-    ax.set_xlabel("generated position" + (" (token it predicts)" if tokens is not None else ""))
-    ax.set_ylabel("layer")
-    ax.set_title(f"{signal_name}; red: flagged")
-    if tokens is not None and T <= 60:
-        ax.set_xticks(range(T))
-        ax.set_xticklabels(list(tokens)[:T], rotation=90, fontsize=7)
-    ax.set_yticks(range(sig.shape[0]))
-    fig.colorbar(im, ax=ax, fraction=0.04)
+    T = s["signal"].shape[0]
+    label = signal_name or signal_label(config)
+    rows = 2 if plain is not None else 1
+    fig = plt.figure(figsize=(min(4 + 0.25 * T, 22) + 8, 4.2 * rows + 0.4))
+    grid = fig.add_gridspec(rows, 3, width_ratios=[max(T, 4) / 4, 1.3, 1.3])
+    if plain is not None:
+        _heatmap(fig, fig.add_subplot(grid[0, 0]), plain.sample(sample), plain_tokens, plain_marks,
+                 "plain decoding (the method watching at zero strength): flags it would raise", label)
+    _heatmap(fig, fig.add_subplot(grid[rows - 1, 0]), s, tokens, marks, "with the method: flagged layers corrected",
+             label)
     with warnings.catch_warnings():  # unwatched layers are all NaN: their mean is NaN, drawn blank
         warnings.simplefilter("ignore", RuntimeWarning)
         iaf = np.nanmean(s["iaf"].numpy(), axis=0) if T else np.zeros((trace.num_layers, trace.num_heads))
-    im2 = axes[1].imshow(np.ma.masked_invalid(iaf), aspect="auto", cmap="magma", origin="lower")
-    axes[1].set_title("mean IAF per head")
-    axes[1].set_xlabel("head")
-    axes[1].set_ylabel("layer")
-    fig.colorbar(im2, ax=axes[1], fraction=0.08)
+    ax = fig.add_subplot(grid[:, 1])
+    im2 = ax.imshow(np.ma.masked_invalid(iaf), aspect="auto", cmap="magma", origin="lower")
+    ax.set_title("mean IAF per head", fontsize=9)
+    ax.set_xlabel("head")
+    ax.set_ylabel("decoder layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    cb = fig.colorbar(im2, ax=ax, fraction=0.08)
+    unit = "image attention mass of the head's row (share)" if getattr(config, "iaf_variant", "mass") == "mass" \
+        else "image attention focus"
+    cb.set_label(f"IAF: {unit}", fontsize=7)
     cor = s["corrected"].numpy().sum(axis=0)
-    im3 = axes[2].imshow(cor, aspect="auto", cmap="Blues", origin="lower")
-    axes[2].set_title("times corrected")
-    axes[2].set_xlabel("head")
-    axes[2].set_ylabel("layer")
-    fig.colorbar(im3, ax=axes[2], fraction=0.08)
+    ax = fig.add_subplot(grid[:, 2])
+    im3 = ax.imshow(cor, aspect="auto", cmap="Blues", origin="lower", vmin=0, vmax=max(1, int(cor.max())))
+    ax.set_title("times corrected", fontsize=9)
+    ax.set_xlabel("head")
+    ax.set_ylabel("decoder layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    cb = fig.colorbar(im3, ax=ax, fraction=0.08, ticks=MaxNLocator(integer=True))
+    cb.set_label("corrections (count of positions)", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return save_figure_atomic(fig, path, dpi=110)
+    finally:
+        plt.close(fig)

@@ -56,6 +56,7 @@ def main(argv=None):
         print(f"wrote {len(ids)} image ids")
         cli.done(args.write_coco_ids)
         return 0
+    cli.set_threads(args.threads)
     result = harness.run_evaluation(args)
     if result is not None:
         print(harness.comparison_table([args.output_dir]), end="")

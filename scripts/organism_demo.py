@@ -50,8 +50,7 @@ def main(argv=None):
         print(f"                hallucinated: {', '.join(ex['method_hallucinated']) or 'none'}")
     print("\n" + effect_sentence(res["summary"], setting.label))
     print("\n== yes/no questions, adversarial negatives (greedy) ==")
-    bench = harness.build_benchmark(harness.EvalArguments(benchmark="organism_pope", splits=["adversarial"],
-                                                          negatives=["adversarial"], limit=2))
+    bench = harness.load_benchmark("organism_pope", limit=2, splits=["adversarial"], negatives=["adversarial"])
     for it, row in zip(bench.items, harness.evaluate(model, processor, bench)["rows"]):
         print(f"- {it.prompt} -> {row['text']}   (truth: {'yes' if it.truth else 'no'})")
     profile = data_path("organism_profile.md")

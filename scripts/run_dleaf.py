@@ -49,22 +49,22 @@ def main(argv=None):
     if args.image is not None:
         image = load_image(args.image)
         prompt = args.prompt or "Describe this image in detail."
-        truth = None
+        truth, vocab = None, None
     elif named:
-        item = None
-        if args.scene is not None:
-            items = harness.build_benchmark(harness.EvalArguments(
-                benchmark="organism_caption", splits=["adversarial"], limit=args.scene + 1)).items
-            if args.scene >= len(items):
-                raise InputError(f"--scene must be below {len(items)}, got {args.scene}")
-            scene, why, item = args.scene, "", items[args.scene]
+        limit = 32 if args.scene is None else args.scene + 1
+        bench = harness.load_benchmark("organism_caption", limit=limit, splits=["adversarial"])
+        if args.scene is not None and args.scene >= len(bench.items):
+            raise InputError(f"--scene must be below {len(bench.items)}, got {args.scene}")
         model, processor = models.load(args.model)
-        if item is None:
+        scene, why = args.scene, ""
+        if scene is None:
             from dleaf.organism.demo import first_hallucination
 
-            scene, item = first_hallucination(model, processor)
-            why = " (the first scanned scene where greedy decoding hallucinates)"
-        image, prompt, truth = item.image(), args.prompt or item.prompt, item.truth
+            scene = first_hallucination(model, processor, bench)
+            why = " (the first scene where greedy decoding hallucinates)" if scene is not None else ""
+            scene = scene or 0
+        item = bench.items[scene]
+        image, prompt, truth, vocab = item.image(), args.prompt or item.prompt, item.truth, bench.vocab
         print(f"image: adversarial scene {scene}{why}, objects: {', '.join(sorted(truth))}")
     else:
         raise InputError("--image is required with a --model other than the organism")
@@ -72,16 +72,19 @@ def main(argv=None):
         model, processor = models.load(args.model)
     from dleaf import run
 
-    result = run.compare(model, processor, image, prompt, setting, args.max_new_tokens)
+    result = run.compare(model, processor, image, prompt, setting, args.max_new_tokens, vocab, truth)
     print(f"prompt: {prompt}\n\nplain greedy : {result['plain']}\n{args.method:<13}: {result['method']}")
+    if truth is not None:
+        for name, text in (("plain greedy", result["plain"]), (args.method, result["method"])):
+            wrong = sorted({m.category for m in vocab.extract(text)} - set(truth))
+            print(f"{name:<13}: hallucinated {', '.join(wrong) if wrong else 'nothing'}")
     if result["trace"] is not None:
         from dleaf import trace_report
 
         print("\n" + trace_report.trace_summary(result["trace"]))
     if args.output_dir:
-        config = result["config"]
-        signal = "LIAE" if getattr(config, "layer_signal", "liae") == "liae" else "image-mass deficit"
-        paths = run.write_outputs(result, args.output_dir, signal)
+        where = args.image or f"adversarial scene {scene}"
+        paths = run.write_outputs(result, args.output_dir, title=f"{args.model}, {where}: {setting.label}")
         if paths:
             cli.done(args.output_dir)
             return 0

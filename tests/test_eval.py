@@ -548,3 +548,35 @@ def test_every_json_the_harness_writes_is_strict(tmp_path, tiny):
     for name in (ev.GENERATIONS, ev.SCORES):
         for line in (tmp_path / "r" / name).read_text().splitlines():
             loads_strict(line)
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_how_to_resume_and_the_rerun_says_it_resumes(tmp_path, tiny):
+    import signal
+    import time
+
+    model, processor = tiny
+    ckpt = tmp_path / "tiny"
+    model.save_pretrained(ckpt)
+    processor.save_pretrained(ckpt)
+    common = [sys.executable, "scripts/evaluate.py", "--benchmark", "organism_caption", "--model", str(ckpt),
+              "--limit", "12", "--max_new_tokens", "12", "--batch_size", "1", "--no_progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    ref = subprocess.run([*common, "--output_dir", str(tmp_path / "ref")], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    gen = tmp_path / "cut" / ev.GENERATIONS
+    proc = subprocess.Popen([*common, "--output_dir", str(tmp_path / "cut")], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and (not gen.exists() or len(gen.read_bytes().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted; run the same command again to resume" in err and "Traceback" not in err
+    again = subprocess.run([*common, "--output_dir", str(tmp_path / "cut")], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0 and "resuming" in again.stderr and "of 36 done" in again.stderr
+    assert again.stdout.strip().splitlines()[-1] == f"outputs: {tmp_path / 'cut'}"
+    assert _files(tmp_path / "cut") == _files(tmp_path / "ref")

@@ -565,3 +565,32 @@ def test_pope_bad_inputs():
         pope(["yes"], "T")
     with pytest.raises(TypeError, match="answer must be a str"):
         parse_yes_no(None)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Killing the survivors of a mutation run (tests/mutation.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_results_are_immutable_and_their_repr_is_short(vocab):
+    import dataclasses
+
+    res = chair(["a dog on a table"], [{"dog"}], vocab)
+    pc = res.per_caption[0]
+    for obj, field_name in ((pc, "n_words"), (pc.mentions[0], "category"), (vocab, "synonyms")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, field_name, None)
+    assert "per_caption" not in repr(res) and "_by_length" not in repr(vocab)
+    with pytest.raises(TypeError):
+        ObjectVocabulary({"dog": "dog"}, None, {})  # the phrase index is derived, never passed in
+
+
+def test_unknown_category_error_shows_five_categories_then_the_total():
+    five = ObjectVocabulary.from_categories(["a", "b", "c", "d", "e"])
+    with pytest.raises(ValueError) as err:
+        chair(["x"], [{"z"}], five)
+    assert str(err.value).endswith("valid categories include 'a', 'b', 'c', 'd', 'e'")  # exactly five: no total
+    six = ObjectVocabulary.from_categories(["a", "b", "c", "d", "e", "f"])
+    with pytest.raises(ValueError) as err:
+        chair(["x"], [{"z"}], six)
+    assert str(err.value).endswith("valid categories include 'a', 'b', 'c', 'd', 'e', ... (6 in total)")

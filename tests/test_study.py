@@ -59,7 +59,7 @@ def test_claims_table_averages_pope_question_sets():
 
 @pytest.mark.slow
 def test_study_runs_end_to_end_and_resumes(tmp_path):
-    cfg = dstudy.StudyConfig(n_images=3, timing_repeats=1, timing_batch=2, timing_tokens=4, correspondence=False)
+    cfg = dstudy.StudyConfig(n_images=3, timing_steps=4, timing_warmup=1, timing_batch=2, correspondence=False)
     first = dstudy.run_study(tmp_path, cfg, progress=False, say=lambda m: None)
     assert len(first["metrics"]) == len(dstudy.SETTINGS) * len(dstudy.BENCHMARKS)
     assert (tmp_path / "report.md").is_file() and (tmp_path / "methods.png").stat().st_size > 1000
@@ -163,3 +163,15 @@ def test_every_study_setting_runs_its_own_method_and_adapter(tmp_path, tiny_orga
     # the adapter settings load the model with the adapter; the others share the base model loaded once
     n_adapter = sum(adapter for _, _, adapter in cfg.settings) * len(cfg.benchmarks)
     assert loaded.count(cfg.adapter_path) == n_adapter == 4 and loaded.count(None) == 1
+
+
+def test_overhead_is_measured_in_paired_steps_with_an_interval(tiny_organism):
+    model, processor = tiny_organism
+    cfg = dstudy.StudyConfig(timing_steps=6, timing_warmup=1, timing_batch=2)
+    res = dstudy.measure_overhead(cfg, model, processor)
+    lo, hi = res["interval"]
+    assert 0 < lo <= res["dleaf_over_greedy_throughput"] <= hi
+    assert res["dleaf_over_greedy_throughput"] == pytest.approx(res["greedy_step_ms"] / res["dleaf_step_ms"])
+    assert (res["steps"], res["batch"], res["baseline"]) == (6, 2, "plain_eager")
+    rows, md = dstudy.claims_table({}, res, None)
+    assert f"[{lo:.2f}, {hi:.2f}]" in md and "measured in pairs of steps" in md

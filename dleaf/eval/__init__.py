@@ -17,7 +17,7 @@ from .protocol import Protocol, load_protocol, protocol_dir
 from .registry import (Benchmark, BenchmarkSpec, Item, benchmark_names, get_benchmark, limit_count,
                        register_benchmark, select)
 from .runner import (CONFIG, DECODINGS, GENERATIONS, EvalArguments, build_benchmark, check_inputs, consolidate,
-                     evaluate, load_model, process_state, read_run, run_config, run_evaluation)
+                     evaluate, load_benchmark, load_model, process_state, read_run, run_config, run_evaluation)
 from .scores import compute_metrics, item_scores
 
 EvaluationInputError = InputError
@@ -26,7 +26,7 @@ __all__ = [
     "CONFIG", "DECODINGS", "GENERATIONS", "METRICS", "SCORES", "Benchmark", "BenchmarkSpec", "EvalArguments",
     "EvaluationInputError", "InputError", "Item", "Protocol", "benchmark_names", "build_benchmark", "caption_stats",
     "check_inputs", "compare_runs", "comparison_table", "compute_metrics", "consolidate", "evaluate",
-    "get_benchmark", "item_scores", "limit_count", "load_model", "load_protocol", "paired_difference",
+    "get_benchmark", "item_scores", "limit_count", "load_benchmark", "load_model", "load_protocol", "paired_difference",
     "paired_differences", "process_state", "protocol_dir", "read_run", "read_scores", "register_benchmark",
     "run_config", "run_evaluation", "select",
 ]

@@ -70,7 +70,7 @@ class EvalArguments:
     method: str = _field("greedy", "greedy (nothing attached) or a method: python -m dleaf methods lists them")
     knobs: list[str] = _field(default_factory=list, help="method knobs as name=value (values read as YAML), e.g. "
                                                           "--knob gamma=0.3 --knob layer_start=2",
-                              aliases=["--knob"], action="append")
+                              aliases=["--knob"], action="append", metavar="NAME=VALUE")
     decoding: str = _field("greedy", "greedy, beam or sample")
     num_beams: int = _field(5, "beams for --decoding beam")
     temperature: float = _field(1.0, "for --decoding sample")
@@ -93,6 +93,7 @@ class EvalArguments:
     attn_implementation: str | None = _field(None, "attention implementation to load the model with (default: "
                                                    "eager for the organism, the model's own otherwise)")
     progress: bool = _field(True, "show a progress bar")
+    threads: int | None = _field(None, "CPU threads torch may use (default: torch's own choice)")
     record_flags: bool = _field(False, "record each reply's flagged and watched (position, layer) cells, for "
                                        "methods that flag layers (D-LEAF and its variants)")
     compare: list[str] = _field(default_factory=list, help="instead of evaluating, print a markdown table comparing "
@@ -110,7 +111,7 @@ class EvalArguments:
         self.knobs = flat
         if self.decoding not in DECODINGS:
             raise InputError(f"unknown decoding {self.decoding!r}; expected one of {', '.join(DECODINGS)}")
-        for name in ("batch_size", "limit", "max_new_tokens", "num_beams"):
+        for name in ("batch_size", "limit", "max_new_tokens", "num_beams", "threads"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InputError(f"--{name} must be a positive integer, got {value!r}")
@@ -152,6 +153,12 @@ def build_benchmark(args: EvalArguments) -> Benchmark:
         raise InputError(f"{spec.name} needs {', '.join(f'--{m}' for m in missing)} "
                          f"({'; '.join(spec.options[m] for m in missing)})")
     return spec.build(protocol, options, args.limit)
+
+
+def load_benchmark(name: str, limit: int | None = None, protocol: str | None = None, **options) -> Benchmark:
+    """A registered benchmark by name, e.g. ``load_benchmark("organism_caption", limit=100, splits=["adversarial"])``
+    or ``load_benchmark("coco_chair", coco_images=..., coco_instances=..., coco_captions=...)``."""
+    return build_benchmark(EvalArguments(benchmark=name, limit=limit, protocol=protocol, **options))
 
 
 def run_config(args: EvalArguments, benchmark: Benchmark) -> dict:

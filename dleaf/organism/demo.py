@@ -14,7 +14,7 @@ def hallucination_examples(model, processor, setting: Setting, scan: int = 64, n
     """Greedy and ``setting`` on the first ``scan`` scenes of ``split``: ``examples`` (up to ``n`` scenes where
     greedy's caption hallucinates, each with both captions, the hallucinated objects of each, the scene's objects)
     and ``summary`` (CHAIR_s and hallucinated mentions of both on the scanned scenes)."""
-    bench = harness.build_benchmark(harness.EvalArguments(benchmark="organism_caption", splits=[split], limit=scan))
+    bench = harness.load_benchmark("organism_caption", limit=scan, splits=[split])
     plain = harness.evaluate(model, processor, bench, Setting(), batch_size)
     steered = harness.evaluate(model, processor, bench, setting, batch_size)
     examples = []
@@ -43,12 +43,8 @@ def effect_sentence(summary: dict, label: str) -> str:
     return f"{what[0].upper()}{what[1:]}; docs/results_organism.md has the measured grid with intervals."
 
 
-def first_hallucination(model, processor, scan: int = 32, split: str = "adversarial", batch_size: int = 32):
-    """The first of the first ``scan`` scenes of ``split`` whose greedy caption names an absent object, as
-    ``(index, item)``; ``(0, first item)`` when none does."""
-    bench = harness.build_benchmark(harness.EvalArguments(benchmark="organism_caption", splits=[split], limit=scan))
-    scores = harness.evaluate(model, processor, bench, Setting(), batch_size)["scores"]
-    for k, (it, sc) in enumerate(zip(bench.items, scores)):
-        if sc["hallucinated"]:
-            return k, it
-    return 0, bench.items[0]
+def first_hallucination(model, processor, benchmark, batch_size: int = 32) -> int | None:
+    """The index of the first item of a caption ``benchmark`` whose greedy caption names an absent object (None when
+    none does)."""
+    scores = harness.evaluate(model, processor, benchmark, Setting(), batch_size)["scores"]
+    return next((k for k, sc in enumerate(scores) if sc["hallucinated"]), None)

@@ -68,7 +68,7 @@ def generate(model, processor, scenes: Sequence[world.Scene], prompts: Sequence[
 
 
 def _benchmark(name: str, n_images: int, **options) -> "harness.Benchmark":
-    return harness.build_benchmark(harness.EvalArguments(benchmark=name, limit=n_images, **options))
+    return harness.load_benchmark(name, limit=n_images, **options)
 
 
 def profile_model(model, processor, protocol: ProfileProtocol = ProfileProtocol(), progress=None) -> dict:

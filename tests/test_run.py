@@ -1,3 +1,6 @@
+"""Tests for dleaf.run and dleaf.trace_report (plain vs a method on one image, the trace export, summary and
+figure) and scripts/run_dleaf.py."""
+
 import json
 from pathlib import Path
 
@@ -48,11 +51,35 @@ def test_trace_export_summary_and_figure(tmp_path):
     assert "flag rate" in text and "L1" in text
     png = trace_report.plot_trace(iv.trace, tmp_path / "t.png", tokens=[str(i) for i in range(7)])
     assert png.stat().st_size > 1000
+    marks = ["", "object", "hallucinated", "", "", "", ""]
+    two = trace_report.plot_trace(iv.trace, tmp_path / "two.png", tokens=[str(i) for i in range(7)], marks=marks,
+                                  plain=iv.trace, plain_tokens=[str(i) for i in range(7)], config=iv.config,
+                                  title="tiny")
+    assert two.stat().st_size > png.stat().st_size
+    assert trace_report.signal_label(iv.config) == "LIAE / log |image tokens| (0: one image token, 1: uniform)"
+    from dleaf.io import loads_strict
+
+    loads_strict((tmp_path / "t.json").read_text())  # NaN (unwatched layer 0) written as null
 
 
 def test_run_dleaf_script_on_the_organism(tmp_path, run_script):
-    res = run_script("run_dleaf.py", "--knob", "gamma=0.9", "--max_new_tokens", "20", "--output_dir", tmp_path)
+    res = run_script("run_dleaf.py", "--knob", "gamma=0.9", "--max_new_tokens", "40", "--output_dir", tmp_path)
     assert res.returncode == 0, res.stderr
     assert "plain greedy :" in res.stdout and "dleaf" in res.stdout and "flag rate" in res.stdout
+    # the default scene is one where greedy decoding hallucinates (found by running it, not hard-coded)
+    assert "the first scene where greedy decoding hallucinates" in res.stdout
+    assert "plain greedy : hallucinated nothing" not in res.stdout
     assert (tmp_path / "trace.json").is_file() and (tmp_path / "trace.png").is_file()
     assert res.stdout.strip().splitlines()[-1] == f"outputs: {tmp_path}"
+
+
+def test_run_dleaf_refuses_bad_input_before_loading(tmp_path, run_script):
+    (tmp_path / "x.jpg").write_text("not an image")
+    for args, message in ((["--image", tmp_path / "x.jpg"], "not an image file"),
+                          (["--image", tmp_path / "none.png"], "not found"),
+                          (["--knob", "gamma=abc"], "must be a number"),
+                          (["--method", "greedy"], "nothing to compare"),
+                          (["--model", "nowhere/at/all/"], "not found")):
+        res = run_script("run_dleaf.py", *args)
+        assert res.returncode == 2 and res.stderr.startswith("error: ") and message in res.stderr, res.stderr
+        assert "Loading weights" not in res.stderr
