@@ -196,7 +196,7 @@ def score(model, batch: dict, method: DLeafConfig | None = None, trace: bool = F
             iv = engine.attach(model, method, trace=trace) if intervention_factory is None else \
                 intervention_factory(model, method, trace)
             if gamma is not None:
-                iv.gamma_override = gamma
+                iv.set_gamma(gamma)
         logprobs, mask = engine.response_logprobs(model, inputs, start, iv)
     finally:
         if iv is not None:

@@ -7,7 +7,7 @@ SPIN and a VCD-style two-pass contrastive baseline, and teacher-forced scoring i
 
 Models: ``organism`` (the committed checkpoint, or a random organism when none is present) and ``llava_shaped`` (a
 random LLaVA-1.5-shaped model scaled to a CPU: 576 image tokens, a 16-layer, 16-head Llama decoder). All logic lives
-in ``dleaf/bench.py``; see ``docs/performance.md`` for the measured tables and the cost model.
+in ``dleaf/bench/``; see ``docs/performance.md`` for the measured tables and the cost model.
 """
 
 import argparse
@@ -43,7 +43,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = bench.BenchConfig()
     ap.add_argument("--models", type=_str_tuple, default=d.models, help="comma-separated: organism,llava_shaped")
-    ap.add_argument("--configs", type=_str_tuple, default=d.configs, help=f"comma-separated from {','.join(bench.CONFIGS)}")
+    ap.add_argument("--configs", type=_str_tuple, default=d.configs, help=f"comma-separated from {','.join(bench.config_names())}")
     ap.add_argument("--batch_sizes", type=_int_tuple, default=d.batch_sizes)
     ap.add_argument("--new_tokens", type=int, default=d.new_tokens)
     ap.add_argument("--repeats", type=int, default=d.repeats)

@@ -6,17 +6,66 @@ import pytest
 from PIL import Image
 
 
+TINY_SHAPE = dict(text_hidden=32, text_layers=3, text_heads=4, text_intermediate=64)
+
+
+def build_tiny_organism(seed: int = 0):
+    """A randomly initialised organism-shaped Llava (3 decoder layers, 4 heads) with eager attention, and its
+    processor."""
+    from dleaf.organism import build
+
+    shape = build.OrganismShape(**TINY_SHAPE)
+    processor = build.build_processor(shape)
+    model = build.build_model(processor.tokenizer, shape, seed=seed).eval()
+    model.set_attn_implementation("eager")
+    return model, processor
+
+
+@pytest.fixture(scope="session")
+def tiny_organism_factory():
+    """``tiny_organism_factory(seed)``: a fresh tiny organism model (see :func:`build_tiny_organism`)."""
+    return lambda seed=0: build_tiny_organism(seed)[0]
+
+
 @pytest.fixture(scope="session")
 def tiny_organism():
     """A randomly initialised organism-shaped Llava (3 decoder layers, 4 heads) with eager attention, and its
     processor: for tests that need a real model but not a trained one."""
-    from dleaf.organism import build
+    return build_tiny_organism(0)
 
-    shape = build.OrganismShape(text_hidden=32, text_layers=3, text_heads=4, text_intermediate=64)
-    processor = build.build_processor(shape)
-    model = build.build_model(processor.tokenizer, shape, seed=0).eval()
-    model.set_attn_implementation("eager")
-    return model, processor
+
+def prompt_batch(processor, scenes, prompts):
+    """Model inputs for one prompt per organism scene: the chat template, the rendered image, left padding."""
+    from dleaf.organism import world
+
+    texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                           {"type": "text", "text": p}]}],
+                                           add_generation_prompt=True, tokenize=False) for p in prompts]
+    return dict(processor(text=texts, images=[world.render(s) for s in scenes], return_tensors="pt", padding=True))
+
+
+@pytest.fixture(scope="session")
+def make_batch():
+    """``make_batch(processor, scenes, prompts)``: see :func:`prompt_batch`."""
+    return prompt_batch
+
+
+@pytest.fixture(scope="session")
+def organism_batch(tiny_organism):
+    """The tiny organism and a left-padded batch of three prompts (two captions and a question) on three held-out
+    scenes: ``(model, processor, scenes, prompts, batch)``."""
+    from dleaf.organism import world
+
+    model, processor = tiny_organism
+    scenes = world.scenes("adversarial", 3)
+    prompts = [world.CAPTION_PROMPTS[0], world.QUESTION_TEMPLATE.format(obj="fork"), world.CAPTION_PROMPTS[1]]
+    batch = prompt_batch(processor, scenes, prompts)
+    assert (batch["attention_mask"] == 0).any()  # the batch really is left-padded
+    return model, processor, scenes, prompts, batch
+
+
+#: D-LEAF knobs that flag often on an untrained model
+STRONG = dict(gamma=1.0, warmup=1, kappa=0.0)
 
 
 # ------------------------------------------------------------------------------------ hand-made COCO and POPE files

@@ -12,7 +12,6 @@ import torch
 
 from dleaf import bench, engine
 from dleaf.organism import build, world
-from dleaf.organism.profile import _prompt_batch
 
 TINY_ORGANISM = dict(text_hidden=32, text_layers=3, text_heads=4, text_intermediate=64)
 TINY_LLAVA = bench.LlavaShape(image_size=56, text_hidden=32, text_layers=4, text_heads=4, text_intermediate=64)
@@ -35,13 +34,13 @@ def _tiny_cfg(**kw):
 
 
 @pytest.fixture(scope="module")
-def padded():
+def padded(make_batch):
     """A tiny organism and a left-padded batch of three different prompts."""
     shape = build.OrganismShape(**TINY_ORGANISM)
     processor = build.build_processor(shape)
     model = build.build_model(processor.tokenizer, shape, seed=0).eval()
     prompts = [world.CAPTION_PROMPTS[0], world.QUESTION_TEMPLATE.format(obj="fork"), world.CAPTION_PROMPTS[1]]
-    batch = _prompt_batch(processor, world.scenes("adversarial", 3), prompts)
+    batch = make_batch(processor, world.scenes("adversarial", 3), prompts)
     assert (batch["attention_mask"] == 0).any()
     return model, batch
 
@@ -123,15 +122,15 @@ def test_paired_stepper_decodes_what_the_uninterrupted_loop_decodes(padded, conf
     model, batch = padded
     cfg = _tiny_cfg()
     expected, _ = bench.run_config(model, batch, config, cfg, new_tokens=6)
-    stepper = bench._Stepper(model, batch, config, cfg)
-    other = bench._Stepper(model, batch, "plain_sdpa", cfg)  # another decoding takes turns with it
+    stepper = bench.Stepper(model, batch, config, cfg)
+    other = bench.Stepper(model, batch, "plain_sdpa", cfg)  # another decoding takes turns with it
     for _ in range(5):
         stepper.step(), other.step()
     assert torch.equal(torch.stack(stepper.tokens, dim=1), expected)
     if config.startswith("dleaf"):
-        count = stepper.iv._state["stats"][0]  # (L, B, 1): active positions folded into the running statistics
+        count = stepper.iv.running_statistics()["count"]  # (L, B): active positions folded into the statistics
         watched = sorted(stepper.iv.watched)
-        assert (count[watched] == 6).all() and not engine._MODULES  # detached between turns
+        assert (count[watched] == 6).all() and not engine.attached_interventions()  # detached between turns
 
 
 def test_memory_rows_and_ratios():

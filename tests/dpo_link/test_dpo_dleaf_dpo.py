@@ -28,7 +28,7 @@ def sequence_logps(model, batch, config=None, gamma=None):
         iv = engine.attach(model, config) if config is not None else None
         try:
             if gamma is not None:
-                iv.gamma_override = torch.tensor(gamma, dtype=torch.float64)
+                iv.set_gamma(torch.tensor(gamma, dtype=torch.float64))
             with torch.no_grad():
                 gen = model.generate(input_ids=ids[None, :start], attention_mask=torch.ones(1, start, dtype=torch.long),
                                      pixel_values=batch["pixel_values"][b:b + 1], max_new_tokens=len(reply),

@@ -1,0 +1,101 @@
+"""The benchmark's models and inputs: the organism and a LLaVA-1.5-shaped model, with caption prompts on organism scenes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import engine
+from .config import MODELS, BenchConfig, LlavaShape
+
+# ---------------------------------------------------------------------------------------------------- models
+def build_llava_shaped(shape: LlavaShape = LlavaShape(), seed: int = 0):
+    """A randomly initialised LLaVA-1.5-shaped ``LlavaForConditionalGeneration`` and its processor, offline."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, \
+        LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from ..organism import build
+    from ..organism.chat import CHAT_TEMPLATE
+
+    tok = build.build_tokenizer()
+    tok.model_max_length = shape.max_positions
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": shape.image_size},
+                                              crop_size={"height": shape.image_size, "width": shape.image_size}),
+        tokenizer=tok, patch_size=shape.patch, vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE, image_token="<image>", num_additional_image_tokens=1)
+    vision = CLIPVisionConfig(hidden_size=shape.vision_hidden, intermediate_size=4 * shape.vision_hidden,
+                              num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
+                              image_size=shape.image_size, patch_size=shape.patch, projection_dim=shape.vision_hidden)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=shape.text_hidden, intermediate_size=shape.text_intermediate,
+                       num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads,
+                       num_key_value_heads=shape.text_heads, max_position_embeddings=shape.max_positions,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                       tie_word_embeddings=False)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                         projector_hidden_act="gelu", vision_feature_select_strategy="default",
+                         vision_feature_layer=-1, image_seq_length=shape.image_tokens, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    gen = model.generation_config
+    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = tok.eos_token_id, tok.pad_token_id, tok.bos_token_id
+    gen.do_sample = False
+    return model, processor
+
+
+def build_organism(cfg: BenchConfig):
+    """The committed organism when present (and ``cfg.use_checkpoint``), else a random one; with its source."""
+    from ..organism import build
+
+    if cfg.use_checkpoint and cfg.organism_shape is None and (build.ORGANISM_DIR / "config.json").is_file():
+        model, processor = build.load_organism()
+        return model.eval(), processor, "checkpoint"
+    shape = build.OrganismShape(**(cfg.organism_shape or {}))
+    processor = build.build_processor(shape)
+    return build.build_model(processor.tokenizer, shape, seed=cfg.seed).eval(), processor, "random"
+
+
+def caption_batch(processor, images, prompt: str) -> dict:
+    """Model inputs asking ``prompt`` about each image, through the processor's own chat template, left-padded."""
+    message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(message, add_generation_prompt=True, tokenize=False)
+    return dict(processor(text=[text] * len(images), images=list(images), return_tensors="pt", padding=True))
+
+
+def build_model_and_inputs(name: str, cfg: BenchConfig, batch_sizes: Sequence[int]):
+    """``(model, inputs by batch size, description)`` for model ``name``; the inputs are caption prompts on
+    held-out organism scenes (one scene per sample), on ``cfg.device``."""
+    from ..organism import world
+
+    if name == "organism":
+        model, processor, source = build_organism(cfg)
+    elif name == "llava_shaped":
+        model, processor = build_llava_shaped(cfg.llava_shape, seed=cfg.seed)
+        source = "random"
+    else:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
+    model.to(cfg.device)
+    n = max(batch_sizes)
+    scenes = world.scenes("adversarial", n)
+    batch = caption_batch(processor, [world.render(s) for s in scenes], world.CAPTION_PROMPTS[0])
+    inputs = {b: {k: v[:b].to(cfg.device) for k, v in batch.items()} for b in batch_sizes}
+    tc = model.config.text_config
+    image_id = engine.image_token_id(model)
+    desc = {
+        "name": name, "source": source,
+        "layers": int(tc.num_hidden_layers), "heads": int(tc.num_attention_heads), "hidden": int(tc.hidden_size),
+        "intermediate": int(tc.intermediate_size), "vocab": int(tc.vocab_size),
+        "image_tokens": int((batch["input_ids"][0] == image_id).sum()),
+        "prompt_tokens": int(batch["input_ids"].shape[1]),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }
+    return model, inputs, desc
+
+
+def set_text_attention(model, name: str) -> None:
+    """Switch the text decoder (only) to attention implementation ``name``; the vision tower stays on sdpa."""
+    model.set_attn_implementation({"text_config": name, "vision_config": "sdpa"})
+
