@@ -415,19 +415,19 @@ def run_suite(output_dir: str | Path, progress: Callable[[str], None] | None = N
 
 
 def verdict(report: dict) -> dict:
-    """``summary`` (one line) and ``agrees``: whether D-LEAF is a DPO descent step on these pairs (negative slope at
-    gamma 0, DPO loss below log 2 at its configured gamma, reward accuracy above 1/2 by a sign test at 5%)."""
+    """``summary`` (one line) and ``agrees``: whether D-LEAF is a DPO descent step on these pairs
+    (:func:`dpo_link.dleaf_dpo.is_descent_step`: negative slope at gamma 0, DPO loss below log 2 at its configured
+    gamma, reward accuracy above 1/2 by a sign test at 5%)."""
+    from .report import interval, num
+
     pr = report["pairs_report"]
     d, a = pr["dpo"]["dleaf"], pr["dpo"]["adapter"]
     rho = pr["sequence"]["dleaf"]["spearman"]
     slope = pr["slope"]["slope"]
-    agrees = bool(slope < 0 and d["loss"] < math.log(2) and d["accuracy"] > 0.5 and d["accuracy_p_value"] < 0.05)
-    from .report import interval
-
-    summary = (f"D-LEAF's DPO loss {d['loss']:.6f} against log 2 = {math.log(2):.6f} (adapter {a['loss']:.4f}), "
-               f"reward accuracy {d['accuracy']:.3f} (adapter {a['accuracy']:.3f}), slope at gamma 0 {slope:.3g}; "
+    summary = (f"D-LEAF's DPO loss {d['loss']:.6f} against log 2 = {math.log(2):.6f} (adapter {num(a['loss'])}), "
+               f"reward accuracy {num(d['accuracy'])} (adapter {num(a['accuracy'])}), slope at gamma 0 {num(slope)}; "
                f"Spearman of r_D and r_theta {interval(rho)} on {pr['n_pairs']} held-out pairs")
-    return {"summary": summary, "agrees": agrees}
+    return {"summary": summary, "agrees": dleaf_dpo.is_descent_step(d, slope)}
 
 
 def study_step(out_dir: str | Path, n_pairs: int = 100, knobs: dict | None = None, seed: int = 0,
