@@ -202,6 +202,23 @@ def test_bootstrap_resamples_whole_pairs():
     assert sc["high"] - sc["low"] == pytest.approx(np.subtract(*np.quantile(s_hand, [0.975, 0.025])), rel=0.15)
 
 
+def test_permutation_shuffles_whole_pairs():
+    """When a pair's two replies carry the same values, shuffling pairs against pairs sees half as many independent
+    units as shuffling replies: the p-value is larger. It equals a hand-written permutation test over pairs."""
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=30)
+    y = 0.35 * x + rng.normal(size=30)
+    xs, ys = np.stack([x, x], 1), np.stack([y, y], 1)
+    out = C.correlation(xs, ys, "pearson", n_resamples=20, permutations=4000, seed=0)
+    observed = abs(np.corrcoef(xs.ravel(), ys.ravel())[0, 1])
+    null_pairs = [abs(np.corrcoef(xs[rng.permutation(30)].ravel(), ys.ravel())[0, 1]) for _ in range(4000)]
+    null_replies = [abs(np.corrcoef(rng.permutation(xs.ravel()), ys.ravel())[0, 1]) for _ in range(4000)]
+    p_pairs = np.mean(np.array(null_pairs) >= observed - 1e-12)
+    p_replies = np.mean(np.array(null_replies) >= observed - 1e-12)
+    assert p_pairs > 3 * p_replies and p_pairs > 0.02
+    assert out["p_value"] == pytest.approx(p_pairs, abs=0.015)
+
+
 def test_token_level_bootstrap_resamples_whole_replies():
     """Token-level intervals resample replies (clusters of tokens): equal to a hand-written cluster bootstrap."""
     rng = np.random.default_rng(3)

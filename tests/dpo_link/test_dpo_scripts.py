@@ -180,6 +180,23 @@ def test_correspondence_script_writes_the_report(tmp_path, tiny_dir, tiny_adapte
     assert abs(took - elapsed) <= 2  # the whole run, model loading and figures included
 
 
+def test_correspondence_script_uses_the_adapter_it_is_given(tmp_path, tiny_adapter, monkeypatch, capsys):
+    """--adapter on the organism replaces its committed adapter (the run is stopped before any model loads)."""
+    from dleaf.resources import data_path
+    from dpo_link import suite
+
+    seen = []
+    monkeypatch.setattr(suite, "run", lambda prep, progress=None: seen.append(prep))
+    script = _correspondence_script()
+    assert script.cli.main(script.main, ["--adapter", str(tiny_adapter), "--knob", "gamma=0.4",
+                                         "--output_dir", str(tmp_path / "o")]) == 0
+    (prep,) = seen
+    assert prep.model == "organism" and prep.adapter == Path(tiny_adapter) and prep.config.gamma == 0.4
+    assert script.cli.main(script.main, ["--output_dir", str(tmp_path / "o")]) == 0
+    assert seen[1].adapter == data_path(suite.ORGANISM_ADAPTER)  # the committed one, without --adapter
+    capsys.readouterr()
+
+
 def test_correspondence_script_refuses_bad_input_before_loading(tmp_path, tiny_dir, tiny_adapter, capsys):
     script = _correspondence_script()
     common = ["--model", str(tiny_dir), "--output_dir", str(tmp_path / "o")]
