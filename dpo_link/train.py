@@ -102,6 +102,7 @@ def load_model(model_args, training_args):
     (:func:`dleaf.models.load`): None or 'organism' is the committed organism, else a checkpoint folder or hub id."""
     from dleaf import models
     from dleaf.io import InputError
+    from dleaf.resources import data_path
 
     if model_args.model_revision not in (None, "main") or training_args.trust_remote_code:
         raise InputError("model_revision and trust_remote_code are not supported: save the checkpoint to a "
@@ -111,10 +112,16 @@ def load_model(model_args, training_args):
     device = "cpu" if training_args.use_cpu or not torch.cuda.is_available() else None
     model, processor = models.load(name, attn_implementation=model_args.attn_implementation or "eager", dtype=dtype,
                                    device=device)
-    if name == ORGANISM:
-        # recorded in adapter_config.json as the base model: the repository-relative path, not this machine's
-        model.config._name_or_path = "data/organism"
-        model.name_or_path = "data/organism"
+    # recorded in adapter_config.json as the base model: the committed organism by its repository path, another
+    # folder relative to the working directory (never this machine's absolute path), a hub id as it is
+    recorded = None
+    if name == ORGANISM or (Path(name).is_dir() and Path(name).resolve() == data_path(ORGANISM).resolve()):
+        recorded = "data/organism"
+    elif Path(name).is_dir():
+        recorded = _portable(name)
+    if recorded is not None:
+        model.config._name_or_path = recorded
+        model.name_or_path = recorded
     tok = getattr(processor, "tokenizer", processor)
     if tok.padding_side != "left":
         # TRL pads prompts on the left itself; this only matters for generation with the saved processor

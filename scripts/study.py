@@ -35,7 +35,7 @@ def correspondence_suite():
 
     def step(out, cfg):
         return study_step(out, n_pairs=cfg.correspondence_pairs, model=cfg.model,
-                          adapter=None if cfg.organism else cfg.adapter_path, dataset=cfg.preference_data,
+                          adapter=cfg.adapter_path, dataset=cfg.preference_data,
                           dataset_split=cfg.preference_split, column_map=cfg.column_map, dtype=cfg.dtype)
 
     return step

@@ -121,13 +121,19 @@ MUTATIONS = (
              "return models.load(args.model, args.adapter, args.attn_implementation, args.dtype)",
              "return models.load(args.model, None, args.attn_implementation, args.dtype)",
              ("tests/test_eval.py::test_an_adapter_changes_the_generations",)),
+    Mutation("study_correspondence_ignores_adapter", "the study's correspondence step ignores --adapter on the "
+             "organism (scores the committed adapter)", "scripts/study.py",
+             "adapter=cfg.adapter_path, dataset=cfg.preference_data,",
+             "adapter=None if cfg.organism else cfg.adapter_path, dataset=cfg.preference_data,",
+             (T + "test_dpo_scripts.py::test_the_study_scores_the_adapter_it_is_given",)),
+    # ---- the study
     # ---- the study
     Mutation("study_every_setting_greedy", "the study runs every setting as greedy", "dleaf/study.py",
-             "output_dir=str(_eval_dir(out, bench, label)), method=method,",
-             'output_dir=str(_eval_dir(out, bench, label)), method="greedy",',
+             "output_dir=str(_eval_dir(out, bench, setting.label)), method=setting.method,",
+             'output_dir=str(_eval_dir(out, bench, setting.label)), method="greedy",',
              ("tests/test_study.py::test_every_study_setting_runs_its_own_method_and_adapter",)),
     Mutation("study_dpo_rows_without_adapter", "the study's DPO rows run without the adapter", "dleaf/study.py",
-             "adapter=cfg.adapter_path if adapter else None,", "adapter=None,",
+             "adapter=cfg.adapter_path if uses_adapter(setting) else None,", "adapter=None,",
              ("tests/test_study.py::test_every_study_setting_runs_its_own_method_and_adapter",)),
 )
 

@@ -197,6 +197,22 @@ def test_correspondence_script_uses_the_adapter_it_is_given(tmp_path, tiny_adapt
     capsys.readouterr()
 
 
+def test_the_study_scores_the_adapter_it_is_given(tmp_path, tiny_adapter, monkeypatch):
+    """scripts/study.py --adapter on the organism: its correspondence step scores that adapter (the one its DPO rows
+    use), not the committed one; without --adapter, the committed one."""
+    from dleaf import study
+    from dpo_link import suite
+
+    seen = []
+    monkeypatch.setattr(suite, "study_step", lambda out, **kw: seen.append(kw))
+    step = _load_script("study").correspondence_suite()
+    step(tmp_path, study.StudyConfig(adapter=str(tiny_adapter)))
+    step(tmp_path, study.StudyConfig())
+    assert seen[0]["model"] == "organism" and seen[0]["adapter"] == str(tiny_adapter)
+    assert seen[0]["adapter"] == study.StudyConfig(adapter=str(tiny_adapter)).adapter_path
+    assert seen[1]["adapter"] == study.StudyConfig().adapter_path
+
+
 def test_correspondence_script_refuses_bad_input_before_loading(tmp_path, tiny_dir, tiny_adapter, capsys):
     script = _correspondence_script()
     common = ["--model", str(tiny_dir), "--output_dir", str(tmp_path / "o")]

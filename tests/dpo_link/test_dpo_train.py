@@ -79,6 +79,11 @@ def test_the_organism_is_recorded_by_its_repository_path(tiny_dir):
     peft_model = get_peft_model(model, lora_config(ma))
     assert peft_model.peft_config["default"].base_model_name_or_path == "data/organism"
     assert proc.tokenizer.padding_side == "left"
+    # a checkpoint folder given by its absolute path is recorded without this machine's path
+    ma.model_name_or_path = str(Path(tiny_dir).resolve())
+    model, _ = load_model(ma, ta)
+    recorded = get_peft_model(model, lora_config(ma)).peft_config["default"].base_model_name_or_path
+    assert not Path(recorded).is_absolute() and recorded.endswith(Path(tiny_dir).name)
 
 
 def test_tiny_dpo_run_saves_a_loadable_adapter_and_card(tmp_path, tiny_dir):
