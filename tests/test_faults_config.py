@@ -122,8 +122,9 @@ def test_vcd_composes_with_a_fault(tiny):
 
 
 # ------------------------------------------------------------------------------------------------ the kinds
-@pytest.mark.parametrize("kind,heads,s", [("diffuse", [0, 2], 0.6), ("drift", [1, 2, 3], 0.35), ("swap", [0, 1, 3], 1.0),
-                                          ("swap", [1, 2], 0.5), ("diffuse", [0, 1, 2, 3], 1.0)])
+@pytest.mark.parametrize("kind,heads,s", [("diffuse", [0, 2], 0.6), ("drift", [1, 2, 3], 0.35),
+                                          ("swap", [0, 1, 3], 1.0), ("swap", [1, 2], 0.5),
+                                          ("diffuse", [0, 1, 2, 3], 1.0)])
 def test_faulted_rows_equal_a_hand_computation(tiny, kind, heads, s):
     """The faulted layer's rows (output_attentions under the fault alone) against the fault computed by a loop on the
     plain model's rows; earlier rows, other heads and other layers unchanged bit for bit."""

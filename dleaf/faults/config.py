@@ -231,7 +231,7 @@ def fault_config(record: Mapping[str, Any] | FaultConfig | None = None, **knobs)
 
 def fault_knobs() -> list[dict]:
     """Every field of :class:`FaultConfig` with its default and help (for command-line help texts)."""
-    from .methods.base import knob_help
+    from ..methods.base import knob_help
 
     helps = knob_help(FaultConfig)
     return [{"name": f.name, "default": f.default, "help": helps.get(f.name, "")}
