@@ -50,22 +50,20 @@ ROW_METHODS = ("dleaf", "dleaf_mass", "random_layers", "pai")
 
 
 def default_grid() -> list[FaultConfig]:
-    """The benchmark's faults (for a decoder of 6 layers, like the organism's; a grid file gives others): each on
-    all heads at half of the generated positions (a fixed random half, so every reply and layer has faulted and
-    unfaulted rows), single layers early (0), middle (3) and late (5), two layers (2, 3) and all layers, half the
-    heads, strengths 0.25, 0.5 and 1 on all layers, both kinds diffuse and drift; a diffuse fault from the 8th
-    position on and one at every position (which a causal running threshold takes into its baseline); a swap."""
+    """The benchmark's faults (for a decoder of 6 layers, like the organism's; a grid file gives others), for both
+    kinds, diffuse and drift: on all heads at a fixed random half of the generated positions (so every reply and
+    layer has faulted and unfaulted rows), single layers early (0), middle (3) and late (5), two layers (2, 3) and
+    all layers at strength 1; all layers with half the heads; all layers at strengths 0.25 and 0.5. Last, a diffuse
+    fault of all layers from the 8th position on (a step a causal running threshold is built to catch)."""
     half = dict(positions="random", fraction=0.5)
     grid = []
-    for kind, strength in (("diffuse", 1.0), ("drift", 1.0)):
+    for kind in ("diffuse", "drift"):
         for layers in ([0], [3], [5], [2, 3], "all"):
-            grid.append(FaultConfig(kind, layers, strength=strength, **half))
-        grid.append(FaultConfig(kind, "all", heads=0.5, strength=strength, **half))
+            grid.append(FaultConfig(kind, layers, **half))
+        grid.append(FaultConfig(kind, "all", heads=0.5, **half))
         for s in (0.25, 0.5):
             grid.append(FaultConfig(kind, "all", strength=s, **half))
     grid.append(FaultConfig("diffuse", "all", positions="from", start=8))
-    grid.append(FaultConfig("diffuse", "all", positions="all"))
-    grid.append(FaultConfig("swap", "all", **half))
     return grid
 
 
