@@ -35,6 +35,7 @@ __all__ = [
     "premise_table",
     "premise_markdown",
     "plot_premise",
+    "premise_figure",
 ]
 
 
@@ -283,26 +284,28 @@ def premise_markdown(rows: Sequence[PremiseRow]) -> str:
 
 
 def plot_premise(rows: Sequence[PremiseRow], path, title: str | None = None) -> Path:
-    """Plot AUROC per layer for each signal, with interval error bars.
+    """Draw :func:`premise_figure` and save it atomically to ``path``; the format follows the file suffix (PNG if
+    none). Returns the path."""
+    from .io import save_figure_atomic
+
+    return save_figure_atomic(premise_figure(rows, title), Path(path))
+
+
+def premise_figure(rows: Sequence[PremiseRow], title: str | None = None):
+    """AUROC per layer for each signal, with interval error bars, as a matplotlib ``Figure`` (Agg canvas; no pyplot
+    or global backend change).
 
     A dashed horizontal line marks chance (0.5) and the caption says how to read the values on either side of it.
-    Signals are dodged slightly along the layer axis so their error bars do not overlap; an interval reaching past
-    [0, 1] is clipped to the axis. ``title`` (for example the model, run and split) heads the figure. The figure is
-    rendered with the Agg canvas (no pyplot / global backend change) and saved atomically; the format follows the
-    file suffix (PNG if none).
-
-    Returns:
-        The destination path.
+    Signals are dodged along the layer axis (spread over 0.3 of a layer, centred on it) so their error bars do not
+    overlap; an interval reaching past [0, 1] is clipped to it and an undefined one is drawn as no bar. ``title``
+    (for example the model, run and split) heads the figure.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .io import save_figure_atomic
-
     rows = list(rows)
     if not rows:
         raise ValueError("rows is empty: nothing to plot")
-    path = Path(path)
 
     by_signal: dict[str, list[PremiseRow]] = {}
     for r in rows:
@@ -337,4 +340,4 @@ def plot_premise(rows: Sequence[PremiseRow], path, title: str | None = None) -> 
              "it is smaller there (it points the other way); bars: 95% bootstrap intervals", fontsize=6.5,
              color="dimgray")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    return save_figure_atomic(fig, path)
+    return fig

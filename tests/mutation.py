@@ -186,6 +186,9 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="write the report (JSON) here")
     ap.add_argument("--limit", type=int, default=None, help="only the first N mutants (a quick look)")
     ap.add_argument("--no_fork", action="store_true", help="a fresh interpreter per mutant (slower; no os.fork)")
+    ap.add_argument("--survivors", default=None,
+                    help="a previous report: re-test only the mutants that survived it (same source line and "
+                         "mutation); tests only ever added cannot revive a killed mutant")
     args = ap.parse_args(argv)
     runner = run_tests if args.no_fork or not hasattr(os, "fork") else run_tests_forked
     if runner is run_tests_forked:
@@ -194,6 +197,10 @@ def main(argv=None):
     lines = source.splitlines()
     tree = ast.parse(source)
     todo = sites(tree)[: args.limit]
+    if args.survivors:
+        before = json.loads(Path(args.survivors).read_text())["survivors"]
+        wanted = {(r["source"], r["mutation"]) for r in before}
+        todo = [(k, d) for k, d in todo if (lines[mutant_source(tree, k, d)[1] - 1].strip(), d) in wanted]
     with tempfile.TemporaryDirectory() as tmp:
         copy_root = Path(tmp) / "repo"
         shutil.copytree(ROOT, copy_root, ignore=shutil.ignore_patterns(".git", "runs", ".venv", "__pycache__",

@@ -580,3 +580,20 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_says_it_resumes(tmp_path, tiny)
     assert again.returncode == 0 and "resuming" in again.stderr and "of 36 done" in again.stderr
     assert again.stdout.strip().splitlines()[-1] == f"outputs: {tmp_path / 'cut'}"
     assert _files(tmp_path / "cut") == _files(tmp_path / "ref")
+
+
+def test_vcd_runs_through_the_harness(tiny):
+    """VCD needs a logits processor in generate (dleaf.engine.generation_kwargs): through the one loop it changes
+    the replies like any method."""
+    model, processor = tiny
+    bench = ev.load_benchmark("organism_caption", limit=4, splits=["adversarial"])
+    greedy = [r["raw"] for r in ev.evaluate(model, processor, bench, max_new_tokens=8)["rows"]]
+    vcd = ev.evaluate(model, processor, bench, generation_setting("vcd"), max_new_tokens=8)
+    assert [r["raw"] for r in vcd["rows"]] != greedy
+    assert set(vcd["sections"]) == {"adversarial"}
+
+
+def generation_setting(method, **knobs):
+    from dleaf.settings import Setting
+
+    return Setting(method, knobs)

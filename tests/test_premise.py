@@ -13,6 +13,7 @@ from dleaf.premise import (
     auroc,
     auroc_interval,
     plot_premise,
+    premise_figure,
     premise_markdown,
     premise_table,
 )
@@ -221,3 +222,104 @@ def test_plot_premise_writes_png(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["premise.png"]  # no temp left
     with pytest.raises(ValueError, match="rows is empty"):
         plot_premise([], tmp_path / "empty.png")
+
+
+# ---------------------------------------------------------------------------
+# Killing the survivors of a mutation run (tests/mutation.py)
+# ---------------------------------------------------------------------------
+
+
+def test_rank_statistic_on_three_dimensional_batches_and_its_default_axis():
+    rng = np.random.default_rng(7)
+    pos = rng.integers(0, 4, size=(2, 3, 9)).astype(float)
+    neg = rng.integers(0, 4, size=(2, 3, 5)).astype(float)
+    exp = np.array([[_bf_auroc(p, n) for p, n in zip(pp, nn)] for pp, nn in zip(pos, neg)])
+    np.testing.assert_allclose(auc_from_ranks(pos, neg), exp, atol=1e-12)  # default: the last axis
+    np.testing.assert_allclose(auc_from_ranks(np.moveaxis(pos, -1, 1), np.moveaxis(neg, -1, 1), axis=1), exp,
+                               atol=1e-12)
+
+
+def test_auroc_of_single_scores_and_empty_groups_without_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert auroc([1.0], [0.0]) == 1.0 and auroc([0.0], [1.0]) == 0.0 and auroc([2.0], [2.0]) == 0.5
+        assert math.isnan(auroc([], [1.0])) and math.isnan(auroc([1.0], [])) and math.isnan(auroc([], []))
+
+
+def test_interval_edges_of_its_arguments():
+    rng = np.random.default_rng(4)
+    pos, neg = rng.normal(1, 1, 15), rng.normal(0, 1, 25)
+    # the defaults are 2000 resamples and seed 0
+    assert auroc_interval(pos, neg) == auroc_interval(pos, neg, n_resamples=2000, seed=0)
+    assert auroc_interval(pos, neg, seed=1) != auroc_interval(pos, neg)
+    # confidence must lie strictly inside (0, 1)
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match="confidence must be in"):
+            auroc_interval(pos, neg, confidence=bad)
+    # one resample is allowed (a degenerate interval); two scores per group are enough
+    import warnings
+
+    with warnings.catch_warnings():  # scipy's standard error of one replicate is undefined
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo, hi = auroc_interval(pos, neg, n_resamples=1)
+    assert lo == hi and 0.0 <= lo <= 1.0
+    lo, hi = auroc_interval([1.0, 3.0], [0.0, 2.0], n_resamples=200)
+    assert not math.isnan(lo) and 0.0 <= lo <= hi <= 1.0
+    # groups of different sizes are resampled independently (stratified), each at its own size
+    lo, hi = auroc_interval(np.arange(5.0), np.arange(9.0) - 2, n_resamples=300)
+    assert 0.0 <= lo <= auroc(np.arange(5.0), np.arange(9.0) - 2) <= hi <= 1.0
+
+
+def test_interval_is_a_stratified_percentile_bootstrap():
+    """Against an independent loop: each group resampled with replacement at its own size, the 2.5 and 97.5
+    percentiles of the replicated AUROCs."""
+    rng = np.random.default_rng(5)
+    pos, neg = rng.normal(0.7, 1, 30), rng.normal(0, 1, 50)
+    lo, hi = auroc_interval(pos, neg, n_resamples=4000, seed=0)
+    draw = np.random.default_rng(11)
+    reps = [_bf_auroc(draw.choice(pos, pos.size), draw.choice(neg, neg.size)) for _ in range(1500)]
+    blo, bhi = np.percentile(reps, [2.5, 97.5])
+    assert lo == pytest.approx(blo, abs=0.03) and hi == pytest.approx(bhi, abs=0.03)
+
+
+def test_premise_table_defaults():
+    signals, hal = _synthetic()
+    assert premise_table(signals, hal) == premise_table(signals, hal, n_resamples=2000, seed=0)
+
+
+def _row(signal, layer, au, lo, hi):
+    return PremiseRow(signal, layer, 4, 9, 0.0, 0.0, au, lo, hi)
+
+
+def test_premise_figure_geometry():
+    rows = [_row("liae", 0, 0.6, 0.5, 0.7), _row("liae", 1, 0.9, 0.8, 1.2), _row("liae", 2, 0.3, math.nan, math.nan),
+            _row("mass", 0, 0.4, -0.1, 0.45), _row("mass", 1, 0.5, 0.4, 0.6), _row("mass", 2, 0.55, 0.5, 0.6)]
+    fig = premise_figure(rows, title="organism, run r, adversarial")
+    ax = fig.axes[0]
+    assert ax.get_ylim() == pytest.approx((-0.02, 1.02))
+    assert list(ax.get_xticks()) == [0, 1, 2]
+    chance = [ln for ln in ax.lines if ln.get_label() == "chance (0.5)"]
+    assert len(chance) == 1 and list(chance[0].get_ydata()) == [0.5, 0.5]
+    assert ax.get_title() == "organism, run r, adversarial\npremise check: per-layer AUROC (4 hallucinated, 9 " \
+                             "grounded words)"
+    assert ax.get_xlabel() == "decoder layer" and "below 0.5" in fig.texts[0].get_text()
+    bars = {c.get_label(): c for c in ax.containers}
+    assert set(bars) == {"liae", "mass"}
+    for name, offset, want in (("liae", -0.15, [(0.5, 0.7), (0.8, 1.0), (0.3, 0.3)]),
+                               ("mass", 0.15, [(0.0, 0.45), (0.4, 0.6), (0.5, 0.6)])):
+        line, _, (segments,) = bars[name]
+        assert list(line.get_xdata()) == pytest.approx([0 + offset, 1 + offset, 2 + offset])
+        got = [(seg[0][1], seg[1][1]) for seg in segments.get_segments()]
+        assert [tuple(map(float, g)) for g in got] == [pytest.approx(w) for w in want]  # clipped to [0, 1]
+    one = premise_figure([_row("liae", 0, 0.6, 0.5, 0.7), _row("liae", 3, 0.6, 0.5, 0.7)])
+    line, _, _ = one.axes[0].containers[0]
+    assert list(line.get_xdata()) == [0.0, 3.0]  # a single signal is not dodged
+    assert not one.axes[0].get_title().startswith("\n")
+
+
+def test_markdown_of_rows_read_back_from_strict_json():
+    row = PremiseRow("liae", 0, 2, 3, None, 0.25, 0.5, None, None)  # NaN written as null comes back as None
+    md = premise_markdown([row])
+    assert "| liae | 0 | 2 | 3 | nan | 0.250 | 0.500 | [nan, nan] |" in md

@@ -17,7 +17,6 @@ import torch
 
 from .. import eval as harness
 from .. import premise
-from ..models import model_inputs
 from ..premise_check import attention_records, premise_rows
 from ..settings import Setting
 from . import world
@@ -47,24 +46,6 @@ class ProfileProtocol:
         for s in self.caption_splits + self.premise_splits + (self.pope_split,):
             if s not in world.SPLITS or s == "train":
                 raise ValueError(f"{s!r} is not a held-out split; expected one of indist, adversarial, replication")
-
-
-def _prompt_batch(processor, scenes: Sequence[world.Scene], prompts: Sequence[str]):
-    """Left-padded processor inputs of one prompt per scene (kept for callers that build organism batches by hand;
-    :func:`dleaf.models.model_inputs` is the general form)."""
-    return model_inputs(processor, list(prompts), [world.render(s) for s in scenes])
-
-
-def generate(model, processor, scenes: Sequence[world.Scene], prompts: Sequence[str], max_new_tokens: int,
-             batch_size: int = 100) -> tuple[list[str], list]:
-    """Greedy replies to one prompt per scene through :func:`dleaf.generation.generate` (no sentence rule), and an
-    empty list (kept for the former return shape)."""
-    from ..generation import generate_texts
-
-    if len(scenes) != len(prompts):
-        raise ValueError(f"got {len(scenes)} scenes but {len(prompts)} prompts")
-    return generate_texts(model, processor, list(prompts), [world.render(s) for s in scenes],
-                          max_new_tokens=max_new_tokens, batch_size=batch_size), []
 
 
 def _benchmark(name: str, n_images: int, **options) -> "harness.Benchmark":
