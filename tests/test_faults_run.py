@@ -19,7 +19,8 @@ def test_a_tiny_benchmark_runs_reports_and_resumes(tiny_organism, tmp_path):
                               model="tiny", n_resamples=200)
     said = []
     report = run.run_benchmark(model, processor, tmp_path, cfg, say=said.append)
-    assert len(said) == (1 + len(faults)) * len(cfg.methods)
+    assert len(said) == (1 + len(faults)) * len(cfg.methods) + 1  # every run folder, then the diagnosis
+    assert said[-1] == "adversarial / the signal diagnosis on the unfaulted replies"
     for name in ("report.json", "faults.md", "flags_diffuse_adversarial.png", "flags_drift_adversarial.png",
                  "repair_strength.png"):
         assert (tmp_path / name).is_file()
@@ -43,7 +44,8 @@ def test_a_tiny_benchmark_runs_reports_and_resumes(tiny_organism, tmp_path):
                                      n_resamples=100)
     assert "diffuse" in table or "greedy" in table
     md = (tmp_path / "faults.md").read_text()
-    assert all(f.label() in md for f in faults)
+    assert all(f.label() in md for f in faults) and "Can LIAE see a diffuse fault?" in md
+    assert sec["diagnosis"]["n_replies"] == 2 and set(sec["diagnosis"]["variants"]) == {"mixed", "mean_head"}
     # run again: nothing left to generate, the same report
     stamp = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("generations.jsonl")}
     said.clear()

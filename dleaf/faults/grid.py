@@ -17,6 +17,7 @@ from .config import FaultConfig, fault_config
 
 REPORT = "report.json"
 MARKDOWN = "faults.md"
+DIAGNOSIS = "diagnosis.json"
 UNFAULTED = "unfaulted"
 
 @dataclasses.dataclass(frozen=True)

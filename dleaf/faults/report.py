@@ -12,8 +12,9 @@ import numpy as np
 
 from ..eval import compare, runner
 from ..io import read_json, read_jsonl, write_json_atomic, write_text_atomic
+from .diagnose import sensitivity_markdown
 from .figures import plot_flag_rates, plot_repair
-from .grid import MARKDOWN, METHODS, REPORT, ROW_METHODS, FaultBenchConfig, run_dir_of
+from .grid import DIAGNOSIS, MARKDOWN, METHODS, REPORT, ROW_METHODS, FaultBenchConfig, run_dir_of
 from .measures import damage, localization, num_layers_of, ratio_difference, repair, signal_profile, totals
 
 def _read_rows(run_dir: Path) -> tuple[dict, list[dict], list[dict]]:
@@ -41,6 +42,8 @@ def build_report(out: str | Path, cfg: FaultBenchConfig) -> dict:
             if "dleaf" in cfg.methods else None
         sec: dict[str, Any] = {"n_images": len(base_scores), "protocol": base_cfg["protocol"], "unfaulted": {},
                                "faults": {}}
+        if (out / split / DIAGNOSIS).is_file():
+            sec["diagnosis"] = read_json(out / split / DIAGNOSIS, "diagnosis")
         for name in cfg.methods:
             config, rows, scores = _read_rows(run_dir_of(out, split, None, name))
             L = num_layers or (num_layers_of(rows) if name != "greedy" else None)
@@ -222,6 +225,14 @@ def report_markdown(report: dict) -> str:
                 lines += ["", "LIAE at faulted rows minus unfaulted rows of the same layer, same run (in units of "
                           "the unfaulted model's within-reply standard deviation):", "",
                           "| fault | layer: shift |", "|---|---|", *shifts]
+        if "diagnosis" in sec:
+            d = sec["diagnosis"]
+            lines += ["", f"**Can LIAE see a diffuse fault?** On the unfaulted model's {d['n_replies']} greedy "
+                      "replies, teacher-forced: each LIAE variant (normalised, in [0, 1]; `mixed` = entropy of the "
+                      "head-mixed profile, D-LEAF's default; `mean_head` = mean of the heads' entropies) without a "
+                      "fault, its within-reply standard deviation, its headroom 1 - mean (the most a diffuse fault "
+                      "can add), and the rise a diffuse fault of every head and position of strength s causes, in "
+                      "within-reply standard deviations", "", sensitivity_markdown(d)]
         lines.append("")
     return "\n".join(lines)
 

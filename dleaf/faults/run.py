@@ -20,7 +20,7 @@ from ..generation import generate
 from ..io import json_line, read_json, read_jsonl, write_json_atomic, write_text_atomic
 from ..settings import Setting
 from .config import FaultConfig
-from .grid import METHODS, ROW_METHODS, UNFAULTED, BenchMethod, FaultBenchConfig, run_dir_of
+from .grid import DIAGNOSIS, METHODS, ROW_METHODS, UNFAULTED, BenchMethod, FaultBenchConfig, run_dir_of
 from .measures import measured_flag_rate
 from .report import build_report, write_report
 from .record import CELLS_VERSION, RowChangeRecorder, cell_record
@@ -131,8 +131,33 @@ def run_benchmark(model, processor, out_dir: str | Path, cfg: FaultBenchConfig, 
                          model_weights=cfg.model_weights, on_batch=bar.update if bar is not None else None)
                 if bar is not None:
                     bar.close()
+        run_diagnosis(model, processor, out, split, bench, cfg, say)
     report = build_report(out, cfg)
     write_report(report, out)
     return report
+
+
+def run_diagnosis(model, processor, out_dir: str | Path, split: str, bench: Benchmark, cfg: FaultBenchConfig,
+                  say: Callable[[str], None] = print) -> dict:
+    """:func:`dleaf.faults.diagnose.signal_sensitivity` on the unfaulted greedy replies of ``split``, written to
+    ``<out>/<split>/diagnosis.json``; an existing file of the same weights and images is read instead."""
+    from ..generation import _image
+    from .diagnose import signal_sensitivity
+
+    path = Path(out_dir) / split / DIAGNOSIS
+    if path.is_file():
+        old = read_json(path, "diagnosis")
+        if old.get("model_weights_sha256") == cfg.model_weights and old.get("n_items") == len(bench.items):
+            return old
+    say(f"{split} / the signal diagnosis on the unfaulted replies")
+    rows = {r["id"]: r for _, r in read_jsonl(run_dir_of(out_dir, split, None, "greedy") / runner.GENERATIONS,
+                                                "generations file")[0]}
+    items = [it for it in bench.items if rows[it.id]["text"].strip()]
+    diag = signal_sensitivity(model, processor, [it.prompt for it in items], [_image(it) for it in items],
+                              [rows[it.id]["text"] for it in items], batch_size=min(cfg.batch_size, 32))
+    diag["n_items"] = len(bench.items)
+    diag["model_weights_sha256"] = cfg.model_weights
+    write_json_atomic(diag, path)
+    return diag
 
 
