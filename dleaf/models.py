@@ -5,7 +5,8 @@
 optional LoRA adapter merged in, in the requested dtype, on the requested device (by default the GPU when there is
 one), in eval mode. :func:`chat_prompt` formats a one-turn question about an image with the processor's own chat
 template, whatever the model. :func:`model_inputs` turns prompts and images into left-padded processor inputs on
-the model's device.
+the model's device. :func:`build` makes a randomly initialised model of a registered family (offline, of any size
+its family allows: for tests and benchmarks); families register through :mod:`dleaf.plugins`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+from . import plugins
 from .io import InputError
 from .resources import data_path
 
@@ -133,6 +135,78 @@ def load(model: str | os.PathLike = "organism", adapter: str | os.PathLike | Non
 
         net = PeftModel.from_pretrained(net, adapter).merge_and_unload()
     net.to(device or default_device())
+    net.eval()
+    return net, processor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model families built from scratch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family that can be built from scratch, randomly initialised and offline.
+
+    ``shape()``: the dataclass of its sizes (its fields are the knobs of :func:`build`; constructing it validates
+    them); ``processor(shape)``: its processor; ``model(processor, shape, seed)``: a randomly initialised model,
+    deterministic from ``seed``."""
+
+    shape: Callable[[], type]
+    processor: Callable[[Any], Any]
+    model: Callable[[Any, Any, int], Any]
+    description: str = ""
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(name: str, shape: Callable[[], type], processor: Callable[[Any], Any],
+                    model: Callable[[Any, Any, int], Any], description: str = "") -> Family:
+    """Make ``name`` buildable with :func:`build` (re-registering replaces it); returns the entry."""
+    _FAMILIES[name] = Family(shape, processor, model, description)
+    return _FAMILIES[name]
+
+
+def families() -> dict[str, Family]:
+    """The registered model families, by name."""
+    plugins.load()
+    return dict(_FAMILIES)
+
+
+def family(name: str) -> Family:
+    """The registered family ``name``; an unknown name is an :class:`~dleaf.io.InputError` listing the known."""
+    plugins.load()
+    if name not in _FAMILIES:
+        raise InputError(f"unknown model family {name!r}; expected one of {', '.join(sorted(_FAMILIES))}")
+    return _FAMILIES[name]
+
+
+def family_shape(name: str, shape: Any = None):
+    """The family's shape from ``shape``: None (its defaults), a mapping of field values, or a shape instance.
+    Unknown fields and values the shape refuses are a ``ValueError`` naming the fields."""
+    cls = family(name).shape()
+    if isinstance(shape, cls):
+        return shape
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(shape or {}) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {name} shape field(s) {', '.join(unknown)}; expected some of {', '.join(fields)}")
+    return cls(**dict(shape or {}))
+
+
+def build_processor(name: str, shape: Any = None):
+    """The processor of a registered family, built from scratch (offline)."""
+    return family(name).processor(family_shape(name, shape))
+
+
+def build(name: str, shape: Any = None, seed: int = 0):
+    """``(model, processor)``: a randomly initialised model of the registered family ``name`` (deterministic from
+    ``seed``) and its processor, built offline, in eval mode on the CPU. ``shape``: see :func:`family_shape`."""
+    fam = family(name)
+    s = family_shape(name, shape)
+    processor = fam.processor(s)
+    net = fam.model(processor, s, int(seed))
     net.eval()
     return net, processor
 

@@ -149,9 +149,10 @@ def check_run(config: dict, model: str | None = None) -> str:
 
 def run_premise_check(run_dir, output_dir=None, model: str | None = None, options: dict | None = None,
                       protocol: str | None = None, n_bootstrap: int = 2000, batch_size: int = 16,
-                      progress=None, say=print) -> dict:
+                      progress=None, say=print, seed: int = 0) -> dict:
     """The premise check of a finished greedy caption run of the harness (``run_dir``): per section, the records,
-    the per-layer table, ``premise.md`` and a figure per section. Every input is checked before the model loads.
+    the per-layer table (bootstrap intervals seeded with ``seed``), ``premise.md`` and a figure per section. Every
+    input is checked before the model loads.
     Returns ``{"paths": [...], "sections": {section: {...}}}``."""
     import dataclasses
     from pathlib import Path
@@ -183,7 +184,7 @@ def run_premise_check(run_dir, output_dir=None, model: str | None = None, option
     out = Path(output_dir or run_dir)
     models.check_adapter(config.get("adapter"))
     net, processor = models.load(model, config.get("adapter"), dtype=config.get("dtype", "float32"))
-    result: dict = {"run": str(run_dir), "model": model, "sections": {}}
+    result: dict = {"run": str(run_dir), "model": model, "n_bootstrap": n_bootstrap, "seed": seed, "sections": {}}
     paths = []
     sections = list(dict.fromkeys(it.section for it in items))
     for section in sections:
@@ -192,7 +193,7 @@ def run_premise_check(run_dir, output_dir=None, model: str | None = None, option
         records, share = attention_records(net, processor, [it.image() for it in part], [it.prompt for it in part],
                                            [by_id[it.id]["raw"] for it in part], [sorted(it.truth) for it in part],
                                            benchmark.vocab, batch_size=batch_size, progress=progress)
-        table = premise_rows(records, n_bootstrap)
+        table = premise_rows(records, n_bootstrap, seed)
         result["sections"][section] = {
             "n_items": len(part), "n_mentions": len(records),
             "n_hallucinated": sum(r["hallucinated"] for r in records), "image_share": share,

@@ -152,6 +152,14 @@ class Setting:
     def knob_dict(self) -> dict[str, Any]:
         return dict(self.knobs)
 
+    def knob_args(self) -> list[str]:
+        """The knobs as ``name=value`` strings (``--knob`` arguments) that :func:`dleaf.cli.parse_knobs` reads back
+        to the same values."""
+        def text(v):
+            return "none" if v is None else ("true" if v else "false") if isinstance(v, bool) else str(v)
+
+        return [f"{k}={text(v)}" for k, v in self.knobs]
+
     @property
     def attaches(self) -> bool:
         """Whether decoding attaches a method to the model (False for greedy)."""

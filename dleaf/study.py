@@ -28,18 +28,21 @@ from typing import Callable
 from . import eval as harness
 from .io import write_json_atomic, write_text_atomic
 from .resources import data_path
+from .settings import Setting
 
 ORGANISM_ADAPTER = data_path("organism_dpo")
 
-#: (label, method, uses the DPO adapter)
+#: The study's settings (each method with its default knobs, greedy search), labelled for the tables; those labelled
+#: in :data:`WITH_ADAPTER` decode the model with the DPO adapter merged in.
 SETTINGS = (
-    ("greedy", "greedy", False),
-    ("pai", "pai", False),
-    ("spin", "spin", False),
-    ("dleaf", "dleaf", False),
-    ("dpo", "greedy", True),
-    ("dleaf_dpo", "dleaf", True),
+    Setting(label="greedy"),
+    Setting("pai", label="pai"),
+    Setting("spin", label="spin"),
+    Setting("dleaf", label="dleaf"),
+    Setting(label="dpo"),
+    Setting("dleaf", label="dleaf_dpo"),
 )
+WITH_ADAPTER = frozenset({"dpo", "dleaf_dpo"})
 ORGANISM_BENCHMARKS = ("organism_caption", "organism_pope")
 CHECKPOINT_BENCHMARKS = ("coco_chair", "pope_file")
 BENCHMARKS = ORGANISM_BENCHMARKS  # the default target's
@@ -136,23 +139,29 @@ class StudyConfig:
         return None
 
     @property
-    def settings(self) -> tuple[tuple[str, str, bool], ...]:
-        return tuple(s for s in SETTINGS if not s[2] or self.adapter_path)
+    def settings(self) -> tuple[Setting, ...]:
+        """The settings this study runs (those with the adapter only when there is one)."""
+        return tuple(s for s in SETTINGS if not uses_adapter(s) or self.adapter_path)
 
     @property
     def generation_batch(self) -> int:
         return self.batch_size or (100 if self.organism else 8)
 
 
+def uses_adapter(setting: Setting) -> bool:
+    """Whether the study decodes ``setting`` with the DPO adapter merged into the model."""
+    return setting.label in WITH_ADAPTER
+
+
 def _eval_dir(out: Path, bench: str, label: str) -> Path:
     return out / "evals" / f"{bench}_{label}"
 
 
-def eval_arguments(cfg: StudyConfig, out: Path, bench: str, label: str, method: str, adapter: bool,
+def eval_arguments(cfg: StudyConfig, out: Path, bench: str, setting: Setting,
                    progress: bool = True) -> harness.EvalArguments:
     """The harness arguments of one (benchmark, setting) cell of the study."""
-    common = dict(benchmark=bench, output_dir=str(_eval_dir(out, bench, label)), method=method,
-                  adapter=cfg.adapter_path if adapter else None, limit=cfg.images, batch_size=cfg.generation_batch,
+    common = dict(benchmark=bench, output_dir=str(_eval_dir(out, bench, setting.label)), method=setting.method,
+                  knobs=setting.knob_args(), adapter=cfg.adapter_path if uses_adapter(setting) else None, limit=cfg.images, batch_size=cfg.generation_batch,
                   progress=progress, model=cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
     if bench == "organism_caption":
         return harness.EvalArguments(**common, splits=["adversarial"])
@@ -169,9 +178,10 @@ def run_evaluations(out: Path, cfg: StudyConfig, progress: bool = True, say: Cal
     ``accelerate launch``). The base model is loaded once; a setting with the adapter loads it merged."""
     base = None
     metrics = {}
-    for label, method, adapter in cfg.settings:
+    for setting in cfg.settings:
+        label, adapter = setting.label, uses_adapter(setting)
         for bench in cfg.benchmarks:
-            args = eval_arguments(cfg, out, bench, label, method, adapter, progress)
+            args = eval_arguments(cfg, out, bench, setting, progress)
             run_dir = Path(args.output_dir)
             if (run_dir / harness.METRICS).is_file():
                 metrics[(bench, label)] = json.loads((run_dir / harness.METRICS).read_text())
@@ -192,7 +202,7 @@ def _timing_batch(cfg: StudyConfig, processor):
     """``timing_batch`` caption prompts of the study's caption benchmark, as processor outputs."""
     from .models import model_inputs
 
-    args = eval_arguments(cfg, Path("."), cfg.benchmarks[0], "timing", "greedy", False, progress=False)
+    args = eval_arguments(cfg, Path("."), cfg.benchmarks[0], Setting(label="timing"), progress=False)
     items = harness.build_benchmark(dataclasses.replace(args, limit=None)).items[:cfg.timing_batch]
     return model_inputs(processor, [it.prompt for it in items], [it.image() for it in items])
 
@@ -216,7 +226,7 @@ def measure_overhead(cfg: StudyConfig, model=None, processor=None) -> dict:
     from .bench import BenchConfig, bench_paired
 
     if model is None:
-        args = eval_arguments(cfg, Path("."), cfg.benchmarks[0], "timing", "greedy", False, progress=False)
+        args = eval_arguments(cfg, Path("."), cfg.benchmarks[0], Setting(label="timing"), progress=False)
         model, processor = harness.load_model(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
@@ -300,7 +310,7 @@ def plot_methods(metrics: dict, path: Path, settings=SETTINGS, benchmarks: tuple
     import matplotlib.pyplot as plt
     import numpy as np
 
-    labels = [s[0] for s in settings]
+    labels = [s.label for s in settings]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for ax, bench, keys, title in ((axes[0], benchmarks[0], ("chair_s", "chair_i", "recall"), titles[0]),
                                    (axes[1], benchmarks[1], ("accuracy", "f1", "yes_ratio"), titles[1])):
@@ -355,7 +365,7 @@ def run_study(out_dir: str | Path, cfg: StudyConfig = StudyConfig(), progress: b
         link = correspondence(out / "correspondence", cfg)
     target = "the organism" if cfg.organism else cfg.model
     claims, claims_md = claims_table(metrics, overhead, link, cfg.benchmarks, target)
-    table = harness.comparison_table([_eval_dir(out, b, s[0]) for b in cfg.benchmarks for s in cfg.settings])
+    table = harness.comparison_table([_eval_dir(out, b, s.label) for b in cfg.benchmarks for s in cfg.settings])
     if cfg.organism:
         titles = ("captions, adversarial split", "yes/no questions, adversarial negatives")
         intro = (f"{cfg.images} adversarial images per benchmark (captions; yes/no questions with adversarial "

@@ -133,11 +133,11 @@ def _heatmap(fig, ax, s, tokens, marks, title, label):
     cb.set_label(label, fontsize=7)
 
 
-def plot_trace(trace: Trace, path: str | os.PathLike, sample: int = 0, tokens: Sequence[str] | None = None,
-               signal_name: str | None = None, config=None, marks: Sequence[str] | None = None,
-               plain: Trace | None = None, plain_tokens: Sequence[str] | None = None,
-               plain_marks: Sequence[str] | None = None, title: str | None = None) -> Path:
-    """Draw one sample's trace and write it atomically as PNG.
+def trace_figure(trace: Trace, sample: int = 0, tokens: Sequence[str] | None = None,
+                 signal_name: str | None = None, config=None, marks: Sequence[str] | None = None,
+                 plain: Trace | None = None, plain_tokens: Sequence[str] | None = None,
+                 plain_marks: Sequence[str] | None = None, title: str | None = None):
+    """One sample's trace as a matplotlib figure (:func:`plot_trace` writes it as PNG).
 
     Left: the layer signal (layers x generated positions) with the flagged cells outlined in red, for the method's
     pass and, when ``plain`` is given (a trace of the same method at zero strength, which decodes exactly like
@@ -146,19 +146,16 @@ def plot_trace(trace: Trace, path: str | os.PathLike, sample: int = 0, tokens: S
     mean IAF over the positions, and how many times each head was corrected (integer counts). ``config`` (the
     method's configuration) names the signal and its unit on the colorbar; ``signal_name`` overrides it.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
-
-    from .io import save_figure_atomic
 
     s = trace.sample(sample)
     T = s["signal"].shape[0]
     label = signal_name or signal_label(config)
     rows = 2 if plain is not None else 1
-    fig = plt.figure(figsize=(min(4 + 0.25 * T, 22) + 8, 4.2 * rows + 0.4))
+    fig = Figure(figsize=(min(4 + 0.25 * T, 22) + 8, 4.2 * rows + 0.4))
+    FigureCanvasAgg(fig)
     grid = fig.add_gridspec(rows, 3, width_ratios=[max(T, 4) / 4, 1.3, 1.3])
     if plain is not None:
         _heatmap(fig, fig.add_subplot(grid[0, 0]), plain.sample(sample), plain_tokens, plain_marks,
@@ -192,7 +189,15 @@ def plot_trace(trace: Trace, path: str | os.PathLike, sample: int = 0, tokens: S
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    try:
-        return save_figure_atomic(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
+    return fig
+
+
+def plot_trace(trace: Trace, path: str | os.PathLike, sample: int = 0, tokens: Sequence[str] | None = None,
+               signal_name: str | None = None, config=None, marks: Sequence[str] | None = None,
+               plain: Trace | None = None, plain_tokens: Sequence[str] | None = None,
+               plain_marks: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """Draw one sample's trace (:func:`trace_figure`) and write it atomically as PNG to ``path``."""
+    from .io import save_figure_atomic
+
+    fig = trace_figure(trace, sample, tokens, signal_name, config, marks, plain, plain_tokens, plain_marks, title)
+    return save_figure_atomic(fig, path, dpi=110)

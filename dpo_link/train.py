@@ -86,9 +86,9 @@ def load_model(model_args, training_args):
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     if name in (None, ORGANISM):
-        from dleaf.organism.build import load_organism
+        from dleaf import models
 
-        model, processor = load_organism(attn_implementation=attn)
+        model, processor = models.load(ORGANISM, attn_implementation=attn, device="cpu")
         # recorded in adapter_config.json as the base model: the repository-relative path, not this machine's
         model.config._name_or_path = "data/organism"
         model.name_or_path = "data/organism"

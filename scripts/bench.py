@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="JSON file for the results (written atomically)")
     ap.add_argument("--markdown", default=None, help="also write the tables as Markdown to this file")
     args = ap.parse_args(argv)
-    from dleaf.organism.build import OrganismShape
+    from dleaf import models
 
     if args.threads:
         import torch
@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
             score_models=args.score_models, score_batch_sizes=args.score_batch_sizes, score_tokens=args.score_tokens,
             score_repeats=args.score_repeats, paired_steps=args.paired_steps, paired_warmup=args.paired_warmup,
             llava_shape=bench.LlavaShape(**_shape_knobs(args.llava_shape, bench.LlavaShape)),
-            organism_shape=_shape_knobs(args.organism_shape, OrganismShape) or None,
+            organism_shape=_shape_knobs(args.organism_shape, models.family("organism").shape()) or None,
             use_checkpoint=not args.random_organism, device=args.device, seed=args.seed)
     except ValueError as err:
         ap.error(str(err))

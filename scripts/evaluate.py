@@ -22,10 +22,14 @@ from pathlib import Path
 from dleaf import cli
 
 
-def parse(argv):
+def build_parser():
     from dleaf.eval import EvalArguments
 
-    parser = cli.dataclass_parser(EvalArguments, description=__doc__)
+    return cli.dataclass_parser(EvalArguments, description=__doc__)
+
+
+def parse(argv):
+    parser = build_parser()
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
         if not Path(argv[0]).is_file():
             raise cli.InputError(f"recipe file not found: {argv[0]}")

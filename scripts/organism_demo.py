@@ -28,7 +28,7 @@ def main(argv=None):
     from dleaf import eval as harness
     from dleaf import models
     from dleaf.io import InputError
-    from dleaf.organism.demo import effect_sentence, hallucination_examples
+    from dleaf.demo import effect_sentence, hallucination_examples
     from dleaf.resources import data_path
     from dleaf.settings import Setting
 

@@ -16,7 +16,7 @@ from dleaf import cli
 
 def build_parser():
     ap = cli.ArgumentParser(description=__doc__)
-    cli.add_common_arguments(ap, output_dir="runs/grid")
+    cli.add_common_arguments(ap, output_dir="runs/grid", seed=0)
     ap.add_argument("--n_images", type=int, default=1000, help="scenes per split")
     ap.add_argument("--batch_size", type=int, default=100, help="prompts per generate call")
     ap.add_argument("--only", nargs="*", default=None, help="labels to run (default: the whole grid)")
@@ -31,11 +31,11 @@ def main(argv=None):
 
     from dleaf import models
     from dleaf.io import InputError, write_json_atomic, write_text_atomic
-    from dleaf.organism import study
+    from dleaf import grid
 
     if args.n_images < 1 or args.batch_size < 1:
         raise InputError("--n_images and --batch_size must be positive")
-    labels = [s.label for s in study.grid(0.1)]
+    labels = [s.label for s in grid.grid(0.1)]
     for name, chosen in (("--only", args.only or ()), ("--replicate", args.replicate)):
         unknown = sorted(set(chosen) - set(labels))
         if unknown:
@@ -43,8 +43,8 @@ def main(argv=None):
     cli.check_output_dir(args.output_dir)
     cli.set_threads(args.threads)
     model, processor = models.load(args.model)
-    res = study.run_organism_grid(model, processor, args.output_dir, args.n_images, args.only, args.replicate,
-                                  args.pope, args.batch_size, model_name=args.model)
+    res = grid.run_organism_grid(model, processor, args.output_dir, args.n_images, args.only, args.replicate,
+                                  args.pope, args.batch_size, model_name=args.model, seed=args.seed)
     out = Path(args.output_dir)
     write_text_atomic(res["markdown"], out / "grid.md")
     write_json_atomic(res["report"], out / "grid.json")

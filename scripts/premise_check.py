@@ -27,6 +27,7 @@ def build_parser():
     ap.add_argument("--coco_instances", default=None, help="coco_chair runs: instances_val2014.json")
     ap.add_argument("--coco_captions", default=None, help="coco_chair runs: captions_val2014.json")
     ap.add_argument("--n_bootstrap", type=int, default=2000, help="bootstrap resamples per AUROC")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
     ap.add_argument("--batch_size", "--score_batch_size", type=int, default=16, help="replies per scoring pass")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads torch may use")
     return ap
@@ -42,7 +43,7 @@ def main(argv=None):
     cli.set_threads(args.threads)
     options = {k: getattr(args, k) for k in ("coco_images", "coco_instances", "coco_captions") if getattr(args, k)}
     result = premise_check.run_premise_check(args.run_dir, args.output_dir, args.model, options, args.protocol,
-                                             args.n_bootstrap, args.batch_size)
+                                             args.n_bootstrap, args.batch_size, seed=args.seed)
     print((result["paths"][1]).read_text(), end="")
     cli.done(args.output_dir or args.run_dir)
     return 0

@@ -58,7 +58,7 @@ def main(argv=None):
         model, processor = models.load(args.model)
         scene, why = args.scene, ""
         if scene is None:
-            from dleaf.organism.demo import first_hallucination
+            from dleaf.demo import first_hallucination
 
             scene = first_hallucination(model, processor, bench)
             why = " (the first scene where greedy decoding hallucinates)" if scene is not None else ""

@@ -1,7 +1,6 @@
 """Tests for dleaf.premise_check: mention offsets, the per-mention records against explicit loops over attention
 weights, the image share, the run-level check (config.json read, non-greedy and mismatched-model runs refused)."""
 
-import json
 import math
 
 import pytest

@@ -27,6 +27,8 @@ SMALL = {
     "fault_benchmark.py": ["--limit", "2", "--max_new_tokens", "4", "--faults", "1", "--splits", "adversarial",
                            "--n_resamples", "100", "--no_progress"],
 }
+#: the last line of every command: where its outputs are (``outputs: PATH``, ``report: PATH``), or that it wrote none
+LAST_LINE = re.compile(r"^([a-z][a-z ]*: \S.*|no files written.*)$")
 NEEDS_THE_HUB = ("llava-hf/", "dpo_llava15_rlaifv", "--model llava")
 
 
@@ -113,6 +115,8 @@ def test_every_readme_command_leaves_the_clone_clean_and_writes_strict_json(tmp_
         res = subprocess.run([*head, script, *args, *small], cwd=clone, env=env, capture_output=True, text=True,
                              timeout=1800)
         assert res.returncode == 0, f"{line}\n{res.stderr[-3000:]}"
+        last = res.stdout.strip().splitlines()[-1]
+        assert LAST_LINE.match(last), f"{line!r}: the last line does not name the outputs: {last!r}"
         status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True).stdout
         assert status == "", f"{line!r} changed the clone:\n{status}"
         ran.append(line)

@@ -60,6 +60,37 @@ def test_trace_export_summary_and_figure(tmp_path):
     from dleaf.io import loads_strict
 
     loads_strict((tmp_path / "t.json").read_text())  # NaN (unwatched layer 0) written as null
+    _check_trace_figure(iv, marks)
+
+
+def _check_trace_figure(iv, marks):
+    """The figure a user reads: the plain pass beside the method's, colorbars named with their units, integer ticks
+    for counts, object and hallucinated words marked on the token axis."""
+    import matplotlib.colors as mcolors
+
+    tokens = [f"w{i}" for i in range(7)]
+    fig = trace_report.trace_figure(iv.trace, tokens=tokens, marks=marks, plain=iv.trace, plain_tokens=tokens,
+                                    plain_marks=marks, config=iv.config, title="organism, scene 3: dleaf")
+    assert fig._suptitle.get_text() == "organism, scene 3: dleaf"
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["plain decoding (the method watching at zero strength): flags it would raise",
+                      "with the method: flagged layers corrected", "mean IAF per head", "times corrected"]
+    heats = [ax for ax in fig.axes if ax.get_title() in titles[:2]]
+    labels = [ax.get_ylabel() for ax in fig.axes]
+    assert labels.count(trace_report.signal_label(iv.config)) == 2  # both heatmaps' colorbars, with the unit
+    assert "IAF: image attention mass of the head's row (share)" in labels
+    counts = fig.axes[labels.index("corrections (count of positions)")]
+    ticks = [t for t in counts.get_yticks() if counts.get_ylim()[0] <= t <= counts.get_ylim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    for heat in heats:
+        assert heat.get_ylabel() == "decoder layer"
+        colours = [mcolors.to_hex(t.get_color()) for t in heat.get_xticklabels()]
+        assert [t.get_text() for t in heat.get_xticklabels()] == tokens
+        assert colours[1] == mcolors.to_hex("tab:blue") and colours[2] == mcolors.to_hex("red")
+        assert colours[0] == colours[3] != colours[1]
+        assert "red: hallucinated object word" in heat.get_xlabel()
+    n_flags = int(iv.trace.sample(0)["flag"].sum())
+    assert [len(ax.patches) for ax in heats] == [n_flags, n_flags]  # every flagged cell outlined, in both
 
 
 def test_run_dleaf_script_on_the_organism(tmp_path, run_script):

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 
 from dleaf import config
+from dleaf.cli import parse_knobs
 from dleaf.io import InputError
 from dleaf.settings import Setting, method_names, setting
 
@@ -18,6 +19,16 @@ def test_every_method_accepts_its_own_defaults_and_records_round_trip():
         s = Setting(name, knobs)
         assert s.config() == cfg
         assert Setting.from_record(s.record()) == s
+        assert Setting(name, parse_knobs(s.knob_args())) == s  # as --knob arguments, read back
+
+
+def test_knob_args_spell_none_booleans_and_numbers_for_the_knob_parser():
+    s = Setting("dleaf", {"gamma": 0.25, "liae_normalize": False, "layer_end": None, "warmup": 3,
+                          "threshold": "best"})
+    args = s.knob_args()
+    assert "gamma=0.25" in args and "liae_normalize=false" in args and "layer_end=none" in args
+    assert "warmup=3" in args and "threshold=best" in args
+    assert Setting("dleaf", parse_knobs(args)) == s
 
 
 @pytest.mark.parametrize("method, knobs, message", [

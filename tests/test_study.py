@@ -44,9 +44,9 @@ def test_study_config_names_what_a_real_checkpoint_needs(tmp_path):
     with pytest.raises(ValueError, match="adapter_config.json"):
         dstudy.StudyConfig(**full, adapter=str(tmp_path), correspondence=False)
     cfg = dstudy.StudyConfig(**full)  # no adapter: no DPO rows
-    assert [s[0] for s in cfg.settings] == ["greedy", "pai", "spin", "dleaf"] and cfg.images is None
+    assert [s.label for s in cfg.settings] == ["greedy", "pai", "spin", "dleaf"] and cfg.images is None
     assert cfg.benchmarks == ("coco_chair", "pope_file")
-    assert [s[0] for s in dstudy.StudyConfig().settings][-2:] == ["dpo", "dleaf_dpo"]
+    assert [s.label for s in dstudy.StudyConfig().settings][-2:] == ["dpo", "dleaf_dpo"]
 
 
 def test_claims_table_averages_pope_question_sets():
@@ -81,6 +81,7 @@ def real_target(tmp_path, tiny_organism, write_coco, write_pope):
     from peft import LoraConfig, get_peft_model
 
     from dpo_link import pairs
+    from dpo_link.data import preference_dataset
 
     model, processor = tiny_organism
     ckpt = tmp_path / "ckpt"
@@ -90,7 +91,7 @@ def real_target(tmp_path, tiny_organism, write_coco, write_pope):
                           LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     lora.save_pretrained(tmp_path / "adapter")
     rows = pairs.organism_examples(pairs.OrganismPairConfig(n=6, world_seed=pairs.EVAL_WORLD_SEED))
-    DatasetDict({"test": pairs._dataset(rows)}).save_to_disk(tmp_path / "prefs")
+    DatasetDict({"test": preference_dataset(rows)}).save_to_disk(tmp_path / "prefs")
     img_dir, inst, caps = write_coco(tmp_path)
     pope, pope_dir = write_pope(tmp_path)
     return dict(model=str(ckpt), adapter=str(tmp_path / "adapter"), coco_images=str(img_dir),
@@ -113,7 +114,7 @@ def test_study_on_a_real_checkpoint_folder(tmp_path, real_target):
             "--pope_images", real_target["pope_images"], "--preference_data", real_target["preference_data"]]
     study_script.main(argv)
     report = json.loads((out / "report.json").read_text())
-    assert sorted(report["metrics"]) == sorted(f"{b}/{s[0]}" for b in ("coco_chair", "pope_file")
+    assert sorted(report["metrics"]) == sorted(f"{b}/{s.label}" for b in ("coco_chair", "pope_file")
                                                for s in dstudy.SETTINGS)
     assert report["metrics"]["coco_chair/dpo"]["run"]["adapter"] == real_target["adapter"]
     assert report["metrics"]["coco_chair/greedy"]["sections"]["val2014"]["n_captions"] == 2
@@ -152,7 +153,7 @@ def test_every_study_setting_runs_its_own_method_and_adapter(tmp_path, tiny_orga
     monkeypatch.setattr(runner, "generate", spy)
     cfg = dstudy.StudyConfig(n_images=1, correspondence=False, batch_size=2)
     dstudy.run_evaluations(tmp_path, cfg, progress=False, say=lambda m: None)
-    expected = {label: (method, adapter) for label, method, adapter in cfg.settings}
+    expected = {s.label: (s.method, dstudy.uses_adapter(s)) for s in cfg.settings}
     assert sorted(m for _, m in seen) == sorted(m for m, _ in expected.values() for _ in cfg.benchmarks)
     for bench in cfg.benchmarks:
         for label, (method, adapter) in expected.items():
@@ -160,7 +161,7 @@ def test_every_study_setting_runs_its_own_method_and_adapter(tmp_path, tiny_orga
             assert config["method"] == method, (bench, label)
             assert bool(config["adapter"]) == adapter and (not adapter or config["adapter"] == cfg.adapter_path)
     # the adapter settings load the model with the adapter; the others share the base model loaded once
-    n_adapter = sum(adapter for _, _, adapter in cfg.settings) * len(cfg.benchmarks)
+    n_adapter = sum(dstudy.uses_adapter(s) for s in cfg.settings) * len(cfg.benchmarks)
     assert loaded.count(cfg.adapter_path) == n_adapter == 4 and loaded.count(None) == 1
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
-from .. import engine
+from .. import engine, models
 from .config import MODELS, BenchConfig, LlavaShape
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -16,16 +17,14 @@ def build_llava_shaped(shape: LlavaShape = LlavaShape(), seed: int = 0):
         LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from ..organism import build
-    from ..organism.chat import CHAT_TEMPLATE
-
-    tok = build.build_tokenizer()
+    organism = models.build_processor("organism")  # its word-level tokenizer and chat template
+    tok = organism.tokenizer
     tok.model_max_length = shape.max_positions
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessorPil(size={"shortest_edge": shape.image_size},
                                               crop_size={"height": shape.image_size, "width": shape.image_size}),
         tokenizer=tok, patch_size=shape.patch, vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE, image_token="<image>", num_additional_image_tokens=1)
+        chat_template=organism.chat_template, image_token="<image>", num_additional_image_tokens=1)
     vision = CLIPVisionConfig(hidden_size=shape.vision_hidden, intermediate_size=4 * shape.vision_hidden,
                               num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
                               image_size=shape.image_size, patch_size=shape.patch, projection_dim=shape.vision_hidden)
@@ -47,14 +46,12 @@ def build_llava_shaped(shape: LlavaShape = LlavaShape(), seed: int = 0):
 
 def build_organism(cfg: BenchConfig):
     """The committed organism when present (and ``cfg.use_checkpoint``), else a random one; with its source."""
-    from ..organism import build
-
-    if cfg.use_checkpoint and cfg.organism_shape is None and (build.ORGANISM_DIR / "config.json").is_file():
-        model, processor = build.load_organism()
-        return model.eval(), processor, "checkpoint"
-    shape = build.OrganismShape(**(cfg.organism_shape or {}))
-    processor = build.build_processor(shape)
-    return build.build_model(processor.tokenizer, shape, seed=cfg.seed).eval(), processor, "random"
+    if cfg.use_checkpoint and cfg.organism_shape is None and (Path(models.resolve("organism")[0]) /
+                                                               "config.json").is_file():
+        model, processor = models.load("organism", device="cpu")
+        return model, processor, "checkpoint"
+    model, processor = models.build("organism", cfg.organism_shape, seed=cfg.seed)
+    return model, processor, "random"
 
 
 def caption_batch(processor, images, prompt: str) -> dict:
@@ -66,8 +63,9 @@ def caption_batch(processor, images, prompt: str) -> dict:
 
 def build_model_and_inputs(name: str, cfg: BenchConfig, batch_sizes: Sequence[int]):
     """``(model, inputs by batch size, description)`` for model ``name``; the inputs are caption prompts on
-    held-out organism scenes (one scene per sample), on ``cfg.device``."""
-    from ..organism import world
+    held-out organism scenes (the ``organism_caption`` benchmark's adversarial split, one scene per sample), on
+    ``cfg.device``."""
+    from .. import eval as harness
 
     if name == "organism":
         model, processor, source = build_organism(cfg)
@@ -78,8 +76,8 @@ def build_model_and_inputs(name: str, cfg: BenchConfig, batch_sizes: Sequence[in
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
     model.to(cfg.device)
     n = max(batch_sizes)
-    scenes = world.scenes("adversarial", n)
-    batch = caption_batch(processor, [world.render(s) for s in scenes], world.CAPTION_PROMPTS[0])
+    items = harness.load_benchmark("organism_caption", limit=n, splits=["adversarial"]).items
+    batch = caption_batch(processor, [it.image() for it in items], items[0].prompt)
     inputs = {b: {k: v[:b].to(cfg.device) for k, v in batch.items()} for b in batch_sizes}
     tc = model.config.text_config
     image_id = engine.image_token_id(model)

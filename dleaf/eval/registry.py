@@ -4,25 +4,22 @@ A benchmark registers a :class:`BenchmarkSpec`: its name, the kind of answer it 
 CHAIR against each item's ground-truth object set, or ``yesno``, scored POPE-style against a boolean), the protocol
 fields it needs, the options it reads (input files and folders, subsets), and ``build(protocol, options, limit)``,
 which returns a :class:`Benchmark` (its items in protocol order). The benchmarks that ship with the project register
-themselves when their module is imported: COCO CHAIR (:mod:`dleaf.eval.coco`), POPE question files
-(:mod:`dleaf.eval.pope`) and the organism's two (``dleaf.organism.benchmarks``); other packages can add theirs with
-:func:`register_benchmark` or through the ``dleaf.benchmarks`` entry-point group (each entry point names a module
-that registers on import).
+themselves when their module is imported (:mod:`dleaf.plugins` imports them before a name is looked up): COCO CHAIR
+(:mod:`dleaf.eval.coco`), POPE question files (:mod:`dleaf.eval.pope`) and the organism's two; other packages can
+add theirs with :func:`register_benchmark` or through the ``dleaf.plugins`` (or ``dleaf.benchmarks``) entry-point
+group (each entry point names a module that registers on import).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .. import metrics
+from .. import metrics, plugins
 from ..io import InputError
 
 KINDS = ("caption", "yesno")
-BUILTIN_MODULES = ("dleaf.eval.coco", "dleaf.eval.pope", "dleaf.organism.benchmarks")
-ENTRY_POINT_GROUP = "dleaf.benchmarks"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +91,6 @@ class BenchmarkSpec:
 
 
 _REGISTRY: dict[str, BenchmarkSpec] = {}
-_loaded = False
 
 
 def register_benchmark(spec: BenchmarkSpec) -> BenchmarkSpec:
@@ -103,33 +99,15 @@ def register_benchmark(spec: BenchmarkSpec) -> BenchmarkSpec:
     return spec
 
 
-def _load() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
-    try:
-        from importlib.metadata import entry_points
-
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            importlib.import_module(ep.value.split(":")[0])
-    except Exception as e:  # a broken third-party plugin must not take the shipped benchmarks down
-        import warnings
-
-        warnings.warn(f"a {ENTRY_POINT_GROUP} entry point failed to load: {e}", stacklevel=2)
-
-
 def benchmark_names() -> tuple[str, ...]:
     """Every registered benchmark name."""
-    _load()
+    plugins.load()
     return tuple(sorted(_REGISTRY))
 
 
 def get_benchmark(name: str) -> BenchmarkSpec:
     """The registered benchmark ``name``; an unknown name is an :class:`~dleaf.io.InputError` listing the known."""
-    _load()
+    plugins.load()
     if name not in _REGISTRY:
         raise InputError(f"unknown benchmark {name!r}; expected one of {', '.join(_REGISTRY)}")
     return _REGISTRY[name]

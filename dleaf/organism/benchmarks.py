@@ -1,5 +1,8 @@
-"""The organism's two benchmarks, registered with the evaluation harness (:mod:`dleaf.eval.registry`), and the
-vocabulary its captions are scored with.
+"""The organism's registration with the rest of the library (imported by :mod:`dleaf.plugins`; nothing outside the
+organism imports it): its two benchmarks, registered with the evaluation harness (:mod:`dleaf.eval.registry`), the
+vocabulary its captions are scored with, and its model family (:func:`dleaf.models.build` ``("organism", shape,
+seed)``: a randomly initialised organism of any :class:`~dleaf.organism.build.OrganismShape`, for tests and
+benchmarks; the trained checkpoints load by name with :func:`dleaf.models.load`).
 
 ``organism_caption``: captions of the first ``n_images`` scenes of each held-out split (``indist``,
 ``adversarial``, ``replication``), scored with CHAIR against each scene's exact object set; sections are the splits,
@@ -13,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .. import metrics
+from .. import metrics, models
 from ..eval.registry import Benchmark, BenchmarkSpec, Item, limit_count, register_benchmark, select
 from ..io import InputError
 from . import world
@@ -81,3 +84,25 @@ register_benchmark(BenchmarkSpec(
     options={"splits": "organism splits to run (indist, adversarial, replication)",
              "negatives": "negative samplings to run (random, popular, adversarial)"},
     description="POPE-style yes/no questions on the organism's held-out scenes"))
+
+
+def _shape() -> type:
+    from .build import OrganismShape
+
+    return OrganismShape
+
+
+def _processor(shape):
+    from .build import build_processor
+
+    return build_processor(shape)
+
+
+def _model(processor, shape, seed: int):
+    from .build import build_model
+
+    return build_model(processor.tokenizer, shape, seed=seed)
+
+
+models.register_family("organism", _shape, _processor, _model,
+                       "a tiny Llava (patch-local CLIP tower, Llama decoder) over the synthetic world's words")

@@ -1,4 +1,4 @@
-"""Tests for dleaf.organism.study: the grid's settings, every setting really decoded with its own method through
+"""Tests for dleaf.grid: the grid's settings, every setting really decoded with its own method through
 the harness, the summary table's statistics and paired differences against independent computations."""
 
 import json
@@ -10,7 +10,8 @@ import pytest
 from dleaf import eval as harness
 from dleaf import generation, metrics
 from dleaf.io import InputError
-from dleaf.organism import study, world
+from dleaf import grid
+from dleaf.organism import world
 from dleaf.organism.benchmarks import VOCAB
 
 
@@ -83,12 +84,12 @@ def test_pope_statistics_equal_the_metric_core():
 
 def test_settings_validate_knobs_and_labels_are_folders():
     with pytest.raises(ValueError, match="no knob"):
-        study.setting("x", "dleaf", alpha=1)
-    assert study.setting("d", "dleaf", gamma=0.5).knob_dict == {"gamma": 0.5}
-    labels = [s.label for s in study.grid(0.0312)]
+        grid.setting("x", "dleaf", alpha=1)
+    assert grid.setting("d", "dleaf", gamma=0.5).knob_dict == {"gamma": 0.5}
+    labels = [s.label for s in grid.grid(0.0312)]
     assert len(labels) == len(set(labels)) == 14 and labels[:4] == ["greedy", "pai", "spin", "dleaf"]
-    assert len({study.slug(l) for l in labels}) == 14 and study.slug("dleaf gamma=0.25") == "dleaf_gamma=0.25"
-    assert study.grid(0.0312)[-1].knob_dict == {"random_rate": 0.0312}
+    assert len({grid.slug(l) for l in labels}) == 14 and grid.slug("dleaf gamma=0.25") == "dleaf_gamma=0.25"
+    assert grid.grid(0.0312)[-1].knob_dict == {"random_rate": 0.0312}
 
 
 def test_every_setting_is_decoded_with_its_own_method(tmp_path, tiny_organism, monkeypatch):
@@ -101,9 +102,9 @@ def test_every_setting_is_decoded_with_its_own_method(tmp_path, tiny_organism, m
         return original(model, processor, items, setting, *a, **k)
 
     monkeypatch.setattr("dleaf.eval.runner.generate", spy)
-    settings = [study.setting("greedy"), study.setting("spin", "spin", keep_ratio=0.25, scale=0.0),
-                study.setting("dleaf gamma=1", "dleaf", gamma=1.0, kappa=0.0, warmup=1)]
-    res = study.run_grid(model, processor, settings, "adversarial", 3, tmp_path, pope=True, batch_size=3,
+    settings = [grid.setting("greedy"), grid.setting("spin", "spin", keep_ratio=0.25, scale=0.0),
+                grid.setting("dleaf gamma=1", "dleaf", gamma=1.0, kappa=0.0, warmup=1)]
+    res = grid.run_grid(model, processor, settings, "adversarial", 3, tmp_path, pope=True, batch_size=3,
                          say=lambda m: None)
     assert [(s.method, s.knob_dict) for s in seen] == [(s.method, s.knob_dict) for s in settings for _ in (0, 1)]
     caps = {label: [json.loads(line)["raw"] for line in
@@ -111,11 +112,11 @@ def test_every_setting_is_decoded_with_its_own_method(tmp_path, tiny_organism, m
             for label, rec in res.items()}
     assert caps["spin"] != caps["greedy"]
     assert res["dleaf gamma=1"]["flag_rate"] > 0 and res["greedy"]["flag_rate"] is None
-    table, md = study.summary_table(res, n_resamples=100)
+    table, md = grid.summary_table(res, n_resamples=100)
     assert [r["label"] for r in table] == ["greedy", "spin", "dleaf gamma=1"] and "vs_base" in table[1]
     assert table[0]["chair_s"] == pytest.approx(res["greedy"]["caption_metrics"]["chair_s"])
     assert "| spin |" in md and md.count("\n") == 5
     # a second call resumes from the run folders: nothing is generated again
     seen.clear()
-    again = study.run_grid(model, processor, settings, "adversarial", 3, tmp_path, pope=True, say=lambda m: None)
+    again = grid.run_grid(model, processor, settings, "adversarial", 3, tmp_path, pope=True, say=lambda m: None)
     assert seen == [] and again["spin"]["captions"] == res["spin"]["captions"]

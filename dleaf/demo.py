@@ -1,20 +1,20 @@
-"""What the first screen shows: captions of held-out organism scenes where greedy decoding hallucinates, beside
-the same scenes decoded with D-LEAF (or another method), every object word checked against the scene's exact
-ground truth. The examples are not hand-picked: greedy decoding is run on the first ``scan`` adversarial scenes
-of the committed organism (whatever it is) and the scenes where its caption names an absent object are shown."""
+"""What the first screen shows: captions where greedy decoding hallucinates, beside the same images decoded with
+D-LEAF (or another method), every object word checked against the image's ground truth. The examples are not
+hand-picked: greedy decoding is run on the first ``scan`` items of a caption benchmark (by default the organism's
+adversarial scenes, exact ground truth) and the items where its caption names an absent object are shown."""
 
 from __future__ import annotations
 
-from .. import eval as harness
-from ..settings import Setting
+from . import eval as harness
+from .settings import Setting
 
 
 def hallucination_examples(model, processor, setting: Setting, scan: int = 64, n: int = 3, batch_size: int = 64,
-                           split: str = "adversarial") -> dict:
-    """Greedy and ``setting`` on the first ``scan`` scenes of ``split``: ``examples`` (up to ``n`` scenes where
+                           split: str = "adversarial", benchmark: str = "organism_caption") -> dict:
+    """Greedy and ``setting`` on the first ``scan`` items of section ``split`` of the caption ``benchmark``: ``examples`` (up to ``n`` scenes where
     greedy's caption hallucinates, each with both captions, the hallucinated objects of each, the scene's objects)
     and ``summary`` (CHAIR_s and hallucinated mentions of both on the scanned scenes)."""
-    bench = harness.load_benchmark("organism_caption", limit=scan, splits=[split])
+    bench = harness.load_benchmark(benchmark, limit=scan, splits=[split])
     plain = harness.evaluate(model, processor, bench, Setting(), batch_size)
     steered = harness.evaluate(model, processor, bench, setting, batch_size)
     examples = []

@@ -1,8 +1,8 @@
-"""Tests for dleaf.organism.demo: the examples are the scanned scenes where greedy decoding hallucinates (found by
+"""Tests for dleaf.demo: the examples are the scanned scenes where greedy decoding hallucinates (found by
 running it), and the effect sentence says plainly when the effect is small."""
 
 from dleaf import eval as harness
-from dleaf.organism import demo
+from dleaf import demo
 from dleaf.settings import Setting
 
 

@@ -16,9 +16,9 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .. import eval as harness
-from ..io import read_jsonl
-from ..settings import Setting
+from . import eval as harness
+from .io import read_jsonl
+from .settings import Setting
 
 
 def setting(label: str, method: str = "greedy", **knobs) -> Setting:
@@ -59,7 +59,7 @@ def _args(s: Setting, benchmark: str, out: Path, split: str, n_images: int, batc
           progress: bool) -> harness.EvalArguments:
     extra = {"negatives": ["adversarial"]} if benchmark == "organism_pope" else {}
     return harness.EvalArguments(benchmark=benchmark, output_dir=str(out), model=model, method=s.method,
-                                 knobs=[f"{k}={'none' if v is None else v}" for k, v in s.knobs],
+                                 knobs=s.knob_args(),
                                  splits=[split], limit=n_images, batch_size=batch_size, progress=progress,
                                  record_flags=s.config() is not None and hasattr(s.config(), "localization"),
                                  **extra)
@@ -105,12 +105,13 @@ def run_grid(model, processor, settings: Sequence[Setting], split: str, n_images
     return results
 
 
-def compare_to_base(base: dict, rec: dict, n_resamples: int = 2000) -> dict:
-    """Paired differences (this setting - base) of every caption and POPE statistic, on the same items."""
-    out = dict(harness.paired_differences(base["captions"], rec["captions"], n_resamples)[rec["split"]])
+def compare_to_base(base: dict, rec: dict, n_resamples: int = 2000, seed: int = 0) -> dict:
+    """Paired differences (this setting - base) of every caption and POPE statistic, on the same items (bootstrap
+    intervals seeded with ``seed``)."""
+    out = dict(harness.paired_differences(base["captions"], rec["captions"], n_resamples, seed)[rec["split"]])
     if "pope" in rec and "pope" in base:
         section = f"{rec['split']}/adversarial"
-        out.update(harness.paired_differences(base["pope"], rec["pope"], n_resamples)[section])
+        out.update(harness.paired_differences(base["pope"], rec["pope"], n_resamples, seed)[section])
     return out
 
 
@@ -118,7 +119,8 @@ def _rate(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def summary_table(results: dict[str, dict], base: str = "greedy", n_resamples: int = 2000) -> tuple[list[dict], str]:
+def summary_table(results: dict[str, dict], base: str = "greedy", n_resamples: int = 2000, seed: int = 0
+                  ) -> tuple[list[dict], str]:
     """Rows (one per setting) with the statistics and the paired differences from ``base``, and a markdown table."""
     table = []
     for label, rec in results.items():
@@ -130,7 +132,7 @@ def summary_table(results: dict[str, dict], base: str = "greedy", n_resamples: i
             p = rec["pope_metrics"]
             row.update({"pope_accuracy": p["accuracy"], "pope_f1": p["f1"], "pope_yes_ratio": p["yes_ratio"]})
         if label != base and base in results:
-            row["vs_base"] = compare_to_base(results[base], rec, n_resamples)
+            row["vs_base"] = compare_to_base(results[base], rec, n_resamples, seed)
         table.append(row)
 
     def cell(row, key, pct=True):
@@ -171,9 +173,11 @@ LEGEND = ("Cells: value (difference from greedy [95% paired bootstrap interval])
 
 def run_organism_grid(model, processor, out_dir: str | os.PathLike, n_images: int = 1000,
                       only: Sequence[str] | None = None, replicate: Sequence[str] = (), pope: bool = True,
-                      batch_size: int = 100, say: Callable = print, model_name: str = "organism") -> dict:
+                      batch_size: int = 100, say: Callable = print, model_name: str = "organism", seed: int = 0
+                      ) -> dict:
     """The whole grid on the adversarial split (greedy and D-LEAF first: D-LEAF's flag rate sets the random-layer
-    ablation's rate), then the ``replicate`` labels (and greedy) on the replication split. Returns ``{"report":
+    ablation's rate), then the ``replicate`` labels (and greedy) on the replication split; ``seed`` seeds the paired
+    bootstrap intervals. Returns ``{"report":
     {split: table rows}, "markdown": text}``."""
     first = [s for s in grid() if s.label in ("greedy", "dleaf")]
     results = run_grid(model, processor, first, "adversarial", n_images, out_dir, pope, batch_size, say, model_name)
@@ -187,14 +191,14 @@ def run_organism_grid(model, processor, out_dir: str | os.PathLike, n_images: in
         settings = [s for s in settings if s.label in set(only) | {"greedy", "dleaf"}]
     results = run_grid(model, processor, settings, "adversarial", n_images, out_dir, pope, batch_size, say,
                        model_name)
-    table, md = summary_table(results)
+    table, md = summary_table(results, seed=seed)
     sections = [f"## Adversarial split, {n_images} images\n\n{md}"]
     report = {"adversarial": table}
     if replicate:
         rep = [s for s in settings if s.label in set(replicate) | {"greedy"}]
         rep_results = run_grid(model, processor, rep, "replication", n_images, out_dir, pope, batch_size, say,
                                model_name)
-        rep_table, rep_md = summary_table(rep_results)
+        rep_table, rep_md = summary_table(rep_results, seed=seed)
         sections.append(f"## Replication split, {n_images} images\n\n{rep_md}")
         report["replication"] = rep_table
     markdown = "# Decoding methods on the organism\n\n" + LEGEND + "\n" + "\n\n".join(sections)
