@@ -25,7 +25,7 @@ def build_parser():
     from dleaf.faults import grid
 
     ap = cli.ArgumentParser(description=__doc__)
-    cli.add_common_arguments(ap, output_dir="runs/faults", progress=True)
+    cli.add_common_arguments(ap, output_dir="runs/faults", seed=0, progress=True)
     ap.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
                     help="a method knob, repeated; it goes to every chosen method that has it (python -m dleaf "
                          "methods lists them)")
@@ -39,7 +39,8 @@ def build_parser():
     ap.add_argument("--faults", nargs="+", default=None, metavar="N",
                     help="run only these faults of the grid, by number (as --list numbers them)")
     ap.add_argument("--benchmark", default="organism_caption", help="a registered caption benchmark")
-    ap.add_argument("--n_resamples", type=int, default=2000, help="bootstrap resamples of every interval")
+    ap.add_argument("--n_resamples", type=int, default=2000,
+                    help="bootstrap resamples of every interval (--seed seeds them)")
     ap.add_argument("--list", action="store_true", help="print the fault grid and the methods, and stop")
     return ap
 
@@ -70,7 +71,7 @@ def main(argv=None):
                                 benchmark=args.benchmark,
                                 limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                 model=args.model, n_resamples=args.n_resamples, knobs=cli.parse_knobs(args.knob),
-                                model_weights=grid.model_digest(path))
+                                model_weights=grid.model_digest(path), seed=args.seed)
     for split in cfg.splits:  # every input checked before the model loads
         cfg.load_benchmark(split)
     out = cli.check_output_dir(args.output_dir)

@@ -118,7 +118,8 @@ def pick_faults(faults: Sequence[FaultConfig], numbers: Sequence[str | int] | No
 @dataclasses.dataclass
 class FaultBenchConfig:
     """What the benchmark runs: the benchmark and its splits, images per split (``limit``), the faults, the
-    methods, method knobs, the token limit, the batch size and the model name recorded in every run.
+    methods, method knobs, the token limit, the batch size, the model name and its weights' digest recorded in every
+    run, the bootstrap resamples and their seed.
 
     ``knobs`` (``--knob name=value``) go to every chosen method whose configuration has that knob and does not fix
     it itself (``dleaf_mass`` fixes ``layer_signal``, ``random_layers`` its ``random_rate``): ``gamma=0.5`` changes
@@ -136,6 +137,7 @@ class FaultBenchConfig:
     n_resamples: int = 2000
     knobs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     model_weights: str | None = None
+    seed: int = 0
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]

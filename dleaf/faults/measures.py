@@ -90,29 +90,23 @@ def ratio_interval(num, den, n_resamples: int = 2000, seed: int = 0, confidence:
     return out
 
 
+def _ratio(n, d, axis=-1):
+    dd = np.sum(d, axis=axis)
+    return np.divide(np.sum(n, axis=axis), dd, out=np.full(np.shape(dd), np.nan), where=dd > 0)
+
+
 def ratio_difference(num_a, den_a, num_b, den_b, n_resamples: int = 2000, seed: int = 0,
                      confidence: float = 0.95) -> dict:
-    """``sum(num_a)/sum(den_a) - sum(num_b)/sum(den_b)`` over the same items, with a paired percentile bootstrap
-    interval (items resampled jointly in both)."""
-    arrays = [np.asarray(x, float) for x in (num_a, den_a, num_b, den_b)]
-
-    def ratio(n, d, axis=-1):
-        dd = d.sum(axis)
-        return np.divide(n.sum(axis), dd, out=np.full(np.shape(dd), np.nan), where=dd > 0)
-
-    def stat(na, da, nb, db, axis=-1):
-        return ratio(na, da, axis) - ratio(nb, db, axis)
-
-    point = float(stat(*arrays))
-    out = {"diff": point, "low": math.nan, "high": math.nan}
-    if not math.isfinite(point) or len(arrays[0]) < 2:
-        return out
+    """``sum(num_a)/sum(den_a) - sum(num_b)/sum(den_b)`` over the same items, with the harness's paired percentile
+    bootstrap interval (:func:`dleaf.eval.compare.paired_difference`: items resampled jointly in both); NaN where a
+    denominator is 0."""
+    a = tuple(np.asarray(x, float) for x in (num_a, den_a))
+    b = tuple(np.asarray(x, float) for x in (num_b, den_b))
+    point = float(_ratio(*a) - _ratio(*b))
+    if not math.isfinite(point) or len(a[0]) < 2:
+        return {"diff": point, "low": math.nan, "high": math.nan}
     with np.errstate(invalid="ignore"):
-        res = stats.bootstrap(tuple(arrays), stat, paired=True, vectorized=True, n_resamples=n_resamples,
-                              confidence_level=confidence, method="percentile", random_state=seed)
-    lo, hi = res.confidence_interval
-    out["low"], out["high"] = float(lo), float(hi)
-    return out
+        return compare.paired_difference(b, a, _ratio, n_resamples, seed, confidence)
 
 
 def error_kinds(score: dict) -> tuple[int, int]:
@@ -124,20 +118,21 @@ def error_kinds(score: dict) -> tuple[int, int]:
     return hall - sub, sub
 
 
-def damage(base: Sequence[dict], faulted: Sequence[dict], n_resamples: int = 2000) -> dict:
+def damage(base: Sequence[dict], faulted: Sequence[dict], n_resamples: int = 2000, seed: int = 0) -> dict:
     """The faulted model against the unfaulted one on the same items (one caption section): every statistic of
     :func:`dleaf.eval.paired_differences` (faulted - unfaulted, with its paired interval), additions and
     substitutions per image likewise, and the totals of both runs."""
-    diffs = compare.paired_differences(base, faulted, n_resamples)
+    diffs = compare.paired_differences(base, faulted, n_resamples, seed)
     (section,) = diffs.values()
     by_id = {r["id"]: r for r in faulted}
     b_kinds = np.array([error_kinds(r) for r in base], float)
     f_kinds = np.array([error_kinds(by_id[r["id"]]) for r in base], float)
     mean = lambda x, axis=-1: np.mean(x, axis=axis)  # noqa: E731
     out = dict(section)
-    out["additions_per_image"] = compare.paired_difference((b_kinds[:, 0],), (f_kinds[:, 0],), mean, n_resamples)
+    out["additions_per_image"] = compare.paired_difference((b_kinds[:, 0],), (f_kinds[:, 0],), mean, n_resamples,
+                                                           seed)
     out["substitutions_per_image"] = compare.paired_difference((b_kinds[:, 1],), (f_kinds[:, 1],), mean,
-                                                               n_resamples)
+                                                               n_resamples, seed)
     out["totals"] = {"unfaulted": totals(base), "faulted": totals(faulted)}
     return out
 
@@ -173,12 +168,12 @@ def repair_counts(base: Sequence[dict], faulted: Sequence[dict], repaired: Seque
     return {k: np.array(v, float) for k, v in out.items()}
 
 
-def repair(base, faulted, repaired, n_resamples: int = 2000) -> dict:
+def repair(base, faulted, repaired, n_resamples: int = 2000, seed: int = 0) -> dict:
     """Fractions of lost grounded objects restored and of added hallucinated objects removed
     (:func:`repair_counts`), with bootstrap intervals over images, and the counts."""
     c = repair_counts(base, faulted, repaired)
-    return {"restored": ratio_interval(c["restored"], c["lost"], n_resamples),
-            "removed": ratio_interval(c["removed"], c["added"], n_resamples),
+    return {"restored": ratio_interval(c["restored"], c["lost"], n_resamples, seed),
+            "removed": ratio_interval(c["removed"], c["added"], n_resamples, seed),
             **{f"n_{k}": int(v.sum()) for k, v in c.items()}}
 
 
@@ -280,7 +275,7 @@ def change_arrays(rows: Sequence[dict], num_layers: int) -> dict[str, np.ndarray
 
 
 def localization(rows: Sequence[dict], config: dict, fault: FaultConfig | None, num_layers: int,
-                 flags: bool, n_resamples: int = 2000) -> dict:
+                 flags: bool, n_resamples: int = 2000, seed: int = 0) -> dict:
     """One run's localization (see the module docstring): for a flagging method precision, recall, flag rate,
     the chance precision (faulted share of its cells), the per-layer flag rate and the AUROC of the signal's margin
     over its threshold, faulted against unfaulted cells, pooled over the watched layers (``auroc``: what the flags
@@ -291,20 +286,20 @@ def localization(rows: Sequence[dict], config: dict, fault: FaultConfig | None, 
     layers = watched_layers(config, num_layers)
     a = localization_arrays(rows, fault, layers, num_layers)
     out: dict[str, Any] = {"layers": layers, "cells": int(a["cells"].sum()), "faulted_cells": int(a["faulted"].sum())}
-    out["faulted_share"] = ratio_interval(a["faulted"], a["cells"], n_resamples)
+    out["faulted_share"] = ratio_interval(a["faulted"], a["cells"], n_resamples, seed)
     if flags:
-        out["flag_rate"] = ratio_interval(a["flagged"], a["cells"], n_resamples)
-        out["precision"] = ratio_interval(a["hits"], a["flagged"], n_resamples)
-        out["recall"] = ratio_interval(a["hits"], a["faulted"], n_resamples)
+        out["flag_rate"] = ratio_interval(a["flagged"], a["cells"], n_resamples, seed)
+        out["precision"] = ratio_interval(a["hits"], a["flagged"], n_resamples, seed)
+        out["recall"] = ratio_interval(a["hits"], a["faulted"], n_resamples, seed)
         with np.errstate(invalid="ignore", divide="ignore"):
             out["layer_flag_rate"] = (a["layer_flagged"] / np.where(a["layer_cells"] > 0, a["layer_cells"], np.nan)
                                       ).tolist()
         n_auc = min(n_resamples, 500)
-        out["auroc"] = auroc_by_reply(a["margins"], within_layer=False, n_resamples=n_auc)
-        out["auroc_within_layer"] = auroc_by_reply(a["margins"], within_layer=True, n_resamples=n_auc)
+        out["auroc"] = auroc_by_reply(a["margins"], within_layer=False, n_resamples=n_auc, seed=seed)
+        out["auroc_within_layer"] = auroc_by_reply(a["margins"], within_layer=True, n_resamples=n_auc, seed=seed)
     if rows and "change" in rows[0]["cells"]:
         ch = change_arrays(rows, num_layers)
-        out["change_share"] = ratio_interval(ch["faulted"], ch["total"], n_resamples)
+        out["change_share"] = ratio_interval(ch["faulted"], ch["total"], n_resamples, seed)
         total = ch["layer"].sum()
         out["layer_change_share"] = (ch["layer"] / total).tolist() if total > 0 else [math.nan] * num_layers
         out["_change"] = ch

@@ -32,8 +32,10 @@ def _strip(d):
 def build_report(out: str | Path, cfg: FaultBenchConfig) -> dict:
     """Every table of the benchmark from the run folders under ``out`` (see the module docstring)."""
     out = Path(out)
-    n = cfg.n_resamples
-    report: dict[str, Any] = {"benchmark": cfg.benchmark, "model": cfg.model, "limit": cfg.limit,
+    n, seed = cfg.n_resamples, cfg.seed
+    report: dict[str, Any] = {"benchmark": cfg.benchmark, "model": cfg.model,
+                              "model_weights_sha256": cfg.model_weights, "limit": cfg.limit, "seed": cfg.seed,
+                              "knobs": dict(cfg.knobs),
                               "methods": list(cfg.methods), "faults": [f.record() for f in cfg.faults],
                               "fault_labels": [f.label() for f in cfg.faults], "splits": {}}
     for split in cfg.splits:
@@ -49,14 +51,14 @@ def build_report(out: str | Path, cfg: FaultBenchConfig) -> dict:
             L = num_layers or (num_layers_of(rows) if name != "greedy" else None)
             entry = {"metrics": totals(scores), "knobs": config.get("knobs", {})}
             if name != "greedy":
-                loc = localization(rows, config, None, L, METHODS[name].flags, n)
+                loc = localization(rows, config, None, L, METHODS[name].flags, n, seed)
                 entry["localization"] = _strip(loc)
                 if name == "dleaf":
                     entry["signal"] = signal_profile(rows, None, L)
             sec["unfaulted"][name] = entry
         for fault in cfg.faults:
             f_cfg, f_rows, f_scores = _read_rows(run_dir_of(out, split, fault, "greedy"))
-            entry: dict[str, Any] = {"label": fault.label(), "damage": damage(base_scores, f_scores, n),
+            entry: dict[str, Any] = {"label": fault.label(), "damage": damage(base_scores, f_scores, n, seed),
                                      "methods": {}}
             locs = {}
             for name in cfg.methods:
@@ -65,22 +67,22 @@ def build_report(out: str | Path, cfg: FaultBenchConfig) -> dict:
                 config, rows, scores = _read_rows(run_dir_of(out, split, fault, name))
                 L = num_layers or num_layers_of(rows)
                 m: dict[str, Any] = {"knobs": config.get("knobs", {}), "metrics": totals(scores),
-                                     "vs_faulted": compare.paired_differences(f_scores, scores, n)[split],
-                                     "repair": repair(base_scores, f_scores, scores, n)}
+                                     "vs_faulted": compare.paired_differences(f_scores, scores, n, seed)[split],
+                                     "repair": repair(base_scores, f_scores, scores, n, seed)}
                 if name in ROW_METHODS:
-                    loc = localization(rows, config, fault, L, METHODS[name].flags, n)
+                    loc = localization(rows, config, fault, L, METHODS[name].flags, n, seed)
                     locs[name] = loc
                     m["localization"] = _strip(loc)
                 if name == "dleaf":
                     m["signal"] = signal_profile(rows, fault, L)
                 entry["methods"][name] = m
-            entry["comparisons"] = _comparisons(locs, n)
+            entry["comparisons"] = _comparisons(locs, n, seed)
             sec["faults"][fault.label()] = entry
         report["splits"][split] = sec
     return report
 
 
-def _comparisons(locs: dict, n: int) -> dict:
+def _comparisons(locs: dict, n: int, seed: int = 0) -> dict:
     """Paired differences over images: each D-LEAF variant's precision minus random layers', and its share of
     change on faulted cells minus PAI's."""
     out = {}
@@ -91,10 +93,11 @@ def _comparisons(locs: dict, n: int) -> dict:
         if "random_layers" in locs:
             r = locs["random_layers"]["_arrays"]
             out[f"{name}_precision_minus_random"] = ratio_difference(a["hits"], a["flagged"], r["hits"], r["flagged"],
-                                                                     n)
+                                                                     n, seed)
         if "pai" in locs and "_change" in locs[name] and "_change" in locs["pai"]:
             c, p = locs[name]["_change"], locs["pai"]["_change"]
-            out[f"{name}_share_minus_pai"] = ratio_difference(c["faulted"], c["total"], p["faulted"], p["total"], n)
+            out[f"{name}_share_minus_pai"] = ratio_difference(c["faulted"], c["total"], p["faulted"], p["total"], n,
+                                                              seed)
     return out
 
 
@@ -127,7 +130,8 @@ def _auc(d) -> str:
 
 def report_markdown(report: dict) -> str:
     """The tables of a report (damage, localization, repair per split; the signal profile of the unfaulted model)."""
-    lines = [f"Model: {report['model']}; benchmark {report['benchmark']}; "
+    weights = f" (weights {report['model_weights_sha256']})" if report.get("model_weights_sha256") else ""
+    lines = [f"Model: {report['model']}{weights}; benchmark {report['benchmark']}; "
              f"{'all' if report['limit'] is None else report['limit']} images per split. Intervals: 95% bootstrap "
              "over images (percentile); AUROC intervals resample replies.", ""]
     for split, sec in report["splits"].items():
