@@ -11,9 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("evaluate.py", "premise_check.py", "organism_grid.py", "organism_demo.py", "profile_organism.py",
-           "run_dleaf.py", "study.py")
+           "run_dleaf.py", "study.py", "fault_benchmark.py")
 #: scripts whose results depend on a random draw (sampling, bootstrap intervals, probe splits)
-SEEDED = ("evaluate.py", "premise_check.py", "organism_grid.py", "profile_organism.py")
+SEEDED = ("evaluate.py", "premise_check.py", "organism_grid.py", "profile_organism.py", "fault_benchmark.py")
 
 
 def parser_of(name):
