@@ -13,7 +13,7 @@ import sys
 from dleaf import cli
 
 
-def run(argv=None) -> int:
+def main(argv=None) -> int:
     from dleaf.organism.train import TrainConfig
 
     try:
@@ -37,4 +37,4 @@ def run(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.main(run, sys.argv[1:], resumable=False))
+    sys.exit(cli.main(main, sys.argv[1:], resumable=False))

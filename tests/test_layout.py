@@ -157,8 +157,7 @@ def test_tests_import_no_private_names():
 
 #: Citations that their owners fix elsewhere: the committed profile is regenerated with the retrained organism
 #: (its generator no longer cites a design file), the correspondence document is rewritten with the DPO work.
-CITATIONS_PENDING = {("data/organism_profile.md", "ORGANISM.md"),
-                     ("docs/correspondence.md", "THEORY.md"), ("docs/correspondence.md", "../shared/design/THEORY.md")}
+CITATIONS_PENDING: set[tuple[str, str]] = set()
 
 
 def _cited(text: str, markdown: bool = True) -> set[str]:
@@ -183,7 +182,6 @@ def test_the_project_stands_alone():
             (rel, "../shared/design/THEORY.md") in CITATIONS_PENDING, f"{rel} names a path outside the repository"
         for name in _cited(text, markdown=path.suffix == ".md"):  # links in code are in the reports it writes
             candidates = [ROOT / name, ROOT / "docs" / name, path.parent / name, ROOT / "data" / name]
-            kept = rel.startswith("data/variants/") and name == "ORGANISM.md"  # earlier profiles, kept as written
-            if not any(c.exists() for c in candidates) and (rel, name) not in CITATIONS_PENDING and not kept:
+            if not any(c.exists() for c in candidates) and (rel, name) not in CITATIONS_PENDING:
                 missing.append(f"{rel} cites {name}")
     assert missing == [], missing

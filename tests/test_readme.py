@@ -24,6 +24,8 @@ SMALL = {
     "profile_organism.py": ["--n_images", "2", "--no_probe"],
     "train_dpo.py": ["--max_steps", "1"],
     "correspondence.py": ["--n_pairs", "4"],
+    "fault_benchmark.py": ["--limit", "2", "--max_new_tokens", "4", "--faults", "1", "--splits", "adversarial",
+                           "--n_resamples", "100", "--no_progress"],
 }
 #: the last line of every command: where its outputs are (``outputs: PATH``, ``report: PATH``), or that it wrote none
 LAST_LINE = re.compile(r"^([a-z][a-z ]*: \S.*|no files written.*)$")

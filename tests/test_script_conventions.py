@@ -11,9 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("evaluate.py", "premise_check.py", "organism_grid.py", "organism_demo.py", "profile_organism.py",
-           "run_dleaf.py", "study.py")
+           "run_dleaf.py", "study.py", "fault_benchmark.py")
 #: scripts whose results depend on a random draw (sampling, bootstrap intervals, probe splits)
-SEEDED = ("evaluate.py", "premise_check.py", "organism_grid.py", "profile_organism.py")
+SEEDED = ("evaluate.py", "premise_check.py", "organism_grid.py", "profile_organism.py", "fault_benchmark.py")
 
 
 def parser_of(name):
@@ -69,21 +69,14 @@ def test_dash_aliases_parse_like_the_underscore_flags():
 
 
 def _help_of(name, capsys):
-    namespace = runpy.run_path(str(ROOT / "scripts" / name), run_name="script")
-    main = namespace.get("main") or namespace["run"]
+    main = runpy.run_path(str(ROOT / "scripts" / name), run_name="script")["main"]
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
     return capsys.readouterr().out
 
 
-#: scripts whose move to the convention is landing with other work (drop an entry once its script passes)
-CONVENTION_PENDING = {"correspondence.py"}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(p.name, marks=pytest.mark.xfail(reason="moves to dleaf.cli with the DPO work", strict=False))
-    if p.name in CONVENTION_PENDING else p.name for p in sorted((ROOT / "scripts").glob("*.py"))])
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "scripts").glob("*.py")))
 def test_every_script_accepts_dash_aliases(name, capsys):
     help_text = _help_of(name, capsys)
     flags = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", help_text.split("\noptions:", 1)[1]))  # not the examples

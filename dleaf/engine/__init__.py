@@ -34,9 +34,15 @@ __all__ = ["ATTENTION_NAME", "UNWATCHED", "AttentionCall", "Intervention", "PER_
 
 
 def attach(model, method="dleaf", *, trace: bool = False, unwatched: str = "auto", compile: bool = False,
-           **knobs) -> Intervention:
+           fault=None, **knobs) -> Intervention:
     """Attach a method to ``model`` (a config object, or a method name from :func:`dleaf.config.method_names` with
-    ``knobs``).
+    ``knobs``), and/or a fault.
+
+    ``fault``: a :class:`dleaf.faults.FaultConfig` (or any object whose ``bind(num_layers, num_heads)`` returns a
+    pre-method hook: an object with ``layers`` and ``hook(call, rows) -> rows``). In the hook's layers, the active
+    attention rows are replaced by the hook's before the method sees them (:meth:`AttentionCall.weights`), so the
+    method acts on the faulted attention exactly as it would on a natural one. ``method=None`` (or ``"greedy"``) with
+    a fault attaches the fault alone.
 
     Returns the :class:`Intervention`; call its ``detach()`` or use it as a context manager. The model must be in
     eval mode for results that match plain decoding (dropout is honoured as the model's own attention does).
@@ -51,17 +57,22 @@ def attach(model, method="dleaf", *, trace: bool = False, unwatched: str = "auto
     """
     from ..config import method_config
 
-    config = method_config(method, **knobs) if isinstance(method, str) else method
+    if method is None or method == "greedy":
+        if knobs:
+            raise ValueError(f"knobs {', '.join(sorted(knobs))} were given without a method")
+        config = None
+    else:
+        config = method_config(method, **knobs) if isinstance(method, str) else method
     if knobs and not isinstance(method, str):
         raise ValueError("pass knobs with a method name, or a config object alone")
-    return Intervention(model, config, trace=trace, unwatched=unwatched, compile=compile)._attach()
+    return Intervention(model, config, trace=trace, unwatched=unwatched, compile=compile, fault=fault)._attach()
 
 
 @contextlib.contextmanager
 def attached(model, method="dleaf", **kwargs):
     """``with attached(model, "dleaf", gamma=0.5) as iv: model.generate(...)``; ``method=None`` or ``"greedy"``
-    attaches nothing (plain decoding) and yields None."""
-    if method is None or method == "greedy":
+    without a ``fault`` attaches nothing (plain decoding) and yields None."""
+    if (method is None or method == "greedy") and kwargs.get("fault") is None:
         yield None
         return
     intervention = attach(model, method, **kwargs)

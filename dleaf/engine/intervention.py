@@ -61,10 +61,49 @@ class AttentionCall:
         return torch.matmul(self.query, k.transpose(2, 3))
 
     def weights(self, pre_softmax=None) -> torch.Tensor:
-        """The eager post-softmax weights (B, H, Q, K), dropout applied as the model's attention applies it."""
-        weights = kernels.eager_weights(self.module, self.query, self.key, self.attention_mask, self.scaling,
-                                        pre_softmax, self.softcap, self.sinks)
+        """The eager post-softmax weights (B, H, Q, K), dropout applied as the model's attention applies it.
+
+        In a layer of the intervention's pre-method hook (a fault, :mod:`dleaf.faults`), the active rows are the
+        hook's rows, before the method sees them. A method that edits the pre-softmax scores (``pre_softmax``, as
+        PAI does) gets the scores whose softmax is the hook's rows: the log of each changed weight plus the row's
+        log-normaliser, every unchanged weight keeping its score bit for bit; a weight made zero gets the lowest finite
+        score, as a masked key has."""
+        hook = self.host.pre_method
+        if hook is not None and self.layer in hook.layers:
+            if pre_softmax is None:
+                weights = kernels.eager_weights(self.module, self.query, self.key, self.attention_mask,
+                                                self.scaling, None, self.softcap, self.sinks)
+                weights = self._suffix(weights, hook(self, weights[:, :, self.first:]))
+            else:
+                if self.sinks is not None:
+                    raise NotImplementedError("a fault under a method that edits pre-softmax scores, with attention "
+                                              "sinks, is not supported")
+                weights = kernels.eager_weights(self.module, self.query, self.key, self.attention_mask,
+                                                self.scaling, self._hooked_scores(hook, pre_softmax), self.softcap)
+        else:
+            weights = kernels.eager_weights(self.module, self.query, self.key, self.attention_mask, self.scaling,
+                                            pre_softmax, self.softcap, self.sinks)
         return torch.nn.functional.dropout(weights, p=self.dropout, training=self.module.training)
+
+    def positions(self) -> torch.Tensor:
+        """(B, Qa): each active-suffix row's index among its sample's active rows (0: the last prompt token, whose
+        row predicts the first generated token; then one per generated token); negative where not active."""
+        return self.host.row_positions(self.pad)
+
+    def _suffix(self, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.first == 0 else torch.cat([weights[:, :, :self.first], rows], dim=2)
+
+    def _hooked_scores(self, hook, pre_softmax):
+        def edit(scores):
+            rows = scores[:, :, self.first:]
+            plain = torch.nn.functional.softmax(rows, dim=-1, dtype=torch.float32)
+            new = hook(self, plain)
+            norm = torch.logsumexp(rows.float(), dim=-1, keepdim=True)
+            low = torch.finfo(scores.dtype).min  # a weight made zero gets the mask's score, not -inf
+            rows = torch.where(new != plain, (torch.log(new) + norm).clamp(min=low), rows.float()).to(scores.dtype)
+            return pre_softmax(self._suffix(scores, rows))
+
+        return edit
 
     def values(self) -> torch.Tensor:
         return kernels.repeat_kv(self.value, getattr(self.module, "num_key_value_groups", 1))
@@ -97,8 +136,9 @@ class _Sequence:
 class Intervention:
     """A method attached to a model. Use :func:`dleaf.engine.attach` (or :func:`dleaf.engine.attached`)."""
 
-    def __init__(self, model, config, trace: bool = False, unwatched: str = "auto", compile: bool = False):
-        from ..methods import method_for
+    def __init__(self, model, config, trace: bool = False, unwatched: str = "auto", compile: bool = False,
+                 fault=None):
+        from ..methods import Method, method_for
 
         if unwatched not in UNWATCHED:
             raise ValueError(f"unwatched must be 'auto' (the model's own kind), 'eager' (exact) or 'sdpa' (faster), "
@@ -110,8 +150,20 @@ class Intervention:
         self.modules = text_attention_modules(model)
         self.num_layers = len(self.modules)
         self.num_heads = int(text_config(model).num_attention_heads)
-        self.method = method_for(config)(config, self)
-        self.watched = set(self.method.watched_layers(self.num_layers)) if self.method.acts_on_attention else set()
+        if config is None:
+            if fault is None:
+                raise ValueError("nothing to attach: give a method, a fault, or both")
+            self.method = Method(None, self)  # the fault alone, on plain decoding
+            self.watched = set()
+        else:
+            self.method = method_for(config)(config, self)
+            self.watched = set(self.method.watched_layers(self.num_layers)) if self.method.acts_on_attention else set()
+        # the pre-method hook (a fault): fault.bind(layers, heads) -> hook with .layers and hook(call, rows) -> rows
+        self.fault = fault
+        self.pre_method = fault.bind(self.num_layers, self.num_heads) if fault is not None else None
+        if self.pre_method is not None and self.compile:
+            raise ValueError("compile=True runs the softmax inside a compiled region that a fault cannot reach; "
+                             "attach a fault without compile")
         self.trace = Trace(self.num_layers, self.num_heads) if trace else None
         self._attached = False
         self._seq: _Sequence | None = None
@@ -131,7 +183,7 @@ class Intervention:
         self._previous = text_config(self.model)._attn_implementation
         self.unwatched = resolve_unwatched(self.unwatched_choice, self._previous)
         register_modules(self, self.modules)
-        if self.method.acts_on_attention:
+        if self._switches_attention:
             self._set_implementation(ATTENTION_NAME)
         self._hooks = [
             self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
@@ -139,6 +191,10 @@ class Intervention:
         ]
         self._attached = True
         return self
+
+    @property
+    def _switches_attention(self) -> bool:
+        return self.method.acts_on_attention or self.pre_method is not None
 
     def reattach(self) -> "Intervention":
         """Attach again after :meth:`detach`, keeping the current sequence's state (to take turns with other
@@ -160,7 +216,7 @@ class Intervention:
         for hook in self._hooks:
             hook.remove()
         unregister_modules(self.modules)
-        if self.method.acts_on_attention:
+        if self._switches_attention:
             self._set_implementation(self._previous)
         self._attached = False
 
@@ -419,7 +475,8 @@ class Intervention:
             self._checked.add(type(module))
         softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
         sdpa_ok = softcap is None and sinks is None  # sdpa honours neither
-        if layer not in self.watched:
+        hooked = self.pre_method is not None and layer in self.pre_method.layers
+        if layer not in self.watched and not hooked:
             if self.unwatched == "sdpa" and sdpa_ok:
                 return kernels.plain_sdpa(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
             return kernels.plain_eager(module, query, key, value, attention_mask, scaling, dropout, softcap, sinks)
@@ -442,7 +499,15 @@ class Intervention:
             query, attention_mask, first = query[:, :, first:], attention_mask[:, :, first:], 0
         call = AttentionCall(self, layer, module, query, key, value, attention_mask, scaling, dropout, softcap, sinks,
                              first, active, self.image_keys(k_len), pad, prefix)
+        if layer not in self.watched:  # a faulted layer the method does not watch: the faulted rows, nothing else
+            weights = call.weights()
+            return call.finish(torch.matmul(weights, call.values()), weights)
         return self.method.attend(call)
+
+    def row_positions(self, pad: int) -> torch.Tensor:
+        """(B, Q - pad): for the rows from ``pad`` on of this forward call, the index of each among its sample's
+        active rows (0 at the last prompt token), negative before them."""
+        return self._call["columns"][pad:][None, :] - self._seq.active_from[:, None]
 
     def keep_record(self, layer: int, record: dict, pad: int) -> None:
         """Store a layer's trace record for this forward call, padded to every query row, on the CPU."""
