@@ -187,3 +187,32 @@ def test_metrics_re_exports_the_vocabulary():
 
     assert metrics.ObjectVocabulary is ObjectVocabulary and metrics.tokenize is tokenize
     assert metrics.Mention is Mention
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Killing the survivors of a mutation run (tests/mutation.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_a_phrase_longer_than_the_caption_does_not_stop_shorter_ones():
+    v = ObjectVocabulary({"big red fire truck": "truck", "dog": "dog", "hot dog": "hot dog"})
+    assert [m.category for m in v.extract("a dog")] == ["dog"]  # 2 words: the 4-word phrase is skipped, not the rest
+    assert [m.category for m in v.extract("dog")] == ["dog"]
+
+
+def test_vocabulary_and_mentions_are_frozen_and_the_index_is_derived():
+    import dataclasses
+
+    v = ObjectVocabulary({"dog": "dog"})
+    m = v.extract("a dog")[0]
+    for obj, name in ((v, "synonyms"), (m, "category")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, name, None)
+    assert "_by_length" not in repr(v) and repr(m) == "Mention(surface='dog', category='dog', word_index=1)"
+    with pytest.raises(TypeError):
+        ObjectVocabulary({"dog": "dog"}, None, {})  # the phrase index is never passed in
+
+
+def test_category_examples_shows_five_then_the_total():
+    assert category_examples("abcde") == "valid categories include 'a', 'b', 'c', 'd', 'e'"
+    assert category_examples("abcdef") == "valid categories include 'a', 'b', 'c', 'd', 'e', ... (6 in total)"
