@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -118,6 +119,52 @@ def load_adapter(model, path: str | Path):
     peft_model = PeftModel.from_pretrained(model, str(path))
     peft_model.eval()
     return peft_model
+
+
+#: weight files up to this size are fingerprinted whole; above it, by BLOCKS evenly spaced blocks of BLOCK_BYTES
+FULL_HASH_BYTES = 64 << 20
+BLOCK_BYTES, BLOCKS = 1 << 20, 64
+
+
+def checkpoint_fingerprint(path: str | Path) -> str | None:
+    """The identity of a local checkpoint folder's weights: sha256 over each weight file's name, size and bytes
+    (``*.safetensors`` and ``*.bin`` sorted by name; whole files up to 64 MiB, else 64 evenly spaced blocks of
+    1 MiB, which tell two trainings of one architecture apart without reading gigabytes). None for a hub id or a
+    folder without weight files. :func:`dpo_link.train.run` records it in ``dpo_run.json`` as ``base_model``."""
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin")
+                   and f.name != "training_args.bin")
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}\n".encode())
+        with open(f, "rb") as fh:
+            if size <= FULL_HASH_BYTES:
+                h.update(fh.read())
+                continue
+            for i in range(BLOCKS):
+                fh.seek((size - BLOCK_BYTES) * i // (BLOCKS - 1))
+                h.update(fh.read(BLOCK_BYTES))
+    return h.hexdigest()
+
+
+def check_adapter_base(adapter: str | Path, model_path: str | Path, run_record: dict | None) -> None:
+    """A ValueError when the adapter's run record (``dpo_run.json``) fingerprints another base checkpoint than the
+    local folder ``model_path``: an adapter applied to a model it was not trained on gives meaningless rewards, and
+    PEFT loads it silently when the shapes agree (a retrained organism). Nothing when either side has no
+    fingerprint (a hub id; an adapter recorded before fingerprints were)."""
+    recorded = ((run_record or {}).get("base_model") or {}).get("fingerprint")
+    if not recorded:
+        return
+    current = checkpoint_fingerprint(model_path)
+    if current is not None and current != recorded:
+        raise ValueError(f"the adapter at {adapter} was trained on another checkpoint than {model_path} (its "
+                         f"dpo_run.json records base weights {recorded[:12]}, these are {current[:12]}): train an "
+                         f"adapter on this checkpoint with scripts/train_dpo.py --model {model_path}")
 
 
 # --------------------------------------------------------------------------------------------------- scoring

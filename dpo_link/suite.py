@@ -33,8 +33,8 @@ from . import correspondence as C
 from . import dleaf_dpo
 from .collate import pair_batches, response_batches, response_rows
 from .data import check_dataset_path, load_preference_dataset, parse_column_map
-from .rewards import (GROUNDED, HALLUCINATED, KIND_NAMES, Policy, check_adapter_files, dpo_loss, flag_rate,
-                      load_adapter, random_target_factory, score_rows, token_kinds)
+from .rewards import (GROUNDED, HALLUCINATED, KIND_NAMES, Policy, check_adapter_base, check_adapter_files, dpo_loss,
+                      flag_rate, load_adapter, random_target_factory, score_rows, token_kinds)
 
 NULLS = ("random_target", "random_layers")
 ORGANISM = "organism"
@@ -323,7 +323,7 @@ def prepare(output_dir: str | Path, model: str = ORGANISM, adapter: str | Path |
         if n_generations < 0 or 0 < n_generations < C.MIN_ROWS:
             raise InputError(f"n_generations must be 0 (none) or at least {C.MIN_ROWS}, got {n_generations}")
         organism_model = str(model) == ORGANISM
-        models.check_model(model)
+        model_path = models.check_model(model)
         models.check_dtype(dtype)
         if adapter is None:
             if not organism_model:
@@ -333,6 +333,7 @@ def prepare(output_dir: str | Path, model: str = ORGANISM, adapter: str | Path |
         adapter = Path(adapter)
         check_adapter_files(adapter)
         run_record = read_json(adapter / "dpo_run.json", "run record") if (adapter / "dpo_run.json").is_file() else {}
+        check_adapter_base(adapter, model_path, run_record)
         if str(dataset) == ORGANISM:
             dataset = ORGANISM
         else:
@@ -428,6 +429,17 @@ def verdict(report: dict) -> dict:
                f"reward accuracy {num(d['accuracy'])} (adapter {num(a['accuracy'])}), slope at gamma 0 {num(slope)}; "
                f"Spearman of r_D and r_theta {interval(rho)} on {pr['n_pairs']} held-out pairs")
     return {"summary": summary, "agrees": dleaf_dpo.is_descent_step(d, slope)}
+
+
+def check_study_adapter(model: str, adapter: str | Path | None) -> None:
+    """Before a study runs anything: a :class:`dleaf.io.InputError` when ``adapter`` was trained on another
+    checkpoint than ``model`` (:func:`dpo_link.rewards.check_adapter_base`)."""
+    if adapter is None or not (Path(adapter) / "dpo_run.json").is_file():
+        return
+    try:
+        check_adapter_base(adapter, models.check_model(model), read_json(Path(adapter) / "dpo_run.json", "run record"))
+    except ValueError as e:
+        raise e if isinstance(e, InputError) else InputError(str(e)) from None
 
 
 def study_step(out_dir: str | Path, n_pairs: int = 100, knobs: dict | None = None, seed: int = 0,

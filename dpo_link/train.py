@@ -30,7 +30,7 @@ from trl import ModelConfig
 
 from .collate import VisionPreferenceCollator, pair_batches
 from .data import check_dataset_path, load_preference_dataset, parse_column_map, preference_dataset
-from .rewards import adapter_rewards, dpo_loss
+from .rewards import adapter_rewards, checkpoint_fingerprint, dpo_loss
 from .validate import validate_preference_dataset
 
 logger = logging.getLogger(__name__)
@@ -383,6 +383,7 @@ def check_inputs(script_args: ScriptArguments, training_args, model_args, model_
 def run(script_args: ScriptArguments, training_args, model_args, model=None, processor=None, progress=None) -> dict:
     """Train one adapter; returns the run record (also written to ``output_dir/dpo_run.json``). ``progress(msg)``
     receives one-line messages (resuming, saving)."""
+    from dleaf import models
     from dleaf.io import write_json_atomic, write_text_atomic
 
     say = progress or (lambda msg: logger.info(msg))
@@ -392,6 +393,8 @@ def run(script_args: ScriptArguments, training_args, model_args, model=None, pro
         say(f"resuming from {Path(resume).name} of {training_args.output_dir}")
     if script_args.threads is not None:
         torch.set_num_threads(script_args.threads)
+    # the base checkpoint's folder, whose weights the run record fingerprints
+    source = models.resolve(model_args.model_name_or_path or ORGANISM)[0] if model is None else model.name_or_path
     if model is None:
         model, processor = load_model(model_args, training_args)
     train_ds, eval_ds, data_info = build_datasets(script_args, model, processor, seed=training_args.seed)
@@ -431,6 +434,7 @@ def run(script_args: ScriptArguments, training_args, model_args, model=None, pro
                                 "lora_target_modules": _target_modules(trainer.model),
                                 "processes": training_args.world_size}
             record["environment"] = _environment()
+            record["base_model"] = {"name": str(model.name_or_path), "fingerprint": checkpoint_fingerprint(source)}
             record = json.loads(json.dumps(record, default=str))
             write_json_atomic(record, out / "dpo_run.json")
             write_text_atomic(model_card(record), out / "README.md")

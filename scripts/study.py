@@ -89,6 +89,13 @@ def main(argv=None):
     except ValueError as err:
         raise InputError(str(err)) from None
     cli.check_output_dir(args.output_dir)
+    if cfg.adapter_path:
+        try:  # an adapter trained on another checkpoint is refused before anything runs
+            from dpo_link.suite import check_study_adapter
+        except ImportError:
+            check_study_adapter = None
+        if check_study_adapter is not None:
+            check_study_adapter(cfg.model, cfg.adapter_path)
     cli.set_threads(args.threads)
     report = run_study(args.output_dir, cfg, progress=args.progress, correspondence=correspondence_suite())
     if report is not None:  # process 0

@@ -235,3 +235,46 @@ def test_bad_models_adapters_and_rows(tmp_path, processor, rows, make_model, mak
         response_rows([None, None], ["a"], ["b", "c"])
     with pytest.raises(ValueError, match="policy names must be distinct"):
         rewards.score_rows(make_peft(processor), batches, 0.1, [rewards.Policy("base", DLeafConfig())])
+
+
+# ------------------------------------------------------------------------------------------- base-model identity
+def test_checkpoint_fingerprint_by_hand(tmp_path, monkeypatch):
+    import hashlib
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    small, big = bytes(range(256)) * 2, bytes((7 * i) % 251 for i in range(1000))
+    (folder / "model-2.safetensors").write_bytes(big)
+    (folder / "model-1.safetensors").write_bytes(small)
+    (folder / "config.json").write_text("{}")  # not a weight file
+    (folder / "training_args.bin").write_bytes(b"options")  # not weights either
+    monkeypatch.setattr(rewards, "FULL_HASH_BYTES", 600)
+    monkeypatch.setattr(rewards, "BLOCK_BYTES", 16)
+    monkeypatch.setattr(rewards, "BLOCKS", 4)
+    h = hashlib.sha256(b"model-1.safetensors:512\n" + small + b"model-2.safetensors:1000\n")
+    for offset in (0, 328, 656, 984):  # four blocks of 16 bytes, evenly spaced, the last one ending the file
+        h.update(big[offset:offset + 16])
+    assert rewards.checkpoint_fingerprint(folder) == h.hexdigest()
+    (folder / "model-2.safetensors").write_bytes(big[:500] + b"x" + big[501:])  # between the blocks: unseen
+    assert rewards.checkpoint_fingerprint(folder) == h.hexdigest()
+    (folder / "model-1.safetensors").write_bytes(small[:-1] + b"x")  # a small file is hashed whole
+    assert rewards.checkpoint_fingerprint(folder) != h.hexdigest()
+    assert rewards.checkpoint_fingerprint("owner/some-model") is None
+    assert rewards.checkpoint_fingerprint(tmp_path / "missing") is None
+    (tmp_path / "empty").mkdir()
+    assert rewards.checkpoint_fingerprint(tmp_path / "empty") is None
+
+
+def test_an_adapter_of_another_checkpoint_is_refused(tmp_path, tiny_dir, processor):
+    same = rewards.checkpoint_fingerprint(tiny_dir)
+    assert same is not None and same == rewards.checkpoint_fingerprint(tiny_dir)
+    build.build_model(processor.tokenizer, build.OrganismShape(text_hidden=32, text_layers=2, text_heads=4,
+                                                               text_intermediate=64), seed=1).save_pretrained(
+        tmp_path / "retrained")
+    other = rewards.checkpoint_fingerprint(tmp_path / "retrained")
+    assert other is not None and other != same  # the same architecture, other weights
+    rewards.check_adapter_base("a", tiny_dir, {"base_model": {"fingerprint": same}})
+    with pytest.raises(ValueError, match="was trained on another checkpoint"):
+        rewards.check_adapter_base("a", tmp_path / "retrained", {"base_model": {"fingerprint": same}})
+    rewards.check_adapter_base("a", tmp_path / "retrained", {})  # no fingerprint recorded: nothing to compare
+    rewards.check_adapter_base("a", "owner/hub-model", {"base_model": {"fingerprint": same}})  # a hub id

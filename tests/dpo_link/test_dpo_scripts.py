@@ -213,6 +213,21 @@ def test_the_study_scores_the_adapter_it_is_given(tmp_path, tiny_adapter, monkey
     assert seen[1]["adapter"] == study.StudyConfig().adapter_path
 
 
+def test_the_study_refuses_an_adapter_of_another_checkpoint(tmp_path, tiny_adapter, capsys):
+    """An adapter whose run record fingerprints other base weights than the study's model (here the committed
+    organism) is refused with error: and exit 2 before anything runs."""
+    import shutil
+
+    shutil.copytree(tiny_adapter, tmp_path / "foreign")
+    (tmp_path / "foreign" / "dpo_run.json").write_text(json.dumps({"base_model": {"fingerprint": "0" * 64}}))
+    script = _load_script("study")
+    assert script.cli.main(script.main, ["--adapter", str(tmp_path / "foreign"),
+                                         "--output_dir", str(tmp_path / "study")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "trained on another checkpoint" in err
+    assert not (tmp_path / "study").exists() or not any((tmp_path / "study").iterdir())
+
+
 def test_correspondence_script_refuses_bad_input_before_loading(tmp_path, tiny_dir, tiny_adapter, capsys):
     script = _correspondence_script()
     common = ["--model", str(tiny_dir), "--output_dir", str(tmp_path / "o")]

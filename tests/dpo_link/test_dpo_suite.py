@@ -66,6 +66,22 @@ def test_every_input_is_checked_before_any_model_loads(tmp_path, tiny_dir, tiny_
     with pytest.raises(ValueError, match="is a file"):
         suite.prepare(tmp_path / "file", **ok)
     assert suite.prepare(tmp_path / "out", beta=0.05, **ok).protocol.beta == 0.05
+    # an adapter whose run record fingerprints another base checkpoint
+    import shutil
+
+    from dpo_link.rewards import checkpoint_fingerprint
+
+    shutil.copytree(tiny_adapter, tmp_path / "foreign")
+    record = json.loads((tmp_path / "foreign" / "dpo_run.json").read_text())
+    (tmp_path / "foreign" / "dpo_run.json").write_text(json.dumps({**record, "base_model": {"fingerprint": "0" * 64}}))
+    with pytest.raises(ValueError, match="trained on another checkpoint"):
+        suite.prepare(tmp_path / "out", model=str(tiny_dir), adapter=tmp_path / "foreign")
+    with pytest.raises(ValueError, match="trained on another checkpoint"):
+        suite.check_study_adapter(str(tiny_dir), tmp_path / "foreign")
+    (tmp_path / "foreign" / "dpo_run.json").write_text(json.dumps(
+        {**record, "base_model": {"fingerprint": checkpoint_fingerprint(tiny_dir)}}))
+    suite.prepare(tmp_path / "out", model=str(tiny_dir), adapter=tmp_path / "foreign")
+    suite.check_study_adapter(str(tiny_dir), tmp_path / "foreign")
 
 
 def test_one_run_on_a_saved_tiny_checkpoint(tmp_path, tiny_dir, tiny_adapter):

@@ -103,6 +103,9 @@ def test_tiny_dpo_run_saves_a_loadable_adapter_and_card(tmp_path, tiny_dir):
     assert record["eval_by_task"]["all"]["n"] == 8
     assert record["eval_by_task"]["all"]["loss"] == pytest.approx(record["eval_after"]["loss"], abs=2e-6)
     assert json.loads((out / "dpo_run.json").read_text())["config"]["dpo"]["beta"] == 0.1
+    from dpo_link.rewards import checkpoint_fingerprint
+
+    assert record["base_model"]["fingerprint"] == checkpoint_fingerprint(tiny_dir) is not None
     base, proc2 = _tiny(tiny_dir)
     assert proc2.tokenizer.padding_side == "left"
     loaded = PeftModel.from_pretrained(base, out).eval()
