@@ -29,6 +29,15 @@ def test_softcap_and_sinks_in_the_kernel_equal_transformers_eager():
         torch.testing.assert_close(ours[1], theirs[1], atol=1e-6, rtol=1e-6)
     plain = kernels.plain_eager(module, q, k, v, mask, 0.3)[0]
     assert (plain - gemma2_eager(module, q, k, v, mask, scaling=0.3, softcap=2.0)[0]).abs().max() > 1e-3
+    # in bfloat16 too, operation for operation (with sinks the row maximum is subtracted in bfloat16 before the
+    # softmax, as GPT-OSS does: large scores keep their precision)
+    low = [t.to(torch.bfloat16) * 2 for t in (q, k, v)]
+    module.sinks, mask = module.sinks.to(torch.bfloat16), mask.to(torch.bfloat16)  # a bfloat16 model's mask
+    for theirs, kwargs in [(gemma2_eager(module, *low, mask, scaling=0.3, softcap=2.0), {"softcap": 2.0}),
+                           (gpt_oss_eager(module, *low, mask, scaling=0.3), {"sinks": module.sinks})]:
+        ours = kernels.plain_eager(module, *low, mask, 0.3, **kwargs)
+        torch.testing.assert_close(ours[1], theirs[1], atol=0, rtol=0)
+        torch.testing.assert_close(ours[0], theirs[0], atol=0, rtol=0)
 
 
 def test_unknown_attention_arguments_are_refused():
