@@ -11,9 +11,10 @@ from .settings import Setting
 
 def hallucination_examples(model, processor, setting: Setting, scan: int = 64, n: int = 3, batch_size: int = 64,
                            split: str = "adversarial", benchmark: str = "organism_caption") -> dict:
-    """Greedy and ``setting`` on the first ``scan`` items of section ``split`` of the caption ``benchmark``: ``examples`` (up to ``n`` scenes where
-    greedy's caption hallucinates, each with both captions, the hallucinated objects of each, the scene's objects)
-    and ``summary`` (CHAIR_s and hallucinated mentions of both on the scanned scenes)."""
+    """Greedy and ``setting`` on the first ``scan`` items of section ``split`` of the caption ``benchmark``:
+    ``examples`` (up to ``n`` items where greedy's caption hallucinates, each with both captions, the hallucinated
+    objects of each, the image's objects) and ``summary`` (CHAIR_s and hallucinated mentions of both on the scanned
+    items)."""
     bench = harness.load_benchmark(benchmark, limit=scan, splits=[split])
     plain = harness.evaluate(model, processor, bench, Setting(), batch_size)
     steered = harness.evaluate(model, processor, bench, setting, batch_size)

@@ -46,6 +46,23 @@ def mention_token_offsets(tokenizer, response_ids: Sequence[int], vocab: metrics
     return out
 
 
+ERROR_KINDS = ("addition", "substitution", "mixed")
+
+
+def error_kind(mentioned: set, truth: set) -> str | None:
+    """What kind of error a reply's hallucinated objects are, by the counts of :func:`dleaf.metrics.chair`:
+    ``addition`` when the reply names every object of the image (its hallucinations are on top of a complete
+    reply), ``substitution`` when it misses at least as many real objects as it names absent ones (each wrong name
+    can stand for a missed real object), ``mixed`` otherwise (some of each, not told apart word by word), None when
+    nothing is hallucinated."""
+    hallucinated, missed = mentioned - truth, truth - mentioned
+    if not hallucinated:
+        return None
+    if not missed:
+        return "addition"
+    return "substitution" if len(hallucinated) <= len(missed) else "mixed"
+
+
 @torch.no_grad()
 def attention_records(model, processor, images: Sequence, prompts: Sequence[str], replies: Sequence[str],
                       truths: Sequence[Sequence[str]], vocab: metrics.ObjectVocabulary, batch_size: int = 8,
@@ -94,9 +111,13 @@ def attention_records(model, processor, images: Sequence, prompts: Sequence[str]
                 share_sum = part if share_sum is None else share_sum + part
                 share_n += len(reply_rows)
             truth = set(truths[start + i])
-            for j, m in mention_token_offsets(tok, r, vocab):
+            mentions = mention_token_offsets(tok, r, vocab)
+            kind = error_kind({m.category for _, m in mentions}, truth)
+            for j, m in mentions:
                 k = row_of[n + j - 1]  # the row that predicts the mention's first token
-                records.append({"sample": start + i, "word": m.category, "hallucinated": m.category not in truth,
+                hallucinated = m.category not in truth
+                records.append({"sample": start + i, "word": m.category, "hallucinated": hallucinated,
+                                "error": kind if hallucinated else None,
                                 "liae": tr["signal"][k].tolist(), "mass": mass[k].tolist()})
     share = (share_sum / max(share_n, 1)).tolist() if share_sum is not None else []
     return records, share
@@ -109,9 +130,15 @@ def premise_records(model, processor, images: Sequence, prompts: Sequence[str], 
     return attention_records(model, processor, images, prompts, replies, truths, vocab, batch_size, progress)[0]
 
 
-def premise_rows(records: Sequence[dict], n_bootstrap: int = 2000, seed: int = 0) -> list[premise.PremiseRow]:
+def premise_rows(records: Sequence[dict], n_bootstrap: int = 2000, seed: int = 0,
+                 error: str | None = None) -> list[premise.PremiseRow]:
     """Per layer and signal (LIAE; image-mass deficit = -mass, both 'larger = more anomalous'), the AUROC of
-    hallucinated against grounded mentions with a bootstrap interval."""
+    hallucinated against grounded mentions with a bootstrap interval. ``error`` (one of :data:`ERROR_KINDS`) keeps
+    only the hallucinated mentions of that kind (see :func:`error_kind`), against every grounded mention."""
+    if error is not None:
+        if error not in ERROR_KINDS:
+            raise ValueError(f"unknown error kind {error!r}; expected one of {', '.join(ERROR_KINDS)}")
+        records = [r for r in records if not r["hallucinated"] or r.get("error") == error]
     if not records:
         return []
     hall = np.array([r["hallucinated"] for r in records], dtype=bool)

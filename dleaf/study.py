@@ -161,7 +161,8 @@ def eval_arguments(cfg: StudyConfig, out: Path, bench: str, setting: Setting,
                    progress: bool = True) -> harness.EvalArguments:
     """The harness arguments of one (benchmark, setting) cell of the study."""
     common = dict(benchmark=bench, output_dir=str(_eval_dir(out, bench, setting.label)), method=setting.method,
-                  knobs=setting.knob_args(), adapter=cfg.adapter_path if uses_adapter(setting) else None, limit=cfg.images, batch_size=cfg.generation_batch,
+                  knobs=setting.knob_args(), adapter=cfg.adapter_path if uses_adapter(setting) else None,
+                  limit=cfg.images, batch_size=cfg.generation_batch,
                   progress=progress, model=cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
     if bench == "organism_caption":
         return harness.EvalArguments(**common, splits=["adversarial"])

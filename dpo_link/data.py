@@ -128,27 +128,28 @@ def ranked_pairs(images: Sequence, prompt: str, replies: Mapping[str, Sequence[s
 
 # ------------------------------------------------------------------------------------------- a user's dataset
 def parse_column_map(spec) -> dict[str, str] | None:
-    """A column renaming from ``None``, a mapping, or ``name=value`` strings (``["question=prompt",
-    "image=images"]``, the knob syntax of every script and recipe). Errors name the bad entry."""
+    """A column renaming from ``None``, a mapping, or ``old=new`` entries in the knob syntax of every script and
+    recipe (:func:`dleaf.cli.parse_knobs`): a list (``["question=prompt", "image=images"]``) or one string with the
+    entries separated by commas (``"question=prompt,image=images"``). Errors name the bad entry."""
+    from dleaf.cli import parse_knobs
+    from dleaf.io import InputError
+
     if not spec:
         return None
     if isinstance(spec, Mapping):
-        items = list(spec.items())
-    else:
-        if isinstance(spec, str):
-            spec = [spec]
-        items = []
-        for entry in spec:
-            if not isinstance(entry, str) or "=" not in entry:
-                raise ValueError(f"column_map entries look like old=new, got {entry!r}")
-            old, new = (s.strip() for s in entry.split("=", 1))
-            items.append((old, new))
-    out = {}
-    for old, new in items:
-        if not old or not new:
-            raise ValueError(f"column_map entry {old}={new} needs a column name on both sides")
-        out[str(old)] = str(new)
-    return out
+        return {str(k): str(v) for k, v in spec.items()}
+    entries = [e.strip() for e in spec.split(",")] if isinstance(spec, str) else list(spec)
+    bad = [e for e in entries if not isinstance(e, str) or "=" not in e]
+    if bad:
+        raise InputError(f"column_map entries look like old=new (question=prompt), got {bad[0]!r}")
+    try:
+        out = parse_knobs(entries)
+    except InputError as e:
+        raise InputError(f"column_map: {str(e).replace('knob', 'column')}") from None
+    empty = [k for k, v in out.items() if v in (None, "")]
+    if empty:
+        raise InputError(f"column_map entry {empty[0]}= names no new column")
+    return {k: str(v) for k, v in out.items()}
 
 
 def _wrap_plain_row(row: dict, image_token: str) -> dict:

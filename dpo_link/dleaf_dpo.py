@@ -143,3 +143,11 @@ def sweep_slope(curve: list[dict]) -> float:
         return float("nan")
     (g0, l0), (g1, l1) = pts[0], pts[1]
     return (l1 - l0) / (g1 - g0)
+
+
+def is_descent_step(loss_stats: dict, slope: float, level: float = 0.05) -> bool:
+    """Whether D-LEAF is a DPO descent step on the pairs: the slope of its DPO loss at gamma 0 is negative, its loss
+    (:func:`dpo_link.rewards.dpo_loss` at its gamma) is below log 2, and its reward accuracy is above 1/2 with a
+    sign-test p-value below ``level``."""
+    return bool(slope < 0 and loss_stats["loss"] < LOG2 and loss_stats["accuracy"] > 0.5
+                and loss_stats["accuracy_p_value"] < level)

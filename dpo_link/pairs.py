@@ -7,7 +7,8 @@ Rows are in TRL's vision preference format (:mod:`dpo_link.data`), plus provenan
   yes/no answer); ``rejected`` is the same description with sentences naming objects that the scene's theme makes
   likely but the image lacks (absent theme partners of present objects), inserted where the organism itself would
   say them, or the wrong yes/no answer.
-- :func:`self_generated_pairs`: the model's own captions under several decoders (plain greedy, D-LEAF), ranked by
+- :func:`self_generated_pairs`: the model's own captions under several decoding settings (:class:`dleaf.settings.
+  Setting`; default plain greedy and D-LEAF), ranked by
   their exact hallucination count against the scene (:func:`dpo_link.data.ranked_pairs`); the least
   hallucinating reply is ``chosen`` and the most hallucinating one ``rejected``, so a D-LEAF reply preferred over a
   greedy one "distils" D-LEAF into an adapter.
@@ -24,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from dleaf import generation
 from dleaf.organism import world
+from dleaf.settings import Setting
 
 from .data import preference_dataset, preference_example, ranked_pairs
 
@@ -177,40 +180,8 @@ def adversarial_scenes(n: int, start: int = 0) -> list[world.Scene]:
     return world.scenes("adversarial", n, world_seed=TRAIN_WORLD_SEED, start=start)
 
 
-@dataclasses.dataclass(frozen=True)
-class Decoder:
-    """One way to decode a reply: an engine method (``"greedy"``, ``"dleaf"``, ``"pai"``, ``"spin"``, ...) with its
-    knobs. ``name`` labels the replies in the data."""
-
-    name: str
-    method: str = "greedy"
-    knobs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-
-#: plain greedy decoding against D-LEAF (default knobs): the decoders self-generated pairs compare
-DEFAULT_DECODERS: tuple[Decoder, ...] = (Decoder("greedy"), Decoder("dleaf", "dleaf"))
-
-
-def generate_replies(model, processor, prompts: Sequence[str], images: Sequence, decoder: Decoder,
-                     max_new_tokens: int = 80, batch_size: int = 64) -> list[str]:
-    """One greedy reply per (prompt, image) under ``decoder``'s method (batched, left-padded)."""
-    import torch
-
-    from dleaf import engine
-    from dleaf.organism.chat import user_turn
-
-    if len(prompts) != len(images):
-        raise ValueError(f"got {len(prompts)} prompts but {len(images)} images")
-    replies: list[str] = []
-    for i in range(0, len(images), batch_size):
-        texts = [processor.apply_chat_template(user_turn(p), add_generation_prompt=True, tokenize=False)
-                 for p in prompts[i:i + batch_size]]
-        batch = processor(text=texts, images=list(images[i:i + batch_size]), return_tensors="pt", padding=True)
-        batch = batch.to(model.device)
-        with torch.no_grad(), engine.attached(model, decoder.method, **dict(decoder.knobs)):
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-        replies += processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [r.strip() for r in replies]
+#: plain greedy decoding against D-LEAF (default knobs): the settings self-generated pairs compare
+DEFAULT_SETTINGS: tuple[Setting, ...] = (Setting(label="greedy"), Setting("dleaf", label="dleaf"))
 
 
 def hallucination_counts(replies: Sequence[str], scenes: Sequence[world.Scene]) -> list[tuple[int, int]]:
@@ -222,25 +193,27 @@ def hallucination_counts(replies: Sequence[str], scenes: Sequence[world.Scene]) 
     return [(len(c.hallucinated), len(c.mentioned - c.hallucinated)) for c in result.per_caption]
 
 
-def self_generated_pairs(model, processor, scenes: Sequence[world.Scene], decoders: Sequence[Decoder] = DEFAULT_DECODERS,
-                         prompt: str = world.CAPTION_PROMPTS[0], max_new_tokens: int = 80, batch_size: int = 64,
-                         min_margin: int = 1) -> list[dict]:
-    """Preference rows from the model's own captions of ``scenes``, one per decoder, ranked by their exact
-    hallucination count against each scene (:func:`dpo_link.data.ranked_pairs`): scenes where no reply
+def self_generated_pairs(model, processor, scenes: Sequence[world.Scene],
+                         settings: Sequence[Setting] = DEFAULT_SETTINGS, prompt: str = world.CAPTION_PROMPTS[0],
+                         max_new_tokens: int = 80, batch_size: int = 64, min_margin: int = 1) -> list[dict]:
+    """Preference rows from the model's own captions of ``scenes``, one per decoding setting (through the one
+    generation loop, :func:`dleaf.generation.generate_texts`), ranked by their exact hallucination count against
+    each scene (:func:`dpo_link.data.ranked_pairs`; a reply is named by its setting's label): scenes where no reply
     hallucinates less than another by ``min_margin`` objects give no row."""
-    if len({d.name for d in decoders}) != len(decoders) or len(decoders) < 2:
-        raise ValueError(f"self-generated pairs need at least two decoders with distinct names, got "
-                         f"{[d.name for d in decoders]}")
+    labels = [s.label for s in settings]
+    if len(set(labels)) != len(labels) or len(labels) < 2:
+        raise ValueError(f"self-generated pairs need at least two decoding settings with distinct labels, got "
+                         f"{labels}")
     if not scenes:
         raise ValueError("self_generated_pairs needs at least one scene")
     images = [world.render(s) for s in scenes]
     was_training = model.training
     model.eval()
     try:
-        replies = {d.name: generate_replies(model, processor, [prompt] * len(scenes), images, d, max_new_tokens,
-                                            batch_size) for d in decoders}
+        replies = {s.label: generation.generate_texts(model, processor, [prompt] * len(scenes), images, s,
+                                                      max_new_tokens, batch_size) for s in settings}
     finally:
         model.train(was_training)
-    counts = {name: hallucination_counts(r, scenes) for name, r in replies.items()}
+    counts = {label: hallucination_counts(r, scenes) for label, r in replies.items()}
     meta = [{"scene_seed": s.seed, "objects": list(s.objects)} for s in scenes]
     return ranked_pairs(images, prompt, replies, counts, min_margin, meta)

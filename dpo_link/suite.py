@@ -15,7 +15,6 @@ model is loaded; :func:`run` loads the model and the adapter, measures and write
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -24,11 +23,16 @@ from typing import Any
 
 import numpy as np
 
+from dleaf import generation, models
 from dleaf.config import DLeafConfig
+from dleaf.io import InputError, read_json
+from dleaf.resources import data_path
+from dleaf.settings import Setting, check_knobs
 
 from . import correspondence as C
 from . import dleaf_dpo
 from .collate import pair_batches, response_batches, response_rows
+from .data import check_dataset_path, load_preference_dataset, parse_column_map
 from .rewards import (GROUNDED, HALLUCINATED, KIND_NAMES, Policy, check_adapter_files, dpo_loss, flag_rate,
                       load_adapter, random_target_factory, score_rows, token_kinds)
 
@@ -286,11 +290,6 @@ class Prepared:
         return self.dataset == ORGANISM
 
 
-def _data_path(name: str) -> Path:
-    """A folder of the project's data (the committed checkpoints)."""
-    return Path(__file__).resolve().parents[1] / "data" / name
-
-
 def _recorded_beta(run_record: dict) -> float | None:
     beta = run_record.get("config", {}).get("dpo", {}).get("beta")
     return float(beta) if beta is not None else None
@@ -303,8 +302,8 @@ def prepare(output_dir: str | Path, model: str = ORGANISM, adapter: str | Path |
             n_resamples: int = 2000, permutations: int = 2000, confidence: float = 0.95, seed: int = 0,
             top_k: int | None = None, dtype: str = "float32", device: str | None = None,
             command: str | None = None) -> Prepared:
-    """Check every input of a correspondence run without loading any model; a ValueError or FileNotFoundError
-    names what is wrong.
+    """Check every input of a correspondence run without loading any model; a :class:`dleaf.io.InputError` (a
+    ValueError) names what is wrong.
 
     ``model``: ``organism`` or a checkpoint folder / hub id. ``adapter``: the PEFT adapter trained on it (default
     for the organism: its committed adapter). ``dataset``: ``organism`` (the adapter's held-out ground-truth pairs,
@@ -312,54 +311,45 @@ def prepare(output_dir: str | Path, model: str = ORGANISM, adapter: str | Path |
     beta (from ``dpo_run.json``), else 0.1. ``n_generations``: the organism's own greedy captions of that many
     adversarial images are scored too (0 skips them; only with organism data).
     """
-    knobs = dict(knobs or {})
-    config = DLeafConfig(**knobs)
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"the output folder {output_dir} is a file")
-    if n_pairs < C.MIN_ROWS:
-        raise ValueError(f"n_pairs must be at least {C.MIN_ROWS} (a correlation, its interval and its test need "
-                         f"three pairs), got {n_pairs}")
-    if n_generations < 0 or 0 < n_generations < C.MIN_ROWS:
-        raise ValueError(f"n_generations must be 0 (none) or at least {C.MIN_ROWS}, got {n_generations}")
-    organism_model = str(model) == ORGANISM
-    if adapter is None:
-        if not organism_model:
-            raise ValueError(f"the correspondence suite on {model!r} needs the DPO adapter trained on it (adapter=)")
-        adapter = _data_path(ORGANISM_ADAPTER)
-    adapter = Path(adapter)
-    check_adapter_files(adapter)
-    run_record = json.loads((adapter / "dpo_run.json").read_text()) if (adapter / "dpo_run.json").is_file() else {}
-    if str(dataset) == ORGANISM:
-        dataset = ORGANISM
-    else:
-        from .data import check_dataset_path, parse_column_map
-
-        check_dataset_path(dataset)
-        parse_column_map(column_map)
-        dataset = str(dataset)
-    if n_generations and dataset != ORGANISM:
-        n_generations = 0  # free generations need the images' ground truth: organism data only
-    if beta is None:
-        beta = _recorded_beta(run_record) or 0.1
-    protocol = CorrespondenceProtocol(beta=float(beta), gammas=tuple(float(g) for g in gammas), fd_step=fd_step,
-                                      batch_size=batch_size, n_resamples=n_resamples, permutations=permutations,
-                                      confidence=confidence, seed=seed, top_k=top_k)
+    try:
+        knobs = check_knobs("dleaf", dict(knobs or {}))
+        config = DLeafConfig(**knobs)
+        output_dir = Path(output_dir)
+        if output_dir.exists() and not output_dir.is_dir():
+            raise InputError(f"the output folder {output_dir} is a file")
+        if n_pairs < C.MIN_ROWS:
+            raise InputError(f"n_pairs must be at least {C.MIN_ROWS} (a correlation, its interval and its test need "
+                             f"three pairs), got {n_pairs}")
+        if n_generations < 0 or 0 < n_generations < C.MIN_ROWS:
+            raise InputError(f"n_generations must be 0 (none) or at least {C.MIN_ROWS}, got {n_generations}")
+        organism_model = str(model) == ORGANISM
+        models.check_model(model)
+        models.check_dtype(dtype)
+        if adapter is None:
+            if not organism_model:
+                raise InputError(f"the correspondence suite on {model!r} needs the DPO adapter trained on it "
+                                 "(--adapter)")
+            adapter = data_path(ORGANISM_ADAPTER)
+        adapter = Path(adapter)
+        check_adapter_files(adapter)
+        run_record = read_json(adapter / "dpo_run.json", "run record") if (adapter / "dpo_run.json").is_file() else {}
+        if str(dataset) == ORGANISM:
+            dataset = ORGANISM
+        else:
+            check_dataset_path(dataset)
+            parse_column_map(column_map)
+            dataset = str(dataset)
+        if n_generations and dataset != ORGANISM:
+            n_generations = 0  # free generations need the images' ground truth: organism data only
+        if beta is None:
+            beta = _recorded_beta(run_record) or 0.1
+        protocol = CorrespondenceProtocol(beta=float(beta), gammas=tuple(float(g) for g in gammas), fd_step=fd_step,
+                                          batch_size=batch_size, n_resamples=n_resamples, permutations=permutations,
+                                          confidence=confidence, seed=seed, top_k=top_k)
+    except (FileNotFoundError, TypeError, ValueError) as e:
+        raise e if isinstance(e, InputError) else InputError(str(e)) from None
     return Prepared(str(model), adapter, dataset, dataset_split, column_map, n_pairs, n_generations, knobs, config,
                     protocol, run_record, output_dir, dtype, device, command)
-
-
-def _load_model(name: str, dtype: str, device: str | None):
-    """``(model, processor)``: ``organism`` or a local checkpoint, eager attention, in eval mode."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    path = str(_data_path(ORGANISM)) if name == ORGANISM else name
-    processor = AutoProcessor.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager",
-                                                        dtype=getattr(torch, dtype)).eval()
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return model, processor
 
 
 def _portable(path) -> str:
@@ -383,7 +373,7 @@ def run(prep: Prepared, progress: Callable[[str], None] | None = None) -> dict:
     say = progress or (lambda msg: None)
     t0 = time.time()
     say(f"loading {prep.model} and the adapter {_portable(prep.adapter)}")
-    model, processor = _load_model(prep.model, prep.dtype, prep.device)
+    model, processor = models.load(prep.model, attn_implementation="eager", dtype=prep.dtype, device=prep.device)
     peft_model = load_adapter(model, prep.adapter)
     vocabulary = None
     if prep.organism_data:
@@ -392,8 +382,6 @@ def run(prep: Prepared, progress: Callable[[str], None] | None = None) -> dict:
         rows, data_info = organism_pairs.held_out_rows(prep.n_pairs, prep.run_record)
         vocabulary = organism_pairs.VOCABULARY
     else:
-        from .data import load_preference_dataset
-
         rows = [dict(r) for r in load_preference_dataset(prep.dataset, prep.dataset_split, prep.column_map,
                                                          limit=prep.n_pairs)]
         data_info = {"source": "disk", "path": _portable(prep.dataset), "split": prep.dataset_split,
@@ -411,8 +399,8 @@ def run(prep: Prepared, progress: Callable[[str], None] | None = None) -> dict:
         say(f"greedy captions of {prep.n_generations} adversarial images (adapter off), then scoring them")
         images, prompts, objects = organism_pairs.caption_items(prep.n_generations)
         with peft_model.disable_adapter():
-            replies = organism_pairs.generate_replies(peft_model.get_base_model(), processor, prompts, images,
-                                                      organism_pairs.Decoder("greedy"))
+            replies = generation.generate_texts(peft_model.get_base_model(), processor, prompts, images, Setting(),
+                                                max_new_tokens=80, batch_size=64)
         gen_rows = response_rows(images, prompts, replies, objects=objects)
         report["generations"] = measure_generations(peft_model, processor, gen_rows, prep.config, prep.protocol,
                                                     vocabulary)
@@ -427,19 +415,19 @@ def run_suite(output_dir: str | Path, progress: Callable[[str], None] | None = N
 
 
 def verdict(report: dict) -> dict:
-    """``summary`` (one line) and ``agrees``: whether D-LEAF is a DPO descent step on these pairs (negative slope at
-    gamma 0, DPO loss below log 2 at its configured gamma, reward accuracy above 1/2 by a sign test at 5%)."""
+    """``summary`` (one line) and ``agrees``: whether D-LEAF is a DPO descent step on these pairs
+    (:func:`dpo_link.dleaf_dpo.is_descent_step`: negative slope at gamma 0, DPO loss below log 2 at its configured
+    gamma, reward accuracy above 1/2 by a sign test at 5%)."""
+    from .report import interval, num
+
     pr = report["pairs_report"]
     d, a = pr["dpo"]["dleaf"], pr["dpo"]["adapter"]
     rho = pr["sequence"]["dleaf"]["spearman"]
     slope = pr["slope"]["slope"]
-    agrees = bool(slope < 0 and d["loss"] < math.log(2) and d["accuracy"] > 0.5 and d["accuracy_p_value"] < 0.05)
-    from .report import interval
-
-    summary = (f"D-LEAF's DPO loss {d['loss']:.6f} against log 2 = {math.log(2):.6f} (adapter {a['loss']:.4f}), "
-               f"reward accuracy {d['accuracy']:.3f} (adapter {a['accuracy']:.3f}), slope at gamma 0 {slope:.3g}; "
+    summary = (f"D-LEAF's DPO loss {d['loss']:.6f} against log 2 = {math.log(2):.6f} (adapter {num(a['loss'])}), "
+               f"reward accuracy {num(d['accuracy'])} (adapter {num(a['accuracy'])}), slope at gamma 0 {num(slope)}; "
                f"Spearman of r_D and r_theta {interval(rho)} on {pr['n_pairs']} held-out pairs")
-    return {"summary": summary, "agrees": agrees}
+    return {"summary": summary, "agrees": dleaf_dpo.is_descent_step(d, slope)}
 
 
 def study_step(out_dir: str | Path, n_pairs: int = 100, knobs: dict | None = None, seed: int = 0,
@@ -454,7 +442,7 @@ def study_step(out_dir: str | Path, n_pairs: int = 100, knobs: dict | None = Non
     from .report import report_markdown
 
     organism = model == ORGANISM
-    if organism and adapter is None and not (_data_path(ORGANISM_ADAPTER) / "adapter_config.json").is_file():
+    if organism and adapter is None and not (data_path(ORGANISM_ADAPTER) / "adapter_config.json").is_file():
         return None
     if not organism and dataset is None:
         raise ValueError(f"the correspondence suite on {model!r} needs held-out preference pairs (dataset=)")

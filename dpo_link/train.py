@@ -21,13 +21,15 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from trl import ModelConfig
 
 from .collate import VisionPreferenceCollator, pair_batches
-from .data import load_preference_dataset, parse_column_map, preference_dataset
+from .data import check_dataset_path, load_preference_dataset, parse_column_map, preference_dataset
 from .rewards import adapter_rewards, dpo_loss
 from .validate import validate_preference_dataset
 
@@ -66,38 +68,60 @@ class ScriptArguments:
     self_generated_scenes: int = dataclasses.field(
         default=0, metadata={"help": "organism: also caption this many scenes with greedy and D-LEAF decoding and add "
                                      "the pairs their exact hallucination counts rank"})
-    dleaf_knobs: str | None = dataclasses.field(
-        default=None, metadata={"help": "JSON object of D-LEAF knobs for self-generated pairs, e.g. '{\"gamma\": 0.8}'"})
+    dleaf_knobs: list[str] | None = dataclasses.field(
+        default=None, metadata={"help": "D-LEAF knobs of the self-generated pairs, name=value entries (gamma=0.8)"})
     lora_language_model_only: bool = dataclasses.field(
         default=True, metadata={"help": "restrict lora_target_modules to the language model (the vision tower has "
                                         "q_proj/k_proj/v_proj too)"})
+    threads: int | None = dataclasses.field(
+        default=None, metadata={"help": "CPU threads torch may use (default: torch's own choice)"})
     save_adapter_only: bool = dataclasses.field(
         default=True, metadata={"help": "save the adapter (not merged weights) in output_dir"})
 
 
+@dataclasses.dataclass
+class ModelArguments(ModelConfig):
+    """TRL's ``ModelConfig`` with ``--model`` accepted for ``--model_name_or_path`` (the project's convention)."""
+
+    model_name_or_path: str | None = dataclasses.field(
+        default=None, metadata={"help": "'organism' (the default: the committed organism), a checkpoint folder or a "
+                                        "hub id", "aliases": ["--model"]})
+
+
+def parser():
+    """The ``TrlParser`` of ``scripts/train_dpo.py``: :class:`ScriptArguments`, TRL's ``DPOConfig`` and
+    :class:`ModelArguments`, from the command line and a YAML recipe (``--config``)."""
+    from trl import DPOConfig, TrlParser
+
+    return TrlParser((ScriptArguments, DPOConfig, ModelArguments))
+
+
 # ------------------------------------------------------------------------------------------------- model & data
 def load_model(model_args, training_args):
-    """(model, processor) from ``model_args.model_name_or_path``: None or 'organism' loads the committed organism."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """(model, processor) from ``model_args.model_name_or_path`` through the project's one loader
+    (:func:`dleaf.models.load`): None or 'organism' is the committed organism, else a checkpoint folder or hub id."""
+    from dleaf import models
+    from dleaf.io import InputError
+    from dleaf.resources import data_path
 
-    name = model_args.model_name_or_path
-    attn = model_args.attn_implementation or "eager"
-    dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "auto"
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype)
-    if name in (None, ORGANISM):
-        from dleaf import models
-
-        model, processor = models.load(ORGANISM, attn_implementation=attn, device="cpu")
-        # recorded in adapter_config.json as the base model: the repository-relative path, not this machine's
-        model.config._name_or_path = "data/organism"
-        model.name_or_path = "data/organism"
-    else:
-        processor = AutoProcessor.from_pretrained(name, revision=model_args.model_revision,
-                                                  trust_remote_code=training_args.trust_remote_code)
-        model = AutoModelForImageTextToText.from_pretrained(
-            name, revision=model_args.model_revision, dtype=dtype, attn_implementation=attn,
-            trust_remote_code=training_args.trust_remote_code)
+    if model_args.model_revision not in (None, "main") or training_args.trust_remote_code:
+        raise InputError("model_revision and trust_remote_code are not supported: save the checkpoint to a "
+                                "folder and pass that folder as model_name_or_path")
+    name = model_args.model_name_or_path or ORGANISM
+    dtype = model_args.dtype if model_args.dtype not in (None, "auto") else ("float32" if name == ORGANISM else "auto")
+    device = "cpu" if training_args.use_cpu or not torch.cuda.is_available() else None
+    model, processor = models.load(name, attn_implementation=model_args.attn_implementation or "eager", dtype=dtype,
+                                   device=device)
+    # recorded in adapter_config.json as the base model: the committed organism by its repository path, another
+    # folder relative to the working directory (never this machine's absolute path), a hub id as it is
+    recorded = None
+    if name == ORGANISM or (Path(name).is_dir() and Path(name).resolve() == data_path(ORGANISM).resolve()):
+        recorded = "data/organism"
+    elif Path(name).is_dir():
+        recorded = _portable(name)
+    if recorded is not None:
+        model.config._name_or_path = recorded
+        model.name_or_path = recorded
     tok = getattr(processor, "tokenizer", processor)
     if tok.padding_side != "left":
         # TRL pads prompts on the left itself; this only matters for generation with the saved processor
@@ -117,12 +141,13 @@ def organism_pair_config(args: ScriptArguments, split: str):
         max_injected=args.max_injected, world_seed=pairs.EVAL_WORLD_SEED if held_out else pairs.TRAIN_WORLD_SEED)
 
 
-def self_generated_decoders(args: ScriptArguments) -> tuple:
-    """The decoders whose replies self-generated pairs rank: plain greedy and D-LEAF with ``args.dleaf_knobs``."""
-    from . import pairs
+def self_generated_settings(args: ScriptArguments) -> tuple:
+    """The decoding settings whose replies self-generated pairs rank: plain greedy and D-LEAF with
+    ``args.dleaf_knobs``."""
+    from dleaf.cli import parse_knobs
+    from dleaf.settings import Setting
 
-    knobs = json.loads(args.dleaf_knobs) if args.dleaf_knobs else {}
-    return pairs.Decoder("greedy"), pairs.Decoder("dleaf", "dleaf", knobs)
+    return Setting(label="greedy"), Setting("dleaf", parse_knobs(args.dleaf_knobs), label="dleaf")
 
 
 def build_datasets(args: ScriptArguments, model=None, processor=None, seed: int = 0):
@@ -139,11 +164,11 @@ def build_datasets(args: ScriptArguments, model=None, processor=None, seed: int 
         if args.self_generated_scenes > 0:
             if model is None:
                 raise ValueError("self-generated pairs need the model")
-            decoders = self_generated_decoders(args)
+            settings = self_generated_settings(args)
             scenes = pairs.adversarial_scenes(args.self_generated_scenes, start=cfg.start + cfg.n)
-            rows = pairs.self_generated_pairs(model, processor, scenes, decoders)
-            info["self_generated"] = {"scenes": len(scenes), "pairs": len(rows), "decoders": [
-                dataclasses.asdict(d) for d in decoders]}
+            rows = pairs.self_generated_pairs(model, processor, scenes, settings)
+            info["self_generated"] = {"scenes": len(scenes), "pairs": len(rows), "settings": [
+                {"label": st.label, **st.record()} for st in settings]}
             if rows:
                 # keep only the columns both sources share, so the two concatenate
                 extra = preference_dataset(rows)
@@ -208,9 +233,11 @@ def lora_config(model_args, language_model_only: bool = True):
 
 
 def _check_device_options(training_args) -> None:
+    from dleaf.io import InputError
+
     on_gpu = torch.cuda.is_available() and not training_args.use_cpu
     if not on_gpu and (training_args.bf16 or training_args.fp16):
-        raise ValueError(
+        raise InputError(
             "training on the CPU with bf16/fp16 mixed precision: pass --bf16 false (and --use_cpu true) or set "
             "'bf16: false' and 'use_cpu: true' in the recipe, as scripts/recipes/dpo_organism.yaml does")
 
@@ -219,16 +246,82 @@ def resume_checkpoint(value, output_dir: str) -> str | None:
     """``resume_from_checkpoint`` as a path: 'true'/'last' means the newest checkpoint in ``output_dir``."""
     from transformers.trainer_utils import get_last_checkpoint
 
+    from dleaf.io import InputError
+
     if value in (None, False, "", "false", "False"):
         return None
     if value in (True, "true", "True", "last"):
         last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
         if last is None:
-            raise FileNotFoundError(f"resume_from_checkpoint={value!r} but {output_dir} has no checkpoint-* folder")
+            raise InputError(f"resume_from_checkpoint={value!r} but {output_dir} has no checkpoint-* folder")
         return last
     if not os.path.isdir(value):
-        raise FileNotFoundError(f"resume_from_checkpoint={value!r} is not a checkpoint folder")
+        raise InputError(f"resume_from_checkpoint={value!r} is not a checkpoint folder")
     return value
+
+
+# ------------------------------------------------------------------------------------------------ output folder
+RECIPE_FILE = "dpo_recipe.json"
+#: options that may change between an interrupted run and the command that resumes it
+MAY_CHANGE_ON_RESUME = ("max_steps", "num_train_epochs", "resume_from_checkpoint", "threads", "output_dir")
+
+
+def recipe_record(script_args, training_args, model_args) -> dict:
+    """What fixes a training run, as written to ``output_dir/dpo_recipe.json`` when it starts: the script's
+    options, the DPO recipe (:data:`RECIPE_KEYS`) and the model and LoRA options."""
+    return {"script": dataclasses.asdict(script_args), "dpo": _recipe(training_args),
+            "model": {k: (list(v) if isinstance(v, (set, tuple)) else v)
+                      for k, v in dataclasses.asdict(model_args).items()}}
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    out = []
+    for part in ("script", "dpo", "model"):
+        a, b = old.get(part, {}), new.get(part, {})
+        for k in sorted(set(a) | set(b)):
+            if k not in MAY_CHANGE_ON_RESUME and a.get(k) != b.get(k):
+                out.append(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now")
+    return out
+
+
+def check_output_dir(output_dir: str | Path, recipe: dict, resume_from_checkpoint=None) -> str | None:
+    """Decide what an output folder allows, before any model is loaded; returns the checkpoint to resume from.
+
+    An empty or new folder starts a run. A folder holding an interrupted run of the same recipe
+    (``dpo_recipe.json`` equal up to :data:`MAY_CHANGE_ON_RESUME`) resumes from its last checkpoint (or starts
+    again when none was saved). Anything else is refused with a :class:`dleaf.io.InputError`: a folder with other
+    files (a committed adapter, for example), a run of another recipe, a run already trained to ``max_steps``.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from dleaf.io import InputError, read_json
+
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output_dir {out} is a file")
+    if not out.exists() or not any(out.iterdir()):
+        return resume_checkpoint(resume_from_checkpoint, str(out))
+    if not (out / RECIPE_FILE).is_file():
+        what = "a trained adapter" if (out / "adapter_config.json").is_file() else "files of something else"
+        raise InputError(f"--output_dir {out} is not empty and holds {what}, not a DPO run to resume (no "
+                         f"{RECIPE_FILE}); choose a new folder (for example under runs/)")
+    differences = _differences(read_json(out / RECIPE_FILE, "DPO recipe record"), recipe)
+    if differences:
+        raise InputError(f"--output_dir {out} holds a DPO run of another recipe ({'; '.join(differences[:4])}"
+                         f"{'; ...' if len(differences) > 4 else ''}); choose a new folder, or run the same recipe to "
+                         "resume it")
+    if resume_from_checkpoint not in (None, False, "", "false", "False"):
+        return resume_checkpoint(resume_from_checkpoint, str(out))
+    last = get_last_checkpoint(str(out))
+    if last is None and (out / "dpo_run.json").is_file():
+        raise InputError(f"--output_dir {out} already holds this run, finished (dpo_run.json) and without a checkpoint "
+                         "to continue from; choose a new folder")
+    if last is not None:
+        steps = int(Path(last).name.split("-")[-1])
+        if (out / "dpo_run.json").is_file() and 0 < recipe["dpo"].get("max_steps", -1) <= steps:
+            raise InputError(f"--output_dir {out} already holds this run, trained to step {steps}; raise --max_steps "
+                             "to train further, or choose a new folder")
+    return last
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -239,21 +332,66 @@ def _eval_summary(metrics: dict) -> dict:
     return {k: metrics.get(f"eval_{k}") for k in REWARD_KEYS}
 
 
-def build_trainer(model, processor, train_ds, eval_ds, training_args, model_args, script_args, callbacks=None):
+def _trainer_class():
     from trl import DPOTrainer
 
+    class Trainer(DPOTrainer):
+        """TRL's ``DPOTrainer`` without its generic model card: TRL writes one ("a fine-tuned version of ...") into
+        the output folder with every checkpoint, so an interrupted run would leave it behind; the adapter's own card
+        (:func:`model_card`) is written when training ends."""
+
+        def create_model_card(self, *args, **kwargs):
+            return None
+
+    return Trainer
+
+
+def build_trainer(model, processor, train_ds, eval_ds, training_args, model_args, script_args, callbacks=None):
     collator = VisionPreferenceCollator(processor=processor, max_length=training_args.max_length)
     peft_config = lora_config(model_args, script_args.lora_language_model_only) if model_args.use_peft else None
-    return DPOTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+    return _trainer_class()(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=processor, data_collator=collator, peft_config=peft_config,
                       callbacks=callbacks)
 
 
-def run(script_args: ScriptArguments, training_args, model_args, model=None, processor=None) -> dict:
-    """Train one adapter; returns the run record (also written to ``output_dir/dpo_run.json``)."""
-    t0 = time.time()
+def check_inputs(script_args: ScriptArguments, training_args, model_args, model_given: bool = False) -> str | None:
+    """Every check that needs no model, run before one is loaded: the device options, the data's paths and column
+    map, the D-LEAF knobs of self-generated pairs, the thread count, the model name, the output folder
+    (:func:`check_output_dir`). Returns the checkpoint to resume from; raises :class:`dleaf.io.InputError`."""
+    from dleaf import models
+    from dleaf.io import InputError
+
     _check_device_options(training_args)
-    resume = resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    try:
+        if script_args.dataset != ORGANISM:
+            check_dataset_path(script_args.dataset)
+        if (script_args.eval_dataset or "none").lower() not in (ORGANISM, "split", "none"):
+            check_dataset_path(script_args.eval_dataset)
+        parse_column_map(script_args.column_map)
+        if script_args.self_generated_scenes > 0:
+            self_generated_settings(script_args)
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None
+    if script_args.threads is not None and script_args.threads <= 0:
+        raise InputError(f"--threads must be a positive count, got {script_args.threads}")
+    if not model_given:
+        models.check_model(model_args.model_name_or_path or ORGANISM)
+    return check_output_dir(training_args.output_dir, recipe_record(script_args, training_args, model_args),
+                            training_args.resume_from_checkpoint)
+
+
+def run(script_args: ScriptArguments, training_args, model_args, model=None, processor=None, progress=None) -> dict:
+    """Train one adapter; returns the run record (also written to ``output_dir/dpo_run.json``). ``progress(msg)``
+    receives one-line messages (resuming, saving)."""
+    from dleaf.io import write_json_atomic, write_text_atomic
+
+    say = progress or (lambda msg: logger.info(msg))
+    t0 = time.time()
+    resume = check_inputs(script_args, training_args, model_args, model_given=model is not None)
+    if resume:
+        say(f"resuming from {Path(resume).name} of {training_args.output_dir}")
+    if script_args.threads is not None:
+        torch.set_num_threads(script_args.threads)
     if model is None:
         model, processor = load_model(model_args, training_args)
     train_ds, eval_ds, data_info = build_datasets(script_args, model, processor, seed=training_args.seed)
@@ -265,36 +403,37 @@ def run(script_args: ScriptArguments, training_args, model_args, model=None, pro
     if not model_args.use_peft:
         logger.warning("use_peft is false: DPO will fine-tune every weight of the model")
 
-    trainer = build_trainer(model, processor, train_ds, eval_ds, training_args, model_args, script_args)
-    record: dict[str, Any] = {"data": data_info, "lengths": {k: v.as_dict() for k, v in lengths.items()}}
-    if eval_ds is not None and resume is None:
-        record["eval_before"] = _eval_summary(trainer.evaluate())
-    train_output = trainer.train(resume_from_checkpoint=resume)
-    record["train"] = {"global_step": train_output.global_step, "training_loss": train_output.training_loss,
-                       "resumed_from": Path(resume).name if resume else None,
-                       "runtime_s": train_output.metrics.get("train_runtime")}
-    if eval_ds is not None:
-        record["eval_after"] = _eval_summary(trainer.evaluate())
-    record["log_history"] = [h for h in trainer.state.log_history if any(k.startswith("rewards/") or
-                                                                         k.startswith("eval_") for k in h)]
-    record["seconds"] = time.time() - t0
-
-    trainer.save_model(training_args.output_dir)
-    if trainer.is_world_process_zero():
-        if eval_ds is not None and "task" in eval_ds.column_names and model_args.use_peft:
-            record["eval_by_task"] = held_out_by_task(trainer.model, processor, eval_ds, training_args)
-        record["config"] = {
-            "script": dataclasses.asdict(script_args),
-            "dpo": _recipe(training_args),
-            "model": {k: (list(v) if isinstance(v, (set, tuple)) else v)
-                      for k, v in dataclasses.asdict(model_args).items()},
-            "lora_target_modules": _target_modules(trainer.model),
-            "processes": training_args.world_size,
-        }
-        record["environment"] = _environment()
-        out = Path(training_args.output_dir)
-        (out / "dpo_run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-        (out / "README.md").write_text(model_card(record))
+    out = Path(training_args.output_dir)
+    with warnings.catch_warnings():
+        # transformers renamed gradient checkpointing to activation checkpointing; TRL and PEFT still call the old
+        # names internally, which warns several times per run about something no recipe can change
+        warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+        trainer = build_trainer(model, processor, train_ds, eval_ds, training_args, model_args, script_args)
+        if trainer.is_world_process_zero():
+            write_json_atomic(recipe_record(script_args, training_args, model_args), out / RECIPE_FILE)
+        record: dict[str, Any] = {"data": data_info, "lengths": {k: v.as_dict() for k, v in lengths.items()}}
+        if eval_ds is not None and resume is None:
+            record["eval_before"] = _eval_summary(trainer.evaluate())
+        train_output = trainer.train(resume_from_checkpoint=resume)
+        record["train"] = {"global_step": train_output.global_step, "training_loss": train_output.training_loss,
+                           "resumed_from": Path(resume).name if resume else None,
+                           "runtime_s": train_output.metrics.get("train_runtime")}
+        if eval_ds is not None:
+            record["eval_after"] = _eval_summary(trainer.evaluate())
+        record["log_history"] = [h for h in trainer.state.log_history if any(k.startswith("rewards/") or
+                                                                             k.startswith("eval_") for k in h)]
+        record["seconds"] = time.time() - t0
+        trainer.save_model(training_args.output_dir)
+        if trainer.is_world_process_zero():
+            if eval_ds is not None and "task" in eval_ds.column_names and model_args.use_peft:
+                record["eval_by_task"] = held_out_by_task(trainer.model, processor, eval_ds, training_args)
+            record["config"] = {**recipe_record(script_args, training_args, model_args),
+                                "lora_target_modules": _target_modules(trainer.model),
+                                "processes": training_args.world_size}
+            record["environment"] = _environment()
+            record = json.loads(json.dumps(record, default=str))
+            write_json_atomic(record, out / "dpo_run.json")
+            write_text_atomic(model_card(record), out / "README.md")
     return record
 
 
@@ -330,7 +469,7 @@ def _target_modules(model):
 
 RECIPE_KEYS = ("beta", "loss_type", "loss_weights", "learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs",
                "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "seed",
-               "bf16", "use_cpu", "gradient_checkpointing", "weight_decay", "optim")
+               "bf16", "use_cpu", "activation_checkpointing", "weight_decay", "optim")
 
 
 def _recipe(training_args) -> dict:
@@ -421,8 +560,8 @@ def model_card(record: dict) -> str:
             lines.append(f"| {h.get('step', '-')} | " + " | ".join(_fmt(h.get(k)) for k in REWARD_KEYS) + " |")
         lines.append("")
     lines += ["## Use", "", "```python", "from peft import PeftModel",
-              "from dleaf.organism.build import load_organism", "",
-              "model, processor = load_organism()  # or your base model and processor",
+              "from dleaf import models", "",
+              f"model, processor = models.load({'organism' if base == 'data/organism' else base!r})",
               "model = PeftModel.from_pretrained(model, 'path/to/this/folder')", "```", "",
               "Everything above is also in `dpo_run.json` next to this card.", "",
               "## Environment", "", ", ".join(f"{k} {v}" for k, v in record["environment"].items()), ""]

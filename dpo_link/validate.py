@@ -21,6 +21,8 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 
+from dleaf.io import InputError
+
 from .collate import images_of, render_example, tokenizer_adds_bos, tokenizer_of
 from .data import message_text
 
@@ -29,8 +31,9 @@ logger = logging.getLogger(__name__)
 REQUIRED = ("prompt", "chosen", "rejected")
 
 
-class PreferenceDataError(ValueError):
-    """A preference dataset that cannot train: the message names the rows and what would be right."""
+class PreferenceDataError(InputError):
+    """A preference dataset that cannot train: the message names the rows and what would be right (an
+    :class:`dleaf.io.InputError`, so scripts print it as ``error: ...`` and exit with status 2)."""
 
 
 @dataclasses.dataclass

@@ -10,14 +10,13 @@ random LLaVA-1.5-shaped model scaled to a CPU: 576 image tokens, a 16-layer, 16-
 in ``dleaf/bench/``; see ``docs/performance.md`` for the measured tables and the cost model.
 """
 
-import argparse
 import dataclasses
 import os
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from dleaf import bench  # noqa: E402
+from dleaf import bench, cli  # noqa: E402
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -40,7 +39,7 @@ def _shape_knobs(items: list[str], cls) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(description=__doc__)  # dash aliases, error: ... with exit status 2
     d = bench.BenchConfig()
     ap.add_argument("--models", type=_str_tuple, default=d.models, help="comma-separated: organism,llava_shaped")
     ap.add_argument("--configs", type=_str_tuple, default=d.configs, help=f"comma-separated from {','.join(bench.config_names())}")

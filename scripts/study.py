@@ -14,7 +14,7 @@ scripts/train_dpo.py, held-out preference pairs for the correspondence suite):
         --dtype bfloat16 --coco_images coco/val2014 --coco_instances coco/annotations/instances_val2014.json \\
         --coco_captions coco/annotations/captions_val2014.json --pope_images coco/val2014 \\
         --pope_files pope/coco_pope_random.json pope/coco_pope_popular.json pope/coco_pope_adversarial.json \\
-        --adapter runs/llava15_dpo --preference_data rlaif_v_heldout.parquet --column_map question:prompt,image:images \\
+        --adapter runs/llava15_dpo --preference_data rlaif_v_heldout.parquet --column_map question=prompt,image=images \\
         --output_dir runs/study_llava15
 
 An interrupted study resumes where it stopped (run the same command again).
@@ -34,10 +34,9 @@ def correspondence_suite():
         return None
 
     def step(out, cfg):
-        column_map = dict(kv.split(":", 1) for kv in cfg.column_map.split(",")) if cfg.column_map else None
         return study_step(out, n_pairs=cfg.correspondence_pairs, model=cfg.model,
-                          adapter=None if cfg.organism else cfg.adapter_path, dataset=cfg.preference_data,
-                          dataset_split=cfg.preference_split, column_map=column_map, dtype=cfg.dtype)
+                          adapter=cfg.adapter_path, dataset=cfg.preference_data,
+                          dataset_split=cfg.preference_split, column_map=cfg.column_map, dtype=cfg.dtype)
 
     return step
 
@@ -64,7 +63,7 @@ def build_parser():
                       help="held-out preference pairs for the correspondence suite (save_to_disk folder, parquet or "
                            "JSON lines)")
     real.add_argument("--preference_split", default="test", help="split of --preference_data")
-    real.add_argument("--column_map", default=None, help="rename preference columns, 'old:new,old:new'")
+    real.add_argument("--column_map", default=None, help="rename preference columns, old=new entries separated by commas")
     real.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     real.add_argument("--attn_implementation", default=None,
                       help="attention implementation to load with (default: eager for the organism, the model's own "

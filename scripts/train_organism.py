@@ -1,24 +1,40 @@
 """Rebuild the organism (or, with --no_prior, the no-prior control) from a seed, on a CPU.
 
-    python scripts/train_organism.py --seed 0                          # -> data/organism
-    python scripts/train_organism.py --seed 0 --no_prior --output_dir data/organism_control
+    python scripts/train_organism.py --seed 0 --threads 1                       # -> runs/organism
+    python scripts/train_organism.py --seed 0 --threads 1 --no_prior --output_dir runs/organism_control
+    python scripts/train_organism.py --threads 1 --resume_from runs/three_stage --output_dir runs/four_stage
+
+Every field of dleaf.organism.train.TrainConfig is a flag (its defaults are the committed organism's recipe). To
+replace the committed checkpoints, pass --output_dir data/organism (or data/organism_control) explicitly.
 """
 
 import sys
 
-from transformers import HfArgumentParser
-
-from dleaf.organism.train import TrainConfig, train
+from dleaf import cli
 
 
-def main(argv=None):
-    (config,) = HfArgumentParser(TrainConfig).parse_args_into_dataclasses(args=argv)
+def main(argv=None) -> int:
+    from dleaf.organism.train import TrainConfig
+
+    try:
+        (config,) = cli.dataclass_parser(TrainConfig, description=__doc__).parse_args_into_dataclasses(args=argv)
+    except ValueError as e:  # TrainConfig's own checks, before any model is built
+        cli.fail(str(e))
+    if config.resume_from:
+        from pathlib import Path
+
+        if not (Path(config.resume_from) / "training_log.json").is_file():
+            cli.fail(f"--resume_from {config.resume_from}: no training_log.json there; pass a folder written by "
+                     "this script")
+    from dleaf.organism.train import train
+
     log = train(config)
     for stage, info in log["stages"].items():
         print(f"{stage}: {info['steps']} steps, {info['seconds']:.0f}s, loss {info['loss_first']:.3f} -> "
               f"{info['loss_last']:.3f}")
-    print(f"saved to {config.output_dir}")
+    cli.done(config.output_dir)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli.main(main, sys.argv[1:], resumable=False))

@@ -1,13 +1,15 @@
 """A small mutation-testing tool (not collected by pytest; slow): does a module's test file notice when the module's
 code is wrong?
 
-    python tests/mutation.py dleaf/metrics.py tests/test_metrics.py [--out runs/mutation/metrics.json]
+    python tests/mutation.py dleaf/metrics.py tests/test_metrics.py [more test files] [--out runs/mutation/m.json]
 
 Every mutation site of the module is changed once, in a copy of the repository under a temporary folder, and the
-test file is run against it (``pytest -x``). A mutant is *killed* when the tests fail (or time out), *survives* when
-they pass. Mutations: arithmetic operators (``+ -``, ``* /``, ``// /``, ``** *``, ``% *``, augmented assignments),
-comparisons (``< <=``, ``> >=``, ``== !=``, ``in`` / ``not in``, ``is`` / ``is not``), boolean operators
-(``and or``), ``not x`` -> ``x``, unary minus removed, numbers (``0 -> 1``, ``n -> n + 1``, ``x.y -> 2 x.y + 1``),
+test file is run against it (``pytest -x``). A mutant is *killed* when the tests fail (or time out: counted apart, as
+``timeouts``, since a loaded machine can time out a mutant the tests would not have caught), *survives* when they
+pass. ``--survivors REPORT`` re-tests only an earlier report's survivors (after tests were added). Mutations:
+arithmetic operators (``+ -``, ``* /``, ``// /``, ``** *``, ``% *``, augmented assignments), comparisons
+(``< <=``, ``> >=``, ``== !=``, ``in`` / ``not in``, ``is`` / ``is not``), boolean operators (``and or``),
+``not x`` -> ``x``, unary minus removed, numbers (``0 -> 1``, ``n -> n + 1``, ``x.y -> 2 x.y + 1``),
 ``True <-> False``, and ``break``/``continue`` swapped. Docstrings, strings, f-strings and the arguments of ``raise``
 are left alone. The report lists every survivor with its line and the mutated source line.
 """
@@ -129,21 +131,21 @@ def mutant_source(tree: ast.AST, target: int, desc: str) -> tuple[str, int]:
     return ast.unparse(new), line
 
 
-def run_tests(copy_root: Path, test_file: str, timeout: float) -> str:
-    """Run the test file against the copy in a fresh interpreter."""
+def run_tests(copy_root: Path, test_files: list[str], timeout: float) -> str:
+    """Run the test files against the copy in a fresh interpreter."""
     env = {**os.environ, "PYTHONPATH": str(copy_root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     try:
-        res = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", test_file],
+        res = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *test_files],
                              cwd=copy_root, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timeout"
     return "survived" if res.returncode == 0 else "killed"
 
 
-def run_tests_forked(copy_root: Path, test_file: str, timeout: float) -> str:
-    """Run the test file against the copy in a child forked from this process, which has already imported the
-    heavy libraries (numpy, scipy, matplotlib, pytest): much faster than a fresh interpreter per mutant. The child
-    imports the project from the copy (nothing of it is imported in the parent)."""
+def run_tests_forked(copy_root: Path, test_files: list[str], timeout: float) -> str:
+    """Run the test files against the copy in a child forked from this process, which has already imported the
+    heavy libraries (numpy, scipy, matplotlib, pytest, torch, transformers): much faster than a fresh interpreter
+    per mutant. The child imports the project from the copy (nothing of it is imported in the parent)."""
     pid = os.fork()
     if pid == 0:  # child
         code = 1
@@ -155,7 +157,7 @@ def run_tests_forked(copy_root: Path, test_file: str, timeout: float) -> str:
             os.dup2(devnull, 2)
             import pytest
 
-            code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", test_file]))
+            code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", *test_files]))
         finally:
             os._exit(code)
     deadline = time.time() + timeout
@@ -172,7 +174,8 @@ def run_tests_forked(copy_root: Path, test_file: str, timeout: float) -> str:
 
 def _warm_imports() -> None:
     for name in ("numpy", "scipy.stats", "matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg",
-                 "pytest", "yaml", "PIL.Image"):
+                 "pytest", "yaml", "PIL.Image", "torch", "transformers", "transformers.models.llava.modeling_llava",
+                 "transformers.models.gemma2.modeling_gemma2", "transformers.models.gpt_oss.modeling_gpt_oss"):
         try:
             __import__(name)
         except ImportError:
@@ -182,13 +185,13 @@ def _warm_imports() -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("module", help="the module to mutate, relative to the repository (e.g. dleaf/metrics.py)")
-    ap.add_argument("tests", help="the test file that must notice (e.g. tests/test_metrics.py)")
+    ap.add_argument("tests", nargs="+", help="the test files that must notice (e.g. tests/test_metrics.py)")
     ap.add_argument("--out", default=None, help="write the report (JSON) here")
     ap.add_argument("--limit", type=int, default=None, help="only the first N mutants (a quick look)")
-    ap.add_argument("--no_fork", action="store_true", help="a fresh interpreter per mutant (slower; no os.fork)")
     ap.add_argument("--survivors", default=None,
                     help="a previous report: re-test only the mutants that survived it (same source line and "
                          "mutation); tests only ever added cannot revive a killed mutant")
+    ap.add_argument("--no_fork", action="store_true", help="a fresh interpreter per mutant (slower; no os.fork)")
     args = ap.parse_args(argv)
     runner = run_tests if args.no_fork or not hasattr(os, "fork") else run_tests_forked
     if runner is run_tests_forked:
@@ -196,11 +199,13 @@ def main(argv=None):
     source = (ROOT / args.module).read_text()
     lines = source.splitlines()
     tree = ast.parse(source)
-    todo = sites(tree)[: args.limit]
+    numbered = list(enumerate(sites(tree), start=1))
     if args.survivors:
         before = json.loads(Path(args.survivors).read_text())["survivors"]
         wanted = {(r["source"], r["mutation"]) for r in before}
-        todo = [(k, d) for k, d in todo if (lines[mutant_source(tree, k, d)[1] - 1].strip(), d) in wanted]
+        numbered = [(n, (k, d)) for n, (k, d) in numbered
+                    if (lines[mutant_source(tree, k, d)[1] - 1].strip(), d) in wanted]
+    todo = numbered[: args.limit]
     with tempfile.TemporaryDirectory() as tmp:
         copy_root = Path(tmp) / "repo"
         shutil.copytree(ROOT, copy_root, ignore=shutil.ignore_patterns(".git", "runs", ".venv", "__pycache__",
@@ -212,20 +217,22 @@ def main(argv=None):
             raise SystemExit("the tests fail on the unmutated (re-printed) module; fix that first")
         timeout = max(60.0, 5 * (time.time() - t0))
         results = []
-        for n, (k, desc) in enumerate(todo, start=1):
+        total = len(sites(tree))
+        for n, (k, desc) in todo:
             text, line = mutant_source(tree, k, desc)
             target.write_text(text)
             status = runner(copy_root, args.tests, timeout)
-            results.append({"line": line, "mutation": desc, "status": status,
+            results.append({"site": n, "line": line, "mutation": desc, "status": status,
                             "source": lines[line - 1].strip() if 0 < line <= len(lines) else ""})
-            print(f"[{n}/{len(todo)}] line {line}: {desc}: {status}", flush=True)
+            print(f"[{n}/{total}] line {line}: {desc}: {status}", flush=True)
         target.write_text(source)
     survivors = [r for r in results if r["status"] == "survived"]
+    timeouts = sum(r["status"] == "timeout" for r in results)
     report = {"module": args.module, "tests": args.tests, "mutants": len(results), "survived": len(survivors),
-              "killed": len(results) - len(survivors), "survivors": survivors}
+              "killed": len(results) - len(survivors), "timeouts": timeouts, "survivors": survivors}
     print(json.dumps({k: v for k, v in report.items() if k != "survivors"}))
     for r in survivors:
-        print(f"  survived: line {r['line']}: {r['mutation']}: {r['source']}")
+        print(f"  survived: site {r['site']}: line {r['line']}: {r['mutation']}: {r['source']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")

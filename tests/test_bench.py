@@ -166,3 +166,26 @@ def test_cli_runs_and_writes_json(tmp_path):
                  "--organism_shape", "text_heads=4", "--out", str(out)])
     rows = json.loads(out.read_text())["models"]["organism"]["decoding"]["1"]["configs"]
     assert set(rows) == {"plain_eager", "plain_sdpa", "dleaf_range"}
+
+
+def test_each_configuration_plans_one_setting():
+    """A configuration is a :class:`dleaf.settings.Setting` (labelled with its name) plus the engine's options and the
+    attention implementation; method_of is the same plan as a tuple."""
+    cfg = bench.BenchConfig(dleaf_range=(0.5, 1.0))
+    plain = bench.plan_of("plain_sdpa", 8, cfg)
+    assert (plain.attention, plain.setting.attaches, plain.options) == ("sdpa", False, {})
+    assert bench.plan_of("plain_eager", 8, cfg).attention == "eager"
+    ranged = bench.plan_of("dleaf_range", 8, cfg)
+    assert ranged.setting.method == "dleaf" and ranged.setting.label == "dleaf_range"
+    assert ranged.setting.knob_dict == {"layer_start": 4, "layer_end": 8} and ranged.options == {"unwatched": "sdpa"}
+    # a range starting past a one-layer model's last layer starts at its last layer
+    assert bench.plan_of("dleaf_range", 1, cfg).setting.knob_dict == {"layer_start": 0, "layer_end": 1}
+    assert bench.plan_of("dleaf_compiled", 8, cfg).options == {"unwatched": "sdpa", "compile": True}
+    vcd = bench.plan_of("vcd", 8, cfg)
+    assert vcd.attention == "sdpa" and vcd.setting.knob_dict["alpha"] == cfg.vcd_alpha
+    assert bench.plan_of("pai", 8, cfg).attention == "eager"
+    assert bench.method_of("dleaf_range", 8, cfg) == ("eager", "dleaf", {"layer_start": 4, "layer_end": 8,
+                                                                           "unwatched": "sdpa"})
+    assert bench.method_of("plain_sdpa", 8, cfg) == ("sdpa", None, {})
+    with pytest.raises(ValueError, match="unknown configuration"):
+        bench.plan_of("opera", 8, cfg)

@@ -18,13 +18,15 @@ def test_models_without_an_image_token_get_a_clear_error():
 
 
 def test_a_model_dropped_without_detach_leaves_nothing_registered(tiny_organism_factory):
+    """The registry holds neither the modules nor the interventions: a dropped model, its attention modules and its
+    intervention are all collected (an entry kept for a dead module could be matched by a later one)."""
     model = tiny_organism_factory(seed=2)
-    engine.attach(model, "dleaf")
-    assert len(engine.attached_interventions()) == 1
-    ref = weakref.ref(model)
-    del model
+    iv = engine.attach(model, "dleaf")
+    assert engine.attached_interventions() == [iv]
+    refs = [weakref.ref(x) for x in (model, iv, *engine.text_attention_modules(model))]
+    del model, iv
     gc.collect()
-    assert ref() is None and engine.attached_interventions() == []
+    assert all(ref() is None for ref in refs) and engine.attached_interventions() == []
 
 
 def test_a_module_of_an_unattached_model_runs_plain_eager_attention(tiny_organism_factory):

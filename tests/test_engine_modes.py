@@ -1,11 +1,16 @@
 """Every decoding mode transformers offers: exact against the reference (DynamicCache, cached greedy) or refused with
 a clear error, never silently wrong. Each test compares D-LEAF at gamma > 0, with layers flagged."""
 
+import math
+import sys
+
 import pytest
 import torch
-from transformers import GptOssConfig, GptOssForCausalLM
+from transformers import AttentionInterface, GptOssConfig, GptOssForCausalLM
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from dleaf import engine
+from model_families import FAMILIES
 
 STRONG = dict(gamma=0.9, warmup=1, kappa=0.0)
 GEN = dict(do_sample=False, output_logits=True, return_dict_in_generate=True, max_new_tokens=6)
@@ -162,6 +167,88 @@ def test_attention_sinks_are_honoured():
     assert torch.equal(zero.sequences, plain.sequences)
     _close(zero.logits, plain.logits, 1e-6)
     assert iv.flag_rate() > 0 and any((a - b).abs().max() > 1e-4 for a, b in zip(strong.logits, plain.logits))
+
+
+class HandWrittenDLeaf:
+    """D-LEAF written out by hand on top of the model file's own ``eager_attention_forward`` (which applies the
+    model's softcap or attention sinks): at the last query row of every call (the prompt's last row at prefill, the
+    new row at each cached step), per sample and layer, the mixed LIAE normalised by log |I|, flagged when it exceeds
+    the mean + ``kappa`` std of the sample's earlier values in that layer (after ``warmup`` of them); in a flagged
+    layer the heads whose image mass is below the heads' mean take ``(1 - gamma) a[h] + gamma a[h*]``, ``h*`` the
+    head of largest image mass. Registered as an attention implementation of its own; ``fused`` counts the corrected
+    (sample, layer, row) sites."""
+
+    NAME = "dleaf_hand_written_reference"
+
+    def __init__(self, image: torch.Tensor, gamma: float, kappa: float = 0.0, warmup: int = 1):
+        self.image, self.gamma, self.kappa, self.warmup = image, gamma, kappa, warmup
+        self.history: dict[tuple[int, int], list[float]] = {}
+        self.fused = 0
+        AttentionInterface.register(self.NAME, self)
+        AttentionMaskInterface.register(self.NAME, eager_mask)
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        own = sys.modules[type(module).__module__].eager_attention_forward
+        _, weights = own(module, query, key, value, attention_mask, scaling=scaling, dropout=0.0, **kwargs)
+        weights = weights.clone()
+        B, H, Q, K = weights.shape
+        for b in range(B):
+            img = [k for k in range(min(K, self.image.shape[1])) if self.image[b, k]]
+            row = weights[b, :, Q - 1].double()
+            mass = [float(row[h, img].sum()) for h in range(H)]
+            mixed = [sum(float(row[h, k]) / mass[h] for h in range(H)) / H for k in img]
+            signal = -sum(p * math.log(p) for p in mixed if p > 0) / math.log(len(img))
+            earlier = self.history.setdefault((b, module.layer_idx), [])
+            flagged = False
+            if len(earlier) >= self.warmup:
+                mean = sum(earlier) / len(earlier)
+                std = math.sqrt(sum((x - mean) ** 2 for x in earlier) / len(earlier))
+                flagged = signal > mean + self.kappa * std
+            earlier.append(signal)
+            if flagged:
+                best = max(range(H), key=lambda h: (mass[h], -h))  # the first head of largest mass
+                for h in range(H):
+                    if mass[h] < sum(mass) / H:
+                        weights[b, h, Q - 1] = ((1 - self.gamma) * row[h] + self.gamma * row[best]).to(weights.dtype)
+                self.fused += 1
+        groups = module.num_key_value_groups
+        v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+        return torch.matmul(weights, v).transpose(1, 2).contiguous(), weights
+
+
+def _set_text_attention(model, name):
+    if getattr(model.config, "text_config", None) is not None:
+        model.set_attn_implementation({"text_config": name})
+    else:
+        model.set_attn_implementation(name)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("feature", ["softcap", "sinks"])
+def test_softcapped_and_sink_attention_under_dleaf_equal_a_hand_written_reference(feature):
+    """D-LEAF at gamma > 0 with layers flagged, on PaliGemma 2 (Gemma-2 decoder, attention logits softcapped) and on
+    GPT-OSS (attention sinks), cached greedy decoding: the logits equal :class:`HandWrittenDLeaf`, built on the model
+    file's own attention function. (The engine before softcap and sinks were honoured dropped both, so the weights it
+    fused were not the model's.)"""
+    model, inputs = FAMILIES["paligemma2"][1]() if feature == "softcap" else _gpt_oss()
+    image = inputs["input_ids"] == engine.image_token_id(model)
+    plain = model.generate(**inputs, **GEN)
+    with engine.attached(model, "dleaf", trace=True, **STRONG) as iv:
+        ours = model.generate(**inputs, **GEN)
+    assert iv.flag_rate() > 0
+
+    zero = HandWrittenDLeaf(image, gamma=0.0)  # the reference itself: at gamma 0 it is the model's own decoding
+    _set_text_attention(model, HandWrittenDLeaf.NAME)
+    try:
+        _close(model.generate(**inputs, **GEN).logits, plain.logits, 1e-6)
+        reference = HandWrittenDLeaf(image, gamma=STRONG["gamma"], kappa=STRONG["kappa"], warmup=STRONG["warmup"])
+        ref = model.generate(**inputs, **GEN)
+    finally:
+        _set_text_attention(model, "eager")
+    assert zero.fused > 0 and reference.fused > 0
+    assert torch.equal(ours.sequences, ref.sequences)
+    _close(ours.logits, ref.logits)
+    assert any((a - b).abs().max() > 1e-3 for a, b in zip(ours.logits, plain.logits))  # D-LEAF acted
 
 
 @torch.no_grad()

@@ -138,3 +138,67 @@ def test_prompt_cache_refuses_what_it_cannot_score_right(tiny):
     qwen, inputs = model_families.qwen2_vl()
     with pytest.raises(ValueError, match="M-RoPE"):
         engine.PromptCache(qwen, inputs)
+
+
+def _text_model():
+    """A tiny Llama whose token 7 stands for image tokens (built in a fraction of a second)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg.image_token_id = 7
+    model = LlamaForCausalLM(cfg).eval()
+    model.set_attn_implementation("eager")
+    return model
+
+
+@torch.no_grad()
+def test_scoring_edges_against_the_plain_model_by_hand():
+    """Against log_softmax of the plain model's own logits: a response starting right after a one-token prompt
+    (response_start 1), an empty response (response_start = length), a two-token PromptCache without an attention
+    mask and a one-token response; a response_start past the end is refused."""
+    model = _text_model()
+    ids = torch.tensor([[7, 9, 12, 30, 5], [7, 10, 11, 4, 20]])
+    by_hand = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    logp, mask = engine.response_logprobs(model, {"input_ids": ids}, [1, 5])
+    assert mask.tolist() == [[False] + [True] * 4, [False] * 5]
+    torch.testing.assert_close(logp[0, 1:], by_hand[0], atol=1e-6, rtol=1e-6)
+    assert (logp[1] == 0).all() and (logp[0, 0] == 0)
+    with pytest.raises(ValueError, match=r"must lie in \[1, 5\]"):
+        engine.response_logprobs(model, {"input_ids": ids}, [1, 6])
+    prompt = engine.PromptCache(model, {"input_ids": ids[:, :2]})
+    assert prompt.batch_size == 2 and prompt.cache.get_seq_length() == 1
+    for scorer in (engine.cached_response_logprobs, engine.cached_stepwise_logprobs):
+        one = scorer(prompt, ids[:, 2:3])
+        torch.testing.assert_close(one, by_hand[:, 1:2], atol=1e-5, rtol=1e-5)
+        assert prompt.cache.get_seq_length() == 1  # cropped back to the prompt
+        rest = scorer(prompt, ids[:, 2:])
+        torch.testing.assert_close(rest, by_hand[:, 1:], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_what_the_scorers_ask_of_the_model():
+    """response_logprobs runs without a cache; the prompt pass of a PromptCache asks for the last position's logits
+    only (a real prompt holds hundreds of image tokens); a scoring call that is refused leaves the cache as it was."""
+    model = _text_model()
+    seen = []
+    hook = model.register_forward_hook(lambda m, args, kwargs, out: seen.append((kwargs.get("use_cache"),
+                                                                                  out.logits.shape[1])),
+                                       with_kwargs=True)
+    ids = torch.tensor([[7, 9, 12, 30, 5]])
+    try:
+        engine.response_logprobs(model, {"input_ids": ids}, [3])
+        with engine.attached(model, "dleaf") as iv:
+            engine.response_logprobs(model, {"input_ids": ids}, [3], iv)
+        assert seen == [(False, 5), (False, 5)]
+        prompt = engine.PromptCache(model, {"input_ids": ids[:, :3]})
+        assert seen[-1] == (True, 1)
+    finally:
+        hook.remove()
+    with engine.attached(model, "vcd") as iv:
+        with pytest.raises(NotImplementedError, match="acts in generate only"):
+            engine.cached_response_logprobs(prompt, ids[:, 3:], intervention=iv)
+    assert prompt.cache.get_seq_length() == 2
+    torch.testing.assert_close(engine.cached_response_logprobs(prompt, ids[:, 3:]),
+                               engine.response_logprobs(model, {"input_ids": ids}, [3])[0][:, 3:])

@@ -292,13 +292,13 @@ def test_organism_pope_methods_and_comparison_table(tmp_path, tiny):
         res = ev.run_evaluation(args, model, processor)
         assert list(res["sections"]) == ["adversarial/random", "adversarial/adversarial"]
         assert res["sections"]["adversarial/random"]["n"] == 4
-        assert res["protocol"]["name"] == "organism_pope" and res["protocol"]["version"] == 1
+        assert res["protocol"]["name"] == "organism_pope" and res["protocol"]["version"] == 2
         dirs.append(tmp_path / f"pope_{method}")
     ev.run_evaluation(_args(tmp_path, "captions"), model, processor)
     table = ev.comparison_table(dirs + [tmp_path / "captions"])
     assert "| run | method | section | protocol | n | CHAIR_s % |" in table
     assert "| accuracy % |" in table
-    assert "| pope_dleaf | dleaf (gamma=0.3) | adversarial/random | organism_pope v1 * | 4 |" in table
+    assert "| pope_dleaf | dleaf (gamma=0.3) | adversarial/random | organism_pope v2 * | 4 |" in table
     assert table.count("\n| captions | greedy |") == 2
     assert "Warning" not in table
     out = tmp_path / "table.md"

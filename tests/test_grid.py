@@ -1,85 +1,13 @@
-"""Tests for dleaf.grid: the grid's settings, every setting really decoded with its own method through
-the harness, the summary table's statistics and paired differences against independent computations."""
+"""Tests for dleaf.grid: the grid's settings, every setting really decoded with its own method through the
+harness, the summary table (its statistics and paired differences: tests/test_eval_compare.py)."""
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from dleaf import eval as harness
-from dleaf import generation, metrics
-from dleaf.io import InputError
-from dleaf import grid
-from dleaf.organism import world
-from dleaf.organism.benchmarks import VOCAB
-
-
-def _scores(captions, scenes, split="adversarial"):
-    res = metrics.chair(captions, [s.objects for s in scenes], VOCAB)
-    return [{"id": f"{split}/{i}", "section": split, "kind": "caption", "n_words": pc.n_words,
-             "n_mentions": pc.n_mentions, "n_hallucinated_mentions": pc.n_hallucinated_mentions,
-             "hallucinated": sorted(pc.hallucinated), "grounded": sorted(pc.mentioned - pc.hallucinated),
-             "n_truth": len(s.objects)} for i, (s, pc) in enumerate(zip(scenes, res.per_caption))], res
-
-
-def _captions(scenes, rng, p_extra):
-    caps = []
-    for s in scenes:
-        words = list(s.objects[: max(1, len(s.objects) - int(rng.random() < 0.2))])
-        if rng.random() < p_extra:
-            words.append(str(rng.choice([o for o in world.OBJECTS if o not in s.object_set])))
-        caps.append("there is a " + " and a ".join(words) + " .")
-    return caps
-
-
-def test_caption_stats_equal_the_metric_core():
-    scenes = world.scenes("adversarial", 60)
-    scores, res = _scores(_captions(scenes, np.random.default_rng(0), 0.4), scenes)
-    got = harness.caption_stats(scores)
-    for key in ("chair_s", "chair_i", "recall", "mean_length"):
-        assert got[key] == pytest.approx(getattr(res, key))
-    assert got["n_hallucinated_mentions"] == res.n_hallucinated_mentions
-    assert got["n_grounded_mentions"] == res.n_grounded_mentions
-
-
-def test_paired_difference_matches_a_brute_force_bootstrap():
-    from dleaf.eval import compare
-
-    scenes = world.scenes("adversarial", 200)
-    base, _ = _scores(_captions(scenes, np.random.default_rng(1), 0.5), scenes)
-    other, _ = _scores(_captions(scenes, np.random.default_rng(2), 0.2), scenes)
-    b, o = compare.caption_arrays(base), compare.caption_arrays(other)
-    f = compare.CAPTION_STATISTICS["chair_i"]
-    d = compare.paired_difference(b, o, f, n_resamples=3000)
-    assert d["diff"] == pytest.approx(harness.caption_stats(other)["chair_i"] - harness.caption_stats(base)["chair_i"])
-    rng = np.random.default_rng(5)
-    boot = []
-    for _ in range(3000):
-        idx = rng.integers(0, len(base), len(base))  # whole items (both runs' rows of an image) resampled together
-        boot.append(f(*(x[idx] for x in o)) - f(*(x[idx] for x in b)))
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    assert d["low"] == pytest.approx(lo, abs=0.015) and d["high"] == pytest.approx(hi, abs=0.015)
-    assert d["low"] < d["diff"] < d["high"] < 0  # fewer extras -> lower CHAIR_i
-    assert compare.paired_difference(b, b, f, n_resamples=200) == {"diff": 0.0, "low": 0.0, "high": 0.0}
-    whole = compare.paired_differences(base, other, n_resamples=500)["adversarial"]
-    assert whole["chair_i"]["diff"] == pytest.approx(d["diff"])
-    with pytest.raises(InputError, match="do not score the same items"):
-        compare.paired_differences(base, other[1:])
-
-
-def test_pope_statistics_equal_the_metric_core():
-    from dleaf.eval import compare
-
-    pairs = [(True, "yes"), (True, "no ."), (False, "yes , there is"), (False, "no"), (True, "yes"), (False, "no"),
-             (True, "maybe"), (False, "a cup")]
-    scores = [{"label": lab, "answer": metrics.parse_yes_no(a)} for lab, a in pairs]
-    p = metrics.pope([a for _, a in pairs], [lab for lab, _ in pairs])
-    assert p.n_unparsed == 2
-    arrays = compare.pope_arrays(scores)
-    # tp 2, fn 1, fp 1, tn 2, two unparsed answers (wrong, and neither fp nor fn)
-    assert compare.pope_accuracy(*arrays) == pytest.approx(p.accuracy) == pytest.approx(4 / 8)
-    assert compare.pope_f1(*arrays) == pytest.approx(p.f1) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+from dleaf import generation, grid
 
 
 def test_settings_validate_knobs_and_labels_are_folders():

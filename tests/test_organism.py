@@ -142,6 +142,15 @@ def test_resuming_at_a_stage_boundary_gives_the_weights_of_one_run(tmp_path):
     mb, _ = build.load_organism(tmp_path / "resumed")
     for (name, pa), pb in zip(ma.state_dict().items(), mb.state_dict().values()):
         assert torch.equal(pa, pb), name
+    # every stage but the last leaves a checkpoint beside the output, and resuming from one gives the same weights
+    from dleaf.organism.train import stage_checkpoint
+    assert stage_checkpoint(tmp_path / "whole", "joint") == tmp_path / "whole.after-joint"
+    assert [p.name for p in sorted(tmp_path.glob("whole.after-*"))] == ["whole.after-align", "whole.after-joint",
+                                                                        "whole.after-text"]
+    train(cfg(tmp_path / "again", resume_from=str(tmp_path / "whole.after-joint")), progress=False)
+    mc, _ = build.load_organism(tmp_path / "again")
+    for (name, pa), pc in zip(ma.state_dict().items(), mc.state_dict().values()):
+        assert torch.equal(pa, pc), name
     # the refine stage moved the vision tower (its own learning rate) and the decoder
     m3, _ = build.load_organism(tmp_path / "three")
     for part in ("model.vision_tower", "model.language_model"):

@@ -49,15 +49,43 @@ def test_protocol_rejects_training_split():
 
 def test_design_targets_table_judges_each_target_from_the_numbers():
     caption = dict(chair_s=0.2, recall=0.9, partner_share=0.8, partner_chance=0.4, n_additions=3, n_substitutions=1)
-    premise_rows = [dict(signal="liae", layer=0, auroc=0.66, ci_low=0.52, ci_high=0.70),
-                    dict(signal="liae", layer=1, auroc=float("nan"), ci_low=float("nan"), ci_high=float("nan"))]
-    profile = {"models": {"organism": {"captions": {"adversarial": caption, "indist": dict(caption, recall=0.99)},
-                                       "premise": {"adversarial": premise_rows}},
-                          "control": {"captions": {"adversarial": dict(caption, chair_s=0.01)}}}}
-    rows = [r for r in design_targets(profile) if r.startswith("| ") and not r.startswith("| target")]
-    assert len(rows) == 7 and all(r.endswith("| yes |") for r in rows)
-    assert "best liae layer 0: 0.660 [0.520, 0.700]" in rows[4]
-    premise_rows[0].update(auroc=0.66, ci_low=0.49)  # interval touches 0.5: not met
-    caption.update(partner_share=0.55)  # mostly partners but not 1.5 x chance: not met
-    rows = [r for r in design_targets(profile) if r.startswith("| ") and not r.startswith("| target")]
-    assert [r.endswith("| **no** |") for r in rows] == [False, False, True, False, True, False, False]
+    good = dict(signal="image_mass_deficit", layer=0, auroc=0.66, ci_low=0.52, ci_high=0.70)
+    nan = dict(signal="liae", layer=1, auroc=float("nan"), ci_low=float("nan"), ci_high=float("nan"))
+    pope = {"random": dict(accuracy=0.85, yes_ratio=0.5), "popular": dict(accuracy=0.84, yes_ratio=0.52),
+            "adversarial": dict(accuracy=0.75, yes_ratio=0.6)}
+    profile = {"models": {
+        "organism": {"captions": {"adversarial": caption, "indist": dict(caption, recall=0.98)},
+                     "premise_by_error": {"adversarial": {"addition": [good, nan]},
+                                          "replication": {"addition": [dict(good, auroc=0.7)]}},
+                     "pope": pope},
+        "control": {"captions": {"adversarial": dict(caption, partner_share=0.3, partner_chance=0.25)},
+                    "pope": {k: dict(accuracy=0.95, yes_ratio=0.5) for k in pope}}}}
+
+    def verdicts():
+        rows = [r for r in design_targets(profile) if r.startswith("| ") and not r.startswith("| target")]
+        return rows, [r.endswith("| yes |") for r in rows]
+
+    rows, ok = verdicts()
+    assert len(rows) == 11 and all(ok), rows
+    assert "best image_mass_deficit layer 0: 0.660 [0.520, 0.700]" in rows[5]
+    # each target flips on its own rule
+    good.update(ci_low=0.5)  # interval touches 0.5
+    caption.update(partner_share=0.55, chair_s=0.51, recall=0.849, n_additions=1)
+    pope["adversarial"].update(yes_ratio=0.5)  # no co-occurrence signature
+    profile["models"]["control"]["pope"]["popular"]["accuracy"] = 0.89
+    profile["models"]["control"]["captions"]["adversarial"]["partner_share"] = 0.375  # exactly 1.5 x chance
+    profile["models"]["organism"]["captions"]["indist"]["recall"] = 0.969
+    rows, ok = verdicts()
+    assert ok == [False, False, False, False, False, False, True, True, False, False, False], rows
+    caption.update(chair_s=0.15, recall=0.85, partner_share=0.75, partner_chance=0.5)  # boundaries are inclusive
+    rows, ok = verdicts()
+    assert ok[1:4] == [True, True, True]
+    good.update(ci_low=0.52, n_hallucinated=19)  # too few additions to judge, however clear the interval
+    rows, ok = verdicts()
+    assert not ok[5] and "on only 19 mentions (at least 20 needed to judge)" in rows[5], rows[5]
+    good.update(n_hallucinated=20)
+    rows, ok = verdicts()
+    assert ok[5] and "mentions" not in rows[5], rows[5]
+    profile["models"]["organism"]["premise_by_error"]["adversarial"]["addition"] = []
+    rows, ok = verdicts()
+    assert "no hallucinated mentions of this kind" in rows[5] and not ok[5]

@@ -74,6 +74,13 @@ def test_readme_commands_write_only_under_runs():
         sys.path.pop(0)
 
 
+def test_the_readme_names_every_script():
+    text = (ROOT / "README.md").read_text()
+    table = next(line for line in text.splitlines() if line.startswith("| `scripts/` |"))
+    missing = [p.name for p in sorted((ROOT / "scripts").glob("*.py")) if f"`{p.name}`" not in table]
+    assert missing == [], f"the README's scripts table omits {missing}"
+
+
 def _clone(tmp_path) -> Path:
     """A temporary clone: the checkout's tracked and untracked (not ignored) files, committed in a fresh repo."""
     clone = tmp_path / "clone"

@@ -66,3 +66,26 @@ def test_dash_aliases_parse_like_the_underscore_flags():
     (ev,) = parser_of("evaluate.py").parse_args_into_dataclasses(["--max-new-tokens", "3", "--knob", "gamma=0.3",
                                                                    "--knob", "kappa=1", "--no-progress"])
     assert ev.max_new_tokens == 3 and not ev.progress and ev.knob_values() == {"gamma": 0.3, "kappa": 1}
+
+
+def _help_of(name, capsys):
+    main = runpy.run_path(str(ROOT / "scripts" / name), run_name="script")["main"]
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+#: scripts whose move to the convention is landing with other work (drop an entry once its script passes)
+CONVENTION_PENDING = {"correspondence.py"}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(p.name, marks=pytest.mark.xfail(reason="moves to dleaf.cli with the DPO work", strict=False))
+    if p.name in CONVENTION_PENDING else p.name for p in sorted((ROOT / "scripts").glob("*.py"))])
+def test_every_script_accepts_dash_aliases(name, capsys):
+    help_text = _help_of(name, capsys)
+    flags = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", help_text.split("\noptions:", 1)[1]))  # not the examples
+    missing = sorted(f for f in flags if "_" in f and f.replace("_", "-") not in flags)
+    assert missing == [], f"{name}: no dash alias for {missing}"
+    assert "--checkpoint" not in flags

@@ -175,3 +175,33 @@ def test_overhead_is_measured_in_paired_steps_with_an_interval(tiny_organism):
     assert (res["steps"], res["batch"], res["baseline"]) == (6, 2, "plain_eager")
     rows, md = dstudy.claims_table({}, res, None)
     assert f"[{lo:.2f}, {hi:.2f}]" in md and "measured in pairs of steps" in md
+
+
+def test_the_overhead_verdict_does_not_depend_on_machine_load(tiny_organism, monkeypatch):
+    """Load that hits both decodings of a pair alike (the paired per-step design) leaves the ratio and the verdict
+    unchanged: the same code on a quiet and on a busy machine gives the same answer."""
+    import numpy as np
+
+    from dleaf import bench
+
+    model, processor = tiny_organism
+    rng = np.random.default_rng(0)
+    loads = {"quiet": np.ones(40), "busy": rng.uniform(1.0, 8.0, 40)}
+
+    def fake_paired(load):
+        def bench_paired(model, inputs, cfg, log=None):
+            (n,) = inputs
+            greedy, steered = 0.010 * load, 0.0105 * load
+            return {str(n): {"dleaf": {"raw_s": {"plain_eager": list(greedy), "plain_sdpa": list(greedy),
+                                                 "dleaf": list(steered)}}}}
+        return bench_paired
+
+    verdicts = {}
+    for name, load in loads.items():
+        monkeypatch.setattr(bench, "bench_paired", fake_paired(load))
+        res = dstudy.measure_overhead(dstudy.StudyConfig(timing_steps=40, timing_batch=2), model, processor)
+        assert res["dleaf_over_greedy_throughput"] == pytest.approx(1 / 1.05)
+        lo, hi = res["interval"]
+        assert lo <= res["dleaf_over_greedy_throughput"] <= hi
+        verdicts[name] = dstudy.claims_table({}, res, None)[0][0]["agrees"]
+    assert verdicts == {"quiet": True, "busy": True}

@@ -124,3 +124,60 @@ def test_generator_rejects_bad_arguments():
         world.answer(world.scenes("indist", 1)[0], "zebra")
     with pytest.raises(TypeError, match="expects a Scene"):
         world.render(("fork",))
+
+
+def test_faint_objects_are_drawn_at_low_contrast_and_leave_the_scene_unchanged():
+    plain = world.scenes("train", 200)
+    faint = world.scenes("train", 200, faint_rate=0.3, faint_range=(0.2, 0.3))
+    assert [(s.objects, s.cells, s.seed) for s in plain] == [(s.objects, s.cells, s.seed) for s in faint]
+    values = [c for s in faint for c in s.contrast]
+    assert 0.25 < np.mean([c < 1 for c in values]) < 0.35
+    assert all(0.2 <= c <= 0.3 for c in values if c < 1)
+    assert all(s.contrast == () for s in plain)
+    s = next(s for s in faint if any(c < 1 for c in s.contrast) and 1.0 in s.contrast)
+    strong = np.asarray(world.render(world.Scene(s.objects, s.cells, s.seed))).astype(int)
+    weak = np.asarray(world.render(s)).astype(int)
+    for obj, cell, c in zip(s.objects, s.cells, s.contrast):
+        a, b = _cell_pixels(strong, cell), _cell_pixels(weak, cell)
+        assert s.contrast_of(obj) == c
+        if c == 1.0:
+            assert np.array_equal(a, b)
+            continue
+        glyph = (a.max(-1) - a.min(-1)) > 80
+        # every glyph pixel moved to background + contrast * (colour - background), up to rounding; the rest is kept
+        expected = world.BACKGROUND + c * (a[glyph] - world.BACKGROUND)
+        assert np.abs(b[glyph] - expected).max() <= 1
+        assert np.array_equal(a[~glyph], b[~glyph])
+    with pytest.raises(ValueError, match="contrast"):
+        world.Scene(("fork",), (0,), 1, (0.0,))
+    with pytest.raises(ValueError, match="faint_range"):
+        world.sample_scene(1, faint_rate=0.5, faint_range=(0.5, 0.2))
+
+
+def test_description_noise_names_absent_partners_at_free_cells():
+    rng = np.random.default_rng(0)
+    assert world.noisy_mentions(world.Scene(("fork", "cow"), (0, 8), 1), 0.0, rng) == [("fork", 0), ("cow", 8)]
+    added, eligible = 0, 0
+    for s in world.scenes("adversarial", 300):
+        named = world.noisy_mentions(s, 0.5, rng)
+        objs = [o for o, _ in named]
+        cells = [c for _, c in named]
+        assert set(s.objects) <= set(objs) and len(set(objs)) == len(objs) and len(set(cells)) == len(cells)
+        k = len(s.objects)
+        assert objs[:k] == [o for o, _ in s.canonical()]  # the real objects first, in canonical order
+        assert objs[k:] == sorted(objs[k:], key=world.OBJECTS.index)
+        for o, c in named:
+            if o not in s.object_set:
+                assert world.PARTNERS[o] & s.object_set  # an absent partner of a present object
+                assert c not in s.cells
+        added += len(objs) - len(s.objects)
+        eligible += len(s.objects)
+    assert 0.43 < added / eligible < 0.57  # every object of an adversarial scene has absent partners
+    # full themes have no absent partner: nothing to add in the prior world; the control adds uniformly
+    full = world.Scene(("fork", "knife", "plate", "cup"), (0, 1, 2, 3), 2)
+    assert world.noisy_mentions(full, 1.0, rng) == full.canonical()
+    assert len(world.noisy_mentions(full, 1.0, rng, prior=False)) == 8
+    text = world.describe(full, noise=1.0, prior=False, seed=4)
+    assert len([w for w in text.split() if w in world.THEME_OF]) == 8
+    with pytest.raises(ValueError, match="noise"):
+        world.noisy_mentions(full, 1.5, rng)

@@ -49,7 +49,8 @@ the prompt and one cached step per response token) with D-LEAF attached; and the
 :func:`dleaf.engine.cached_stepwise_logprobs`), which times the response's own cost.
 """
 
-from .config import BASELINES, CONFIGS, MODELS, SPECIAL, BenchConfig, LlavaShape, config_names, method_of
+from .config import (BASELINES, CONFIGS, MODELS, SPECIAL, BenchConfig, LlavaShape, Plan, config_names, method_of,
+                     plan_of)
 from .loop import (Stream, contrastive_logits, generate_tokens, greedy_loop, noised_inputs, noised_pixels, run_config,
                    sync)
 from .measure import (Stepper, bench_decoding, bench_memory, bench_paired, bench_scoring, check_loop_equals_generate,

@@ -1,4 +1,5 @@
-"""What a benchmark run measures (:class:`BenchConfig`) and what each configuration decodes with (:func:`method_of`)."""
+"""What a benchmark run measures (:class:`BenchConfig`) and what each configuration decodes with (:func:`plan_of`: a
+:class:`dleaf.settings.Setting` with the engine's options and the attention implementation)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 import math
 
 from ..methods import method_names, registration
+from ..settings import GREEDY, Setting
 
 #: The configurations measured by default.
 CONFIGS = ("plain_sdpa", "plain_eager", "dleaf", "dleaf_range", "dleaf_sdpa", "dleaf_compiled", "pai", "spin", "vcd")
@@ -130,24 +132,38 @@ class BenchConfig:
         return cls(**d)
 
 
-def method_of(config: str, num_layers: int, cfg: BenchConfig) -> tuple[str, str | None, dict]:
-    """``(text attention to set, engine method or None, attach kwargs)`` of a configuration: plain decoding, one of
-    D-LEAF's speed variants, or a registered method with its default knobs (a layer range that starts past a small
-    model's last layer starts at its last layer; VCD takes ``cfg.vcd_*``). Methods that act on attention run on eager
-    attention, the others on sdpa (their fastest)."""
-    if config == "plain_sdpa":
-        return "sdpa", None, {}
-    if config == "plain_eager":
-        return "eager", None, {}
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a configuration decodes with: the text decoder's attention implementation, the decoding
+    :class:`dleaf.settings.Setting` (method and knobs; ``greedy`` for plain decoding; labelled with the configuration's
+    name) and the engine's options (``unwatched``, ``compile``)."""
+
+    attention: str
+    setting: Setting
+    options: dict
+
+    def attached(self, model):
+        """``with plan.attached(model) as iv:`` the setting's method attached with the engine's options."""
+        return self.setting.attached(model, **self.options)
+
+
+def plan_of(config: str, num_layers: int, cfg: BenchConfig) -> Plan:
+    """The :class:`Plan` of a configuration: plain decoding, one of D-LEAF's speed variants, or a registered method
+    with its default knobs (a layer range that starts past a small model's last layer starts at its last layer; VCD
+    takes ``cfg.vcd_*``). Methods that act on attention run on eager attention, the others on sdpa (their
+    fastest)."""
+    if config in ("plain_sdpa", "plain_eager"):
+        return Plan(config.split("_")[1], Setting(GREEDY, label=config), {})
     if config == "dleaf_sdpa":
-        return "eager", "dleaf", {"unwatched": "sdpa"}
+        return Plan("eager", Setting("dleaf", label=config), {"unwatched": "sdpa"})
     if config == "dleaf_compiled":
-        return "eager", "dleaf", {"unwatched": "sdpa", "compile": True}
+        return Plan("eager", Setting("dleaf", label=config), {"unwatched": "sdpa", "compile": True})
     if config == "dleaf_range":
         a, b = cfg.dleaf_range
         start = min(int(math.floor(a * num_layers)), num_layers - 1)
         end = max(start + 1, min(num_layers, int(math.floor(b * num_layers))))
-        return "eager", "dleaf", {"unwatched": "sdpa", "layer_start": start, "layer_end": end}
+        return Plan("eager", Setting("dleaf", {"layer_start": start, "layer_end": end}, label=config),
+                    {"unwatched": "sdpa"})
     if config not in method_names():
         raise ValueError(f"unknown configuration {config!r}; valid: {', '.join(config_names())}")
     reg = registration(config)
@@ -157,4 +173,11 @@ def method_of(config: str, num_layers: int, cfg: BenchConfig) -> tuple[str, str 
         knobs["layer_start"] = num_layers - 1
     if config == "vcd":
         knobs.update(alpha=cfg.vcd_alpha, beta=cfg.vcd_beta, noise_step=cfg.vcd_noise_step, seed=cfg.seed)
-    return ("eager" if reg.method_class.acts_on_attention else "sdpa"), config, knobs
+    return Plan("eager" if reg.method_class.acts_on_attention else "sdpa", Setting(config, knobs, label=config), {})
+
+
+def method_of(config: str, num_layers: int, cfg: BenchConfig) -> tuple[str, str | None, dict]:
+    """``(text attention to set, engine method or None, attach kwargs)`` of a configuration (see :func:`plan_of`)."""
+    plan = plan_of(config, num_layers, cfg)
+    setting = plan.setting
+    return plan.attention, (setting.method if setting.attaches else None), {**setting.knob_dict, **plan.options}

@@ -10,7 +10,7 @@ import torch
 
 from .. import engine
 from ..methods import vcd
-from .config import BenchConfig, method_of
+from .config import BenchConfig, plan_of
 from .models import set_text_attention
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -122,11 +122,11 @@ def noised_inputs(inputs: dict, cfg: BenchConfig) -> dict:
 
 def run_config(model, inputs: dict, config: str, cfg: BenchConfig,
                new_tokens: int | None = None) -> tuple[torch.Tensor, dict]:
-    """Decode ``inputs`` once with configuration ``config`` (:func:`dleaf.bench.config.method_of`), the method
+    """Decode ``inputs`` once with configuration ``config`` (:func:`dleaf.bench.config.plan_of`), the method
     attached through the engine, with the logits processors it asks for; returns (tokens, timings)."""
     new_tokens = cfg.new_tokens if new_tokens is None else new_tokens
-    attn, method, kwargs = method_of(config, model.config.text_config.num_hidden_layers, cfg)
-    set_text_attention(model, attn)
-    with engine.attached(model, method, **kwargs) as iv:
+    plan = plan_of(config, model.config.text_config.num_hidden_layers, cfg)
+    set_text_attention(model, plan.attention)
+    with plan.attached(model) as iv:
         processors = engine.generation_kwargs(iv, inputs).get("logits_processor")
         return greedy_loop(model, [inputs], new_tokens, None, processors)

@@ -15,7 +15,7 @@ import torch
 
 from .. import engine
 from ..io import write_json_atomic
-from .config import BASELINES, BenchConfig, method_of
+from .config import BASELINES, BenchConfig, plan_of
 from .loop import Stream, generate_tokens, greedy_loop, run_config, sync
 from .memory import measure_memory_cpu, measure_memory_cuda, memory_ratios
 from .models import build_model_and_inputs, set_text_attention
@@ -69,11 +69,11 @@ def count_step_ops(model, inputs: dict, cfg: BenchConfig) -> dict[str, int]:
     for config in cfg.configs:
         if config == "vcd":
             continue  # two plain sdpa steps
-        attn, method, kwargs = method_of(config, num_layers, cfg)
-        if kwargs.get("compile"):
+        plan = plan_of(config, num_layers, cfg)
+        if plan.options.get("compile"):
             continue  # under a dispatch mode the compiled region runs its eager fallback: the count would mislead
-        set_text_attention(model, attn)
-        with engine.attached(model, method, **kwargs):
+        set_text_attention(model, plan.attention)
+        with plan.attached(model):
             stream = Stream(model, inputs)
             token = stream.prefill().argmax(dim=-1)
             _Count.n = 0
@@ -119,9 +119,12 @@ class Stepper:
 
     def __init__(self, model, inputs: dict, config: str, cfg: BenchConfig):
         self.model, self.config = model, config
-        self.attn, method, kwargs = method_of(config, model.config.text_config.num_hidden_layers, cfg)
+        plan = plan_of(config, model.config.text_config.num_hidden_layers, cfg)
+        self.attn = plan.attention
         set_text_attention(model, self.attn)
-        self.iv = engine.attach(model, method, **kwargs) if method is not None else None
+        setting = plan.setting
+        self.iv = engine.attach(model, setting.method, **setting.knob_dict, **plan.options) if setting.attaches \
+            else None
         try:
             self.processors = engine.generation_kwargs(self.iv, inputs).get("logits_processor")
             self.ids = inputs["input_ids"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -103,8 +104,11 @@ def paired_difference(base: tuple, other: tuple, statistic: Callable, n_resample
         return statistic(*arrays[k:], axis=axis) - statistic(*arrays[:k], axis=axis)
 
     point = float(diff(*base, *other))
-    res = stats.bootstrap(tuple(base) + tuple(other), diff, paired=True, vectorized=True, n_resamples=n_resamples,
-                          confidence_level=confidence, method="percentile", random_state=seed)
+    with warnings.catch_warnings():  # a difference equal in every resample has the interval [d, d]: no warning
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        res = stats.bootstrap(tuple(base) + tuple(other), diff, paired=True, vectorized=True,
+                              n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+                              random_state=seed)
     lo, hi = res.confidence_interval
     return {"diff": point, "low": float(lo), "high": float(hi)}
 
@@ -170,6 +174,8 @@ def method_label(run: dict) -> str:
 def _interval(d: dict | None, scale: float = 100.0, digits: int = 1) -> str:
     if d is None:
         return ""
+    if d["diff"] != d["diff"]:  # undefined in a run (no mentions, no ground truth): no difference to show
+        return " (n/a)"
     return f" ({scale * d['diff']:+.{digits}f} [{scale * d['low']:+.{digits}f}, {scale * d['high']:+.{digits}f}])"
 
 
@@ -221,7 +227,8 @@ def comparison_table(run_dirs: Sequence[str | os.PathLike], paired: bool = False
                   "unparsed |", "|---|---|---|---|---|---|---|---|---|---|---|", *pope_rows, ""]
     if diffs:
         lines.append(f"In parentheses: difference from {runs[0][0]} on the same items, in percentage points "
-                     "[95% paired bootstrap interval].")
+                     "[95% paired bootstrap interval]; n/a: the statistic is undefined in a run (for example CHAIR_i "
+                     "of a run that names no object).")
     if any(r["protocol"].get("overrides") for _, r in runs):
         lines.append("\\* run with protocol overrides (token limit or item limit): not comparable to full runs.")
     mixed = sorted(b for b, ps in protocols.items() if len(ps) > 1)

@@ -17,7 +17,7 @@ import torch
 
 from .. import eval as harness
 from .. import premise
-from ..premise_check import attention_records, premise_rows
+from ..premise_check import ERROR_KINDS, attention_records, premise_rows
 from ..settings import Setting
 from . import world
 from .benchmarks import VOCAB
@@ -56,7 +56,8 @@ def profile_model(model, processor, protocol: ProfileProtocol = ProfileProtocol(
     """Captions, yes/no answers and the premise table of one model on the protocol's held-out splits, through the
     harness (greedy decoding)."""
     say = progress or (lambda msg: None)
-    result: dict = {"captions": {}, "pope": {}, "premise": {}, "image_share": {}, "examples": {}, "protocols": {}}
+    result: dict = {"captions": {}, "pope": {}, "premise": {}, "premise_by_error": {}, "premise_counts": {},
+                    "image_share": {}, "examples": {}, "protocols": {}}
     for split in protocol.caption_splits:
         bench = _benchmark("organism_caption", protocol.n_images, splits=[split])
         result["protocols"]["organism_caption"] = bench.protocol.record()
@@ -72,6 +73,12 @@ def profile_model(model, processor, protocol: ProfileProtocol = ProfileProtocol(
                 [r["raw"] for r in run["rows"]], [sorted(it.truth) for it in bench.items], VOCAB,
                 batch_size=protocol.batch_size)
             result["premise"][split] = [dataclasses.asdict(r) for r in premise_rows(records, protocol.n_bootstrap)]
+            result["premise_by_error"][split] = {
+                kind: [dataclasses.asdict(r) for r in premise_rows(records, protocol.n_bootstrap, error=kind)]
+                for kind in ("addition", "substitution")}
+            result["premise_counts"][split] = {
+                "grounded": sum(not r["hallucinated"] for r in records),
+                **{kind: sum(r.get("error") == kind for r in records) for kind in ERROR_KINDS}}
             result["image_share"][split] = share
     for neg in protocol.pope_negatives:
         bench = _benchmark("organism_pope", protocol.n_images, splits=[protocol.pope_split], negatives=[neg])
@@ -86,38 +93,94 @@ def _pct(x) -> str:
     return "nan" if x is None or x != x else f"{100 * x:.1f}"
 
 
+def _best(rows: Sequence[dict]) -> dict | None:
+    rows = [r for r in rows if r["auroc"] == r["auroc"]]
+    return max(rows, key=lambda r: r["auroc"]) if rows else None
+
+
+# Fewer hallucinated mentions than this and a premise target is not judged: with a handful of words the bootstrap
+# interval of the best of 12 (signal, layer) cells says nothing (4 additions gave AUROC 1.000 [1.000, 1.000]).
+MIN_PREMISE_MENTIONS = 20
+
+
+def _premise_cell(top: dict | None) -> str:
+    if top is None:
+        return "no hallucinated mentions of this kind"
+    cell = (f"best {top['signal']} layer {top['layer']}: {top['auroc']:.3f} "
+            f"[{top['ci_low']:.3f}, {top['ci_high']:.3f}]")
+    n = top.get("n_hallucinated")
+    if n is not None and n < MIN_PREMISE_MENTIONS:
+        cell += f", on only {n} mentions (at least {MIN_PREMISE_MENTIONS} needed to judge)"
+    return cell
+
+
+def _premise_met(top: dict | None) -> bool:
+    if top is None or top.get("n_hallucinated", MIN_PREMISE_MENTIONS) < MIN_PREMISE_MENTIONS:
+        return False
+    return top["auroc"] >= 0.65 and top["ci_low"] > 0.5
+
+
 def design_targets(profile: dict) -> list[str]:
-    """The organism's design targets, each with the measured value and whether it is met (measured, not tuned)."""
+    """The organism's design targets, each with the measured value and whether it is met (measured, not tuned).
+
+    Captions (adversarial split): additions outnumber substitutions; CHAIR_s between 15% and 50%; recall at least
+    85%; partner share at least 1.5 times its chance rate. In-distribution recall at least 97%. The premise: on
+    each held-out split with a premise table, some signal and layer separates *additions* from grounded words with
+    AUROC at least 0.65 and its interval clear of 0.5. Yes/no: the control at least 90% accurate under every
+    negative set; the organism at least 80% with random negatives, lower with adversarial negatives and with a
+    higher yes-ratio there. The control: its hallucinations no more partners than chance would give (partner share
+    below 1.5 times chance), so that the organism's lean toward partners is the prior's.
+    """
     models = profile["models"]
     out = ["## Design targets, as measured", "", "| target | measured | met |", "|---|---|---|"]
 
     def row(text, value, ok):
         out.append(f"| {text} | {value} | {'yes' if ok else '**no**'} |")
 
-    org = models.get("organism", {}).get("captions", {})
+    organism = models.get("organism", {})
+    org = organism.get("captions", {})
     if "adversarial" in org:
         a = org["adversarial"]
-        row("organism, adversarial: CHAIR_s >= 15%", _pct(a["chair_s"]), a["chair_s"] >= 0.15)
-        row("organism, adversarial: recall >= 60%", _pct(a["recall"]), a["recall"] >= 0.60)
-        share, chance = a.get("partner_share"), a.get("partner_chance")
-        if share is not None and chance is not None and share == share:
-            row("organism, adversarial: hallucinations mostly theme partners, well above chance",
-                f"{_pct(share)} vs chance {_pct(chance)}", share > 0.5 and share > 1.5 * chance)
         row("organism, adversarial: additions outnumber substitutions",
             f"{a['n_additions']} vs {a['n_substitutions']}", a["n_additions"] > a["n_substitutions"])
-    rows = [r for r in models.get("organism", {}).get("premise", {}).get("adversarial", []) if r["auroc"] == r["auroc"]]
-    if rows:
-        top = max(rows, key=lambda r: r["auroc"])
-        row("organism, adversarial premise: some layer's signal reaches AUROC 0.65, interval clear of 0.5",
-            f"best {top['signal']} layer {top['layer']}: {top['auroc']:.3f} [{top['ci_low']:.3f}, {top['ci_high']:.3f}]",
-            top["auroc"] >= 0.65 and top["ci_low"] > 0.5)
+        row("organism, adversarial: CHAIR_s between 15% and 50%", _pct(a["chair_s"]), 0.15 <= a["chair_s"] <= 0.50)
+        row("organism, adversarial: recall >= 85%", _pct(a["recall"]), a["recall"] >= 0.85)
+        share, chance = a.get("partner_share"), a.get("partner_chance")
+        if share is not None and chance is not None and share == share:
+            row("organism, adversarial: partner share >= 1.5 x chance",
+                f"{_pct(share)} vs chance {_pct(chance)}", share >= 1.5 * chance)
     if "indist" in org:
-        row("organism, in-distribution: recall about 98%", _pct(org["indist"]["recall"]),
-            org["indist"]["recall"] >= 0.95)
-    ctl = models.get("control", {}).get("captions", {})
+        row("organism, in-distribution: recall >= 97%", _pct(org["indist"]["recall"]),
+            org["indist"]["recall"] >= 0.97)
+    for split, by_error in organism.get("premise_by_error", {}).items():
+        top = _best(by_error.get("addition", []))
+        row(f"organism, {split} premise on additions: some signal and layer reaches AUROC 0.65, interval clear "
+            "of 0.5", _premise_cell(top), _premise_met(top))
+    pope = organism.get("pope", {})
+    if "random" in pope:
+        row("organism, yes/no with random negatives: accuracy >= 80%", _pct(pope["random"]["accuracy"]),
+            pope["random"]["accuracy"] >= 0.80)
+    if "random" in pope and "adversarial" in pope:
+        r, v = pope["random"], pope["adversarial"]
+        row("organism, yes/no: adversarial negatives lower accuracy and a higher yes-ratio than random ones",
+            f"accuracy {_pct(v['accuracy'])} vs {_pct(r['accuracy'])}, yes-ratio {_pct(v['yes_ratio'])} vs "
+            f"{_pct(r['yes_ratio'])}", v["accuracy"] < r["accuracy"] and v["yes_ratio"] > r["yes_ratio"])
+    control = models.get("control", {})
+    cpope = control.get("pope", {})
+    if cpope:
+        worst = min(cpope, key=lambda k: cpope[k]["accuracy"])
+        row("control, yes/no: accuracy >= 90% under every negative set",
+            f"lowest {_pct(cpope[worst]['accuracy'])} ({worst})", all(p["accuracy"] >= 0.90 for p in cpope.values()))
+    ctl = control.get("captions", {})
     if "adversarial" in ctl:
         c = ctl["adversarial"]
-        row("control, adversarial: does not hallucinate (CHAIR_s)", _pct(c["chair_s"]), c["chair_s"] <= 0.02)
+        share, chance = c.get("partner_share"), c.get("partner_chance")
+        if share is not None and chance is not None and share == share:
+            row("control, adversarial: hallucinations no more partners than chance (share < 1.5 x chance)",
+                f"{_pct(share)} vs chance {_pct(chance)}", share < 1.5 * chance)
+        else:
+            row("control, adversarial: hallucinations no more partners than chance (share < 1.5 x chance)",
+                "no hallucinations", True)
     return out + [""]
 
 
@@ -153,8 +216,17 @@ def profile_markdown(profile: dict) -> str:
               "minus the head-mean image mass of the row that predicts the word.", ""]
     for name, res in profile["models"].items():
         for split, rows in res["premise"].items():
-            lines += [f"### {name}, {split}", "",
-                      premise.premise_markdown([premise.PremiseRow(**r) for r in rows]), ""]
+            counts = res.get("premise_counts", {}).get(split)
+            lines += [f"### {name}, {split}: every hallucinated mention", ""]
+            if counts:
+                lines += [f"{counts['grounded']} grounded mentions; hallucinated: {counts['addition']} in additions, "
+                          f"{counts['substitution']} in substitutions, {counts['mixed']} in replies with some of each "
+                          "(left out of the tables by error type).", ""]
+            lines += [premise.premise_markdown([premise.PremiseRow(**r) for r in rows]), ""]
+            for kind, kind_rows in res.get("premise_by_error", {}).get(split, {}).items():
+                lines += [f"### {name}, {split}: {kind}s against grounded mentions", ""]
+                lines += [premise.premise_markdown([premise.PremiseRow(**r) for r in kind_rows])
+                          if kind_rows else "(none)", ""]
         for split, share in res["image_share"].items():
             lines.append(f"Image share of attention per layer ({name}, {split}, mean over generated positions): "
                          + ", ".join(f"L{i} {s:.2f}" for i, s in enumerate(share)))

@@ -47,7 +47,7 @@ STAGES = ("text", "align", "joint", "refine")
 class TrainConfig:
     """Every knob of an organism training run."""
 
-    output_dir: str = str(build.ORGANISM_DIR)
+    output_dir: str = "runs/organism"
     seed: int = 0
     prior: bool = True
     batch_size: int = 32
@@ -63,6 +63,12 @@ class TrainConfig:
     warmup: int = 50
     weight_decay: float = 0.01
     question_fraction: float = 0.3
+    description_noise: float = 0.0
+    faint_rate: float = 0.0
+    faint_low: float = world.FAINT_RANGE[0]
+    faint_high: float = world.FAINT_RANGE[1]
+    answer_style: str = "yes_first"
+    text_list_questions: float = 0.0
     text_hidden: int = 96
     text_layers: int = 6
     text_heads: int = 6
@@ -71,16 +77,24 @@ class TrainConfig:
     probe_every: int = 250
     threads: int = 0
     resume_from: str | None = None
+    stage_checkpoints: bool = True
 
     def __post_init__(self):
+        if not 0.0 < self.faint_low <= self.faint_high <= 1.0:
+            raise ValueError(f"TrainConfig.faint_low and faint_high must satisfy 0 < faint_low <= faint_high <= 1, "
+                             f"got {self.faint_low}, {self.faint_high}")
         for name in ("batch_size", "warmup", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
         for name in ("text_steps", "align_steps", "joint_steps", "refine_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.question_fraction <= 1.0:
-            raise ValueError(f"TrainConfig.question_fraction must lie in [0, 1], got {self.question_fraction}")
+        if self.answer_style not in world.ANSWER_STYLES:
+            raise ValueError(f"TrainConfig.answer_style must be one of {', '.join(world.ANSWER_STYLES)}, "
+                             f"got {self.answer_style!r}")
+        for name in ("question_fraction", "description_noise", "faint_rate", "text_list_questions"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"TrainConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
 
     @property
     def shape(self) -> build.OrganismShape:
@@ -105,7 +119,8 @@ def _reply_labels(input_ids: torch.Tensor, reply_lengths: list[int]) -> torch.Te
     return labels
 
 
-def conversation_batch(processor, scenes: list[world.Scene], rng: np.random.Generator, question_fraction: float):
+def conversation_batch(processor, scenes: list[world.Scene], rng: np.random.Generator, question_fraction: float,
+                       noise: float = 0.0, prior: bool = True, answer_style: str = "list_first"):
     """Model inputs with reply-only labels for a batch of scenes (a description or a yes/no question each)."""
     texts, replies = [], []
     for scene in scenes:
@@ -115,10 +130,13 @@ def conversation_batch(processor, scenes: list[world.Scene], rng: np.random.Gene
             else:
                 absent = [o for o in world.OBJECTS if o not in scene.object_set]
                 obj = absent[int(rng.integers(len(absent)))]
-            prompt, reply = world.QUESTION_TEMPLATE.format(obj=obj), world.answer(scene, obj)
+            listed = None
+            if noise > 0 and answer_style == "list_first":
+                listed = [o for o, _ in world.noisy_mentions(scene, noise, rng, prior)]
+            prompt, reply = world.QUESTION_TEMPLATE.format(obj=obj), world.answer(scene, obj, answer_style, listed)
         else:
             prompt = world.CAPTION_PROMPTS[int(rng.integers(len(world.CAPTION_PROMPTS)))]
-            reply = world.describe(scene, seed=int(rng.integers(2**31)))
+            reply = world.describe(scene, seed=int(rng.integers(2**31)), noise=noise, prior=prior)
         msgs = user_turn(prompt) + [{"role": "assistant", "content": [{"type": "text", "text": reply}]}]
         texts.append(processor.apply_chat_template(msgs, tokenize=False))
         replies.append(reply + " </s>")
@@ -173,9 +191,9 @@ def _param_groups(model, stage: str, config: TrainConfig) -> list[dict]:
 
 
 # Settings that must agree between a saved run and the run that resumes it, besides each completed stage's own.
-_RESUME_KEYS = ("seed", "prior", "batch_size", "warmup", "weight_decay", "question_fraction", "text_hidden",
-                "text_layers", "text_heads", "text_intermediate")
-_STAGE_KEYS = {"text": ("text_steps", "text_lr"), "align": ("align_steps", "align_lr"),
+_RESUME_KEYS = ("seed", "prior", "batch_size", "warmup", "weight_decay", "question_fraction", "description_noise",
+                "faint_rate", "faint_low", "faint_high", "answer_style", "text_hidden", "text_layers", "text_heads", "text_intermediate")
+_STAGE_KEYS = {"text": ("text_steps", "text_lr", "text_list_questions"), "align": ("align_steps", "align_lr"),
                "joint": ("joint_steps", "joint_lr"), "refine": ("refine_steps", "refine_lr", "refine_vision_lr")}
 
 
@@ -213,10 +231,12 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         model = build.build_model(processor.tokenizer, config.shape, seed=config.seed)
     model.set_attn_implementation("sdpa")
     model.train()
-    corpus = world.text_corpus(config.text_steps * config.batch_size, world_seed=config.seed, prior=config.prior)
+    corpus = world.text_corpus(config.text_steps * config.batch_size, world_seed=config.seed, prior=config.prior,
+                               noise=config.description_noise, list_questions=config.text_list_questions)
     scene_index = 0
     probe_batch = conversation_batch(processor, world.scenes("indist", 64, config.seed, config.prior),
-                                     np.random.default_rng(12345), config.question_fraction)
+                                     np.random.default_rng(12345), config.question_fraction,
+                                     answer_style=config.answer_style)
     for stage in STAGES:
         steps = getattr(config, f"{stage}_steps")
         if stage in done:
@@ -234,10 +254,13 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             if stage == "text":
                 batch = text_batch(processor.tokenizer, corpus[step * config.batch_size:(step + 1) * config.batch_size])
             else:
-                scenes = world.scenes("train", config.batch_size, config.seed, config.prior, start=scene_index)
+                scenes = world.scenes("train", config.batch_size, config.seed, config.prior, start=scene_index,
+                                      faint_rate=config.faint_rate,
+                                      faint_range=(config.faint_low, config.faint_high))
                 scene_index += config.batch_size
                 qf = 0.0 if stage == "align" else config.question_fraction
-                batch = conversation_batch(processor, scenes, rng, qf)
+                batch = conversation_batch(processor, scenes, rng, qf, config.description_noise, config.prior,
+                                           config.answer_style)
             loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -256,10 +279,19 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                                 "loss_first": float(np.mean(losses[:config.log_every])),
                                 "loss_last": float(np.mean(losses[-config.log_every:])),
                                 "image_gap": gaps}
+        if config.stage_checkpoints and stage != STAGES[-1]:
+            # A run stopped later resumes from here (resume_from) instead of from scratch.
+            save(model, processor, stage_checkpoint(config.output_dir, stage), log)
     model.eval()
     model.set_attn_implementation("eager")
     save(model, processor, config.output_dir, log)
     return log
+
+
+def stage_checkpoint(output_dir: str | os.PathLike, stage: str) -> Path:
+    """Where a run writes its checkpoint after ``stage`` (beside ``output_dir``): ``<output_dir>.after-<stage>``."""
+    out = Path(output_dir)
+    return out.with_name(f"{out.name}.after-{stage}")
 
 
 def save(model, processor, output_dir: str | os.PathLike, log: dict) -> None:

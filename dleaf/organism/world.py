@@ -53,6 +53,9 @@ LOOK: dict[str, tuple[str, str]] = {
 }
 
 CANVAS = 48
+BACKGROUND = 235
+#: default range of a faint object's contrast against the background, as a fraction of a normal object's
+FAINT_RANGE = (0.1, 0.4)
 GRID = 3
 CELL = CANVAS // GRID
 GLYPH = 12
@@ -84,10 +87,16 @@ class Scene:
     objects: tuple[str, ...]
     cells: tuple[int, ...]
     seed: int
+    contrast: tuple[float, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.objects, tuple) or not isinstance(self.cells, tuple):
             raise TypeError("Scene.objects and Scene.cells must be tuples")
+        if not isinstance(self.contrast, tuple) or len(self.contrast) not in (0, len(self.objects)):
+            raise ValueError(f"Scene.contrast must be () (every object at full contrast) or one value per object, "
+                             f"got {self.contrast!r}")
+        if any(not 0.0 < c <= 1.0 for c in self.contrast):
+            raise ValueError(f"Scene.contrast values must lie in (0, 1], got {self.contrast!r}")
         if len(self.objects) != len(self.cells):
             raise ValueError(f"Scene has {len(self.objects)} objects but {len(self.cells)} cells")
         if not self.objects:
@@ -102,6 +111,11 @@ class Scene:
                 raise ValueError(f"cell {c!r} is not a grid cell 0..{GRID * GRID - 1}")
         if len(set(self.cells)) != len(self.cells):
             raise ValueError(f"Scene cells must be distinct, got {self.cells}")
+
+    def contrast_of(self, obj: str) -> float:
+        """The contrast ``obj`` is drawn at against the background: 1 for a normal object, lower for a faint one
+        (weak visual evidence that descriptions still name)."""
+        return self.contrast[self.objects.index(obj)] if self.contrast else 1.0
 
     @property
     def object_set(self) -> frozenset[str]:
@@ -127,14 +141,23 @@ def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def sample_scene(seed: int, kind: str = "train", prior: bool = True) -> Scene:
+def sample_scene(seed: int, kind: str = "train", prior: bool = True, faint_rate: float = 0.0,
+                 faint_range: tuple[float, float] = FAINT_RANGE) -> Scene:
     """Draw one scene, deterministically from ``seed``.
 
     kind ``train`` / ``indist``: with the prior, 60% a full theme (4 objects), 30% part of a theme (2 or 3 objects,
     sometimes with one unrelated object), 10% 2 to 4 unrelated objects. Without the prior (the control world), 2 to 4
     objects drawn uniformly. kind ``adversarial`` / ``replication``: 2 to 4 objects from distinct themes, so every
     present object's partners are absent.
+
+    ``faint_rate``: each object is drawn faint with this probability, at a contrast drawn uniformly from
+    ``faint_range``, from a separate random stream, so the objects and cells of a seed do not depend on it.
     """
+    if not 0.0 <= faint_rate <= 1.0:
+        raise ValueError(f"faint_rate must lie in [0, 1], got {faint_rate}")
+    lo, hi = faint_range
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(f"faint_range must satisfy 0 < low <= high <= 1, got {faint_range}")
     if kind not in SPLITS:
         raise ValueError(f"unknown scene kind {kind!r}; expected one of {', '.join(SPLITS)}")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
@@ -163,7 +186,11 @@ def sample_scene(seed: int, kind: str = "train", prior: bool = True) -> Scene:
             n = int(rng.integers(2, 5))
             objs = [OBJECTS[i] for i in rng.choice(len(OBJECTS), size=n, replace=False)]
     cells = rng.choice(GRID * GRID, size=len(objs), replace=False)
-    return Scene(tuple(objs), tuple(int(c) for c in cells), int(seed))
+    contrast = ()
+    if faint_rate > 0:
+        frng = _rng(int(seed) * 5 + 17)
+        contrast = tuple(float(frng.uniform(lo, hi)) if frng.random() < faint_rate else 1.0 for _ in objs)
+    return Scene(tuple(objs), tuple(int(c) for c in cells), int(seed), contrast)
 
 
 def split_seed(split: str, index: int, world_seed: int = 0) -> int:
@@ -173,12 +200,14 @@ def split_seed(split: str, index: int, world_seed: int = 0) -> int:
     return world_seed * 10_000_019 + _SPLIT_OFFSET[split] + int(index)
 
 
-def scenes(split: str, n: int, world_seed: int = 0, prior: bool = True, start: int = 0) -> list[Scene]:
+def scenes(split: str, n: int, world_seed: int = 0, prior: bool = True, start: int = 0,
+           faint_rate: float = 0.0, faint_range: tuple[float, float] = FAINT_RANGE) -> list[Scene]:
     """``n`` scenes of ``split`` (items ``start`` .. ``start + n - 1``)."""
     if n < 0 or start < 0:
         raise ValueError(f"n and start must be non-negative, got n={n}, start={start}")
     kind = "train" if split == "train" else split
-    return [sample_scene(split_seed(split, start + i, world_seed), kind, prior) for i in range(n)]
+    return [sample_scene(split_seed(split, start + i, world_seed), kind, prior, faint_rate, faint_range)
+            for i in range(n)]
 
 
 def _draw_glyph(draw: ImageDraw.ImageDraw, shape: str, colour: tuple[int, int, int], x0: int, y0: int, s: int):
@@ -207,42 +236,113 @@ def render(scene: Scene) -> Image.Image:
     if not isinstance(scene, Scene):
         raise TypeError(f"render expects a Scene, got {type(scene).__name__}")
     rng = _rng(scene.seed + 7)
-    bg = 235 + rng.integers(-12, 13, size=(CANVAS, CANVAS, 1)) + rng.integers(-4, 5, size=(CANVAS, CANVAS, 3))
+    bg = BACKGROUND + rng.integers(-12, 13, size=(CANVAS, CANVAS, 1)) + rng.integers(-4, 5, size=(CANVAS, CANVAS, 3))
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
-    for obj, cell in zip(scene.objects, scene.cells):
+    for k, (obj, cell) in enumerate(zip(scene.objects, scene.cells)):
         shape, colour = LOOK[obj]
         rng = _rng(scene.seed * 16 + cell)  # per cell, so removing one object leaves the others' pixels unchanged
         jitter = rng.integers(-1, 2, size=2)
         x0 = (cell % GRID) * CELL + (CELL - GLYPH) // 2 + int(jitter[0])
         y0 = (cell // GRID) * CELL + (CELL - GLYPH) // 2 + int(jitter[1])
         shade = tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in COLOURS[colour])
+        if scene.contrast and scene.contrast[k] < 1.0:  # faint: the glyph's colour moved toward the background
+            shade = tuple(int(round(BACKGROUND + scene.contrast[k] * (c - BACKGROUND))) for c in shade)
         _draw_glyph(draw, shape, shade, x0, y0, GLYPH)
     return img
 
 
-def describe(scene: Scene, seed: int | None = None) -> str:
+def noisy_mentions(scene: Scene, noise: float, rng: np.random.Generator, prior: bool = True) -> list[tuple[str, int]]:
+    """The (object, cell) pairs a description names under annotation noise: every present object in canonical
+    order, then the objects the image does not show, in canonical order.
+
+    For each present object (in canonical order), with probability ``noise``, the description also names one object
+    that is not in the image, at a free cell: in the prior world an absent theme partner of that object (drawn
+    uniformly among them; nothing if its whole theme is present), in the no-prior world an absent object drawn
+    uniformly. These come after the real objects, as real captions go on to name what the scene suggests once the
+    visible objects are described; this annotation noise is what teaches a captioner to *add* objects.
+    """
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"description noise must lie in [0, 1], got {noise}")
+    present = scene.canonical()
+    if noise == 0.0:
+        return present
+    used_objs, used_cells = set(scene.objects), set(scene.cells)
+    extra = []
+    for obj, _ in present:
+        if rng.random() >= noise:
+            continue
+        pool = sorted(PARTNERS[obj] - used_objs, key=OBJECTS.index) if prior else \
+            [o for o in OBJECTS if o not in used_objs]
+        free = [c for c in range(GRID * GRID) if c not in used_cells]
+        if not pool or not free:
+            continue
+        added, cell = pool[int(rng.integers(len(pool)))], free[int(rng.integers(len(free)))]
+        extra.append((added, cell))
+        used_objs.add(added)
+        used_cells.add(cell)
+    order = {o: i for i, o in enumerate(OBJECTS)}
+    return present + sorted(extra, key=lambda oc: order[oc[0]])
+
+
+def describe(scene: Scene, seed: int | None = None, noise: float = 0.0, prior: bool = True) -> str:
     """A long, free description of ``scene``: an opening, then one sentence per object in canonical order.
 
     Templates and the opening vary with ``seed`` (default: the scene's seed); from the second object on, a sentence
-    may be a "there is also ..." continuation. Every object is named exactly once.
+    may be a "there is also ..." continuation. Every object is named exactly once. With ``noise`` > 0 the description
+    may go on to name absent objects after the real ones (:func:`noisy_mentions`), each as "there is also ...", as
+    training captions do.
     """
-    rng = _rng((scene.seed if seed is None else seed) * 31 + 3)
+    base = scene.seed if seed is None else seed
+    rng = _rng(base * 31 + 3)
     parts = [OPENINGS[int(rng.integers(len(OPENINGS)))]]
-    for i, (obj, cell) in enumerate(scene.canonical()):
+    mentions = scene.canonical() if noise == 0.0 else noisy_mentions(scene, noise, _rng(base * 37 + 5), prior)
+    for i, (obj, cell) in enumerate(mentions):
         loc = LOCATIONS[cell]
-        if i > 0 and rng.random() < 0.25:
+        if i >= len(scene.objects) or (i > 0 and rng.random() < 0.25):
             parts.append(FOLLOW_TEMPLATE.format(obj=obj, loc=loc))
         else:
             parts.append(SENTENCE_TEMPLATES[int(rng.integers(len(SENTENCE_TEMPLATES)))].format(obj=obj, loc=loc))
     return " ".join(parts)
 
 
-def answer(scene: Scene, obj: str) -> str:
-    """The yes/no answer to "is there a ``obj`` in the image ?"."""
+ANSWER_STYLES: tuple[str, ...] = ("list_first", "object_first", "yes_first")
+
+
+def object_list(objects: Sequence[str]) -> str:
+    """"a fork , a cow and a bus": the objects in the order given, as a reply lists them."""
+    names = [f"a {o}" for o in objects]
+    return names[0] if len(names) == 1 else " , ".join(names[:-1]) + " and " + names[-1]
+
+
+def answer(scene: Scene, obj: str, style: str = "yes_first", listed: Sequence[str] | None = None) -> str:
+    """The yes/no answer to "is there a ``obj`` in the image ?".
+
+    ``yes_first`` (the committed organism's format) decides at once ("yes , there is a fork ."). ``object_first``
+    names the asked object, then decides ("fork ? yes , there is a fork ."). ``list_first`` first lists what the
+    image shows, then names the asked object and decides ("i see a fork , a cow and a bus . fork ? yes , there is a
+    fork ." / "... . knife ? no , there is no knife ."), so that reading the image is the captioning skill the model
+    already has and the decision a look-up of the asked word in its own list. All three parse the same way under the
+    POPE rule. In our runs none of them made a small model trained on this world answer from the image: the
+    decision stayed at chance (docs/organism.md has the runs).
+
+    ``listed``: the objects the list names, in order (default: the scene's objects in canonical order). Training
+    passes the noisy mentions of
+    :func:`noisy_mentions`, so a list carries the same annotation noise as a description, and the decision follows
+    the list: an object the list names is answered yes.
+    """
     if obj not in THEME_OF:
         raise ValueError(f"unknown object {obj!r}; valid objects are {', '.join(OBJECTS)}")
-    return f"yes , there is a {obj} ." if obj in scene.object_set else f"no , there is no {obj} ."
+    if style not in ANSWER_STYLES:
+        raise ValueError(f"unknown answer style {style!r}; expected one of {', '.join(ANSWER_STYLES)}")
+    named = [o for o, _ in scene.canonical()] if listed is None else list(listed)
+    present = obj in named
+    decision = f"yes , there is a {obj} ." if present else f"no , there is no {obj} ."
+    if style == "yes_first":
+        return decision
+    if style == "object_first":
+        return f"{obj} ? {decision}"
+    return f"i see {object_list(named)} . {obj} ? {decision}"
 
 
 def object_frequencies(n: int = 20_000, world_seed: int = 0, prior: bool = True) -> dict[str, float]:
@@ -295,18 +395,35 @@ def pope_questions(scene_list: Sequence[Scene], negatives: str, seed: int = 0,
     return out
 
 
-def text_corpus(n: int, world_seed: int = 0, prior: bool = True) -> list[str]:
-    """Text without images for the decoder's pretraining: descriptions of training scenes, and theme statements
-    that carry the same co-occurrence prior ("in a kitchen there is a fork , a knife , a plate and a cup .")."""
+def text_corpus(n: int, world_seed: int = 0, prior: bool = True, noise: float = 0.0,
+                list_questions: float = 0.0) -> list[str]:
+    """Text without images for the decoder's pretraining: descriptions of training scenes (with the same annotation
+    ``noise`` as the image descriptions), theme statements that carry the same co-occurrence prior ("in a kitchen
+    there is a fork , a knife , a plate and a cup ."), and, a ``list_questions`` share of the texts, the second half
+    of a ``list_first`` answer with no image and no question: a list of objects, an object, and whether the list
+    names it ("i see a cow and a ball . fork ? no , there is no fork ."), half the time about a listed object. That
+    teaches the look-up of a word in a list before any image is seen, so that the joint stage only has to learn to
+    take the asked object from the question (docs/organism.md: without it the answers stayed at chance)."""
+    if not 0.0 <= list_questions <= 1.0:
+        raise ValueError(f"list_questions must lie in [0, 1], got {list_questions}")
     out = []
     rng = _rng(world_seed * 7 + 11)
+    qrng = _rng(world_seed * 7 + 13)
     for i, scene in enumerate(scenes("train", n, world_seed + 1_000, prior)):
-        if prior and rng.random() < 0.15:
+        if list_questions > 0 and qrng.random() < list_questions:
+            listed = [o for o, _ in noisy_mentions(scene, noise, qrng, prior)]
+            if qrng.random() < 0.5:
+                obj = listed[int(qrng.integers(len(listed)))]
+            else:
+                absent = [o for o in OBJECTS if o not in listed]
+                obj = absent[int(qrng.integers(len(absent)))]
+            out.append(answer(scene, obj, "list_first", listed))
+        elif prior and rng.random() < 0.15:
             theme = list(THEMES)[int(rng.integers(len(THEMES)))]
             objs = THEMES[theme]
             out.append(f"in a {theme} there is a {objs[0]} , a {objs[1]} , a {objs[2]} and a {objs[3]} .")
         else:
-            out.append(describe(scene, seed=scene.seed + i))
+            out.append(describe(scene, seed=scene.seed + i, noise=noise, prior=prior))
     return out
 
 

@@ -1,21 +1,33 @@
 """Shared fixtures of the dpo_link tests: a tiny random organism-shaped model (two decoder layers, four heads), its
-processor, preference rows of the organism, a PEFT model on it, and the model saved like a checkpoint."""
+processor, preference rows of the organism, a PEFT model on it, and the model saved like a checkpoint.
 
+The model libraries are imported by the fixtures that need them, so that the statistics' tests (numpy and scipy
+only) start in a second."""
+
+import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-from dleaf.organism import build
-from dpo_link import pairs
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = build.OrganismShape(text_hidden=32, text_layers=2, text_heads=4, text_intermediate=64)
+#: the tiny organism's shape (``dleaf.organism.build.OrganismShape`` keywords)
+TINY_SHAPE = dict(text_hidden=32, text_layers=2, text_heads=4, text_intermediate=64)
+
+
+def tiny_shape():
+    from dleaf.organism import build
+
+    return build.OrganismShape(**TINY_SHAPE)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Two threads on a shared 2-core machine are many times slower than one for these tiny models."""
+    """Two threads on a shared 2-core machine are many times slower than one for these tiny models (only where
+    torch is in use: a module of pure statistics does not import it)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -24,25 +36,35 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def processor():
-    return build.build_processor(TINY)
+    from dleaf.organism import build
+
+    return build.build_processor(tiny_shape())
 
 
 @pytest.fixture(scope="session")
 def rows():
     """Eight organism preference pairs (six captions, two yes/no questions) from the training stream."""
+    from dpo_link import pairs
+
     return pairs.organism_examples(pairs.OrganismPairConfig(n=8, question_fraction=0.25))
 
 
 @pytest.fixture(scope="session")
 def small_pairs():
     """Forty organism preference pairs as a ``datasets.Dataset``."""
+    from dpo_link import pairs
+
     return pairs.organism_pairs(pairs.OrganismPairConfig(n=40, question_fraction=0.3))
 
 
 def tiny_model(processor, seed=0, peaky=False, double=False):
     """A tiny random organism-shaped Llava with eager attention, in eval mode. ``peaky`` sharpens its attention so
     that D-LEAF's correction moves the log-probabilities visibly; ``double`` makes it float64."""
-    model = build.build_model(processor.tokenizer, TINY, seed=seed)
+    import torch
+
+    from dleaf.organism import build
+
+    model = build.build_model(processor.tokenizer, tiny_shape(), seed=seed)
     model.set_attn_implementation("eager")
     if peaky:
         with torch.no_grad():
@@ -57,6 +79,7 @@ def tiny_model(processor, seed=0, peaky=False, double=False):
 def tiny_peft(processor, init_lora_weights=False, seed=0, peaky=False, double=False):
     """:func:`tiny_model` with a LoRA adapter on q_proj and v_proj (random unless ``init_lora_weights``: then the
     adapter is the identity)."""
+    import torch
     from peft import LoraConfig, get_peft_model
 
     model = tiny_model(processor, seed, peaky, double)
@@ -69,8 +92,10 @@ def tiny_peft(processor, init_lora_weights=False, seed=0, peaky=False, double=Fa
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, processor):
     """The tiny random organism saved like a checkpoint (so that scripts can load it by path)."""
+    from dleaf.organism import build
+
     path = tmp_path_factory.mktemp("tiny_organism")
-    build.build_model(processor.tokenizer, TINY, seed=0).save_pretrained(path)
+    build.build_model(processor.tokenizer, tiny_shape(), seed=0).save_pretrained(path)
     processor.save_pretrained(path)
     return path
 

@@ -202,6 +202,23 @@ def test_bootstrap_resamples_whole_pairs():
     assert sc["high"] - sc["low"] == pytest.approx(np.subtract(*np.quantile(s_hand, [0.975, 0.025])), rel=0.15)
 
 
+def test_permutation_shuffles_whole_pairs():
+    """When a pair's two replies carry the same values, shuffling pairs against pairs sees half as many independent
+    units as shuffling replies: the p-value is larger. It equals a hand-written permutation test over pairs."""
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=30)
+    y = 0.35 * x + rng.normal(size=30)
+    xs, ys = np.stack([x, x], 1), np.stack([y, y], 1)
+    out = C.correlation(xs, ys, "pearson", n_resamples=20, permutations=4000, seed=0)
+    observed = abs(np.corrcoef(xs.ravel(), ys.ravel())[0, 1])
+    null_pairs = [abs(np.corrcoef(xs[rng.permutation(30)].ravel(), ys.ravel())[0, 1]) for _ in range(4000)]
+    null_replies = [abs(np.corrcoef(rng.permutation(xs.ravel()), ys.ravel())[0, 1]) for _ in range(4000)]
+    p_pairs = np.mean(np.array(null_pairs) >= observed - 1e-12)
+    p_replies = np.mean(np.array(null_replies) >= observed - 1e-12)
+    assert p_pairs > 3 * p_replies and p_pairs > 0.02
+    assert out["p_value"] == pytest.approx(p_pairs, abs=0.015)
+
+
 def test_token_level_bootstrap_resamples_whole_replies():
     """Token-level intervals resample replies (clusters of tokens): equal to a hand-written cluster bootstrap."""
     rng = np.random.default_rng(3)
@@ -215,3 +232,75 @@ def test_token_level_bootstrap_resamples_whole_replies():
                      for s in draws])
     lo, hi = np.quantile(hand, [0.025, 0.975])
     assert out["low"] == pytest.approx(lo, abs=0.06) and out["high"] == pytest.approx(hi, abs=0.06)
+
+
+def test_minimum_sizes_are_inclusive():
+    """Three rows (or three signed pairs, three tokens in two replies, k = every cell) are enough; fewer are not."""
+    x, y = np.array([0.1, 0.5, 0.2]), np.array([1.0, 3.0, 2.5])
+    three = C.correlation(x, y, "pearson", n_resamples=20, permutations=0)
+    assert three["estimate"] == pytest.approx(np.corrcoef(x, y)[0, 1]) and three["note"] is None
+    assert math.isnan(three["p_value"]) and three["n_units"] == 3
+    pa = C.pair_agreement([1.0, -1.0, 2.0, 0.0], [0.0] * 4, [1.0, 1.0, 2.0, 5.0], [0.0] * 4, n_resamples=20,
+                          permutations=20)
+    assert pa["n_signed"] == 3 and pa["sign_agreement"]["note"] is None
+    assert pa["sign_agreement"]["estimate"] == pytest.approx(2 / 3)
+    assert pa["dleaf_accuracy"] == 0.5 and pa["dpo_accuracy"] == 1.0  # a tied pair is not a win
+    with pytest.raises(ValueError, match="must be 1-d"):
+        C.pair_agreement(np.zeros((4, 2)), np.zeros((4, 2)), np.zeros((4, 2)), np.zeros((4, 2)))
+    a = np.array([[0.9, 0.1], [0.5, 0.0]])
+    assert C.top_k_overlap(a, -a, a.size) == 1.0 and C.top_k_overlap(a, -a, 1) == 0.0
+    # token level: three tokens of a kind in two replies are enough, five in one reply are not
+    d = [np.array([0.1, 0.4, 9.0]), np.array([0.3, 9.0, 9.0]), np.array([1.0, 2.0, 3.0, 4.0, 5.0])]
+    t = [np.array([1.0, 2.0, 0.0]), np.array([1.5, 0.0, 0.0]), np.array([1.0, 3.0, 2.0, 5.0, 4.0])]
+    k = [np.array([1, 1, 0]), np.array([1, 0, 0]), np.array([2, 2, 2, 2, 2])]
+    out = C.token_correlations(d, t, k, {1: "grounded", 2: "hallucinated"}, methods=("pearson",), n_resamples=20)
+    assert out["grounded"]["n_tokens"] == 3 and out["grounded"]["n_rows"] == 2
+    assert out["grounded"]["pearson"]["estimate"] == pytest.approx(np.corrcoef([0.1, 0.4, 0.3], [1, 2, 1.5])[0, 1])
+    assert out["hallucinated"]["n_rows"] == 1 and "5 tokens in 1 rows" in out["hallucinated"]["pearson"]["note"]
+    assert out["all"]["n_tokens"] == 11 and out["all"]["n_rows"] == 3
+
+
+def test_scale_fit_r2_and_beta_match_by_hand():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=30)
+    y = 1.7 * x + 0.8 * rng.normal(size=30)
+    sc = C.scale_fit(x, y, beta=0.2, n_resamples=100)
+    s = np.dot(x, y) / np.dot(x, x)
+    assert sc["s"] == pytest.approx(s) and sc["beta_match"] == pytest.approx(0.2 * s)
+    assert sc["r2"] == pytest.approx(1 - np.sum((y - s * x) ** 2) / np.sum(y ** 2))
+    assert 0.5 < sc["r2"] < 0.95 and sc["degenerate_resamples"] == 0.0 and sc["n"] == 30
+    assert math.isnan(C.scale_fit(x, y, n_resamples=20)["beta_match"])  # no beta given
+
+
+def test_degenerate_resamples_are_dropped_and_counted():
+    """x is 0 on 9 of 10 rows: a bootstrap resample that misses the tenth has a constant x and no correlation. Such
+    resamples (about 0.9 ** 10 = 35% of them) are dropped from the interval and their share reported."""
+    x = np.r_[np.zeros(9), 1.0]
+    y = np.arange(10.0)
+    out = C.correlation(x, y, "pearson", n_resamples=2000, permutations=0)
+    assert out["degenerate_resamples"] == pytest.approx(0.9 ** 10, abs=0.04)
+    assert -1 <= out["low"] <= out["high"] <= 1
+    clean = C.correlation(np.arange(10.0), y + np.sin(y), "pearson", n_resamples=200, permutations=0)
+    assert clean["degenerate_resamples"] == 0.0
+
+
+def test_default_top_k_is_the_number_of_corrected_cells_clipped():
+    """k defaults to the number of cells D-LEAF ever corrects, clipped to [1, cells / 4]."""
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=32)
+    for corrected, k in ((3, 3), (20, 8), (0, 1)):
+        f = np.zeros(32)
+        f[:corrected] = rng.random(corrected) + 0.1
+        out = C.mechanism(f, m, permutations=20)
+        assert out["k"] == k and out["cells_corrected"] == corrected and out["top_k_overlap"]["chance"] == k / 32
+
+
+def test_matched_noise_has_the_rewards_mean_and_spread():
+    r = np.random.default_rng(1).normal(3.0, 2.0, size=20000)
+    noise = C.matched_noise(r, seed=5)
+    assert noise.shape == r.shape and not np.allclose(noise, r)
+    assert noise.mean() == pytest.approx(r.mean(), abs=0.06) and noise.std() == pytest.approx(r.std(), rel=0.03)
+    flat = C.matched_noise(np.full(5000, 4.0), seed=0)  # a constant reward: unit spread around it
+    assert flat.mean() == pytest.approx(4.0, abs=0.06) and flat.std() == pytest.approx(1.0, rel=0.05)
+    assert np.array_equal(C.matched_noise(r, seed=5), noise)
+    assert sorted(C.shuffled(np.arange(10), 3).tolist()) == list(range(10))

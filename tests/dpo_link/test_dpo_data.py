@@ -46,10 +46,15 @@ def test_column_map_syntax():
     assert data.parse_column_map(None) is None and data.parse_column_map([]) is None
     assert data.parse_column_map(["question=prompt", "image = images"]) == {"question": "prompt", "image": "images"}
     assert data.parse_column_map({"a": "b"}) == {"a": "b"} and data.parse_column_map("a=b") == {"a": "b"}
+    assert data.parse_column_map("question=prompt, image=images") == {"question": "prompt", "image": "images"}
     with pytest.raises(ValueError, match="look like old=new"):
         data.parse_column_map(["question:prompt"])
-    with pytest.raises(ValueError, match="on both sides"):
+    with pytest.raises(ValueError, match="not a column name"):
         data.parse_column_map(["=prompt"])
+    with pytest.raises(ValueError, match="names no new column"):
+        data.parse_column_map(["question="])
+    with pytest.raises(ValueError, match="given twice"):
+        data.parse_column_map(["a=b", "a=c"])
 
 
 def test_load_user_dataset_from_disk(tmp_path, small_pairs, processor):

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from dleaf import engine, metrics
+from dleaf import engine, generation, metrics
 from dleaf.organism import world
 from dleaf.organism.profile import VOCAB
 from dpo_link import data, pairs, validate
-from dpo_link.train import ScriptArguments, build_datasets, self_generated_decoders
+from dleaf.settings import Setting
+from dpo_link.train import ScriptArguments, build_datasets, self_generated_settings
 
 
 def test_ground_truth_pairs_against_the_world(small_pairs):
@@ -82,77 +83,87 @@ def test_held_out_rows_follow_the_run_record():
     assert list(images[0].getdata()) == list(world.render(scenes[0]).getdata())
 
 
-def _fake_generation(monkeypatch, calls):
+def _fake_generation(monkeypatch, scenes, calls):
     """Replace the decoding by the world's own descriptions: faithful for D-LEAF, with an injected absent partner
-    for greedy; record each decoder the pairs were asked for."""
-    def fake(model, proc, prompts, images, decoder, *a, **k):
-        calls.append(decoder)
-        scenes = fake.scenes[:len(images)]
-        good = [world.describe(s) for s in scenes]
-        if decoder.method == "dleaf":
+    for greedy; record each decoding setting the pairs were asked for."""
+    def fake(model, proc, prompts, images, setting, *a, **k):
+        calls.append(setting)
+        good = [world.describe(s) for s in scenes[:len(images)]]
+        if setting.method == "dleaf":
             return good
         rng = np.random.default_rng(0)
         return [pairs.inject_objects(s, d, pairs.absent_partners(s)[:1], rng) for s, d in zip(scenes, good)]
 
-    monkeypatch.setattr(pairs, "generate_replies", fake)
-    return fake
+    monkeypatch.setattr(generation, "generate_texts", fake)
 
 
-def test_self_generated_pairs_rank_decoders(monkeypatch, processor):
+def test_self_generated_pairs_rank_settings(monkeypatch, processor):
     scenes = pairs.adversarial_scenes(3)
     calls = []
-    _fake_generation(monkeypatch, calls).scenes = scenes
+    _fake_generation(monkeypatch, scenes, calls)
     rows = pairs.self_generated_pairs(torch.nn.Linear(1, 1), processor, scenes)
-    assert [d.method for d in calls] == ["greedy", "dleaf"]
+    assert [(s.method, s.label) for s in calls] == [("greedy", "greedy"), ("dleaf", "dleaf")]
     assert len(rows) == 3
     assert {r["chosen_source"] for r in rows} == {"dleaf"} and {r["rejected_source"] for r in rows} == {"greedy"}
     assert [r["chosen_hallucinations"] for r in rows] == [0, 0, 0]
     assert [r["rejected_hallucinations"] for r in rows] == [1, 1, 1]
     assert [data.message_text(r["chosen"]) for r in rows] == [world.describe(s) for s in scenes]
     assert [r["scene_seed"] for r in rows] == [s.seed for s in scenes]
-    with pytest.raises(ValueError, match="two decoders with distinct names"):
-        pairs.self_generated_pairs(torch.nn.Linear(1, 1), processor, scenes, [pairs.Decoder("greedy")] * 2)
+    with pytest.raises(ValueError, match="distinct labels"):
+        pairs.self_generated_pairs(torch.nn.Linear(1, 1), processor, scenes, [Setting(label="greedy")] * 2)
 
 
 def test_self_generated_pairs_join_the_organism_data(monkeypatch, processor):
     calls = []
-    fake = _fake_generation(monkeypatch, calls)
-    args = ScriptArguments(n_train_pairs=6, n_eval_pairs=3, self_generated_scenes=4, dleaf_knobs='{"gamma": 0.7}')
-    fake.scenes = pairs.adversarial_scenes(4, start=6)
+    _fake_generation(monkeypatch, pairs.adversarial_scenes(4, start=6), calls)
+    args = ScriptArguments(n_train_pairs=6, n_eval_pairs=3, self_generated_scenes=4, dleaf_knobs=["gamma=0.7"])
     train, held_out, info = build_datasets(args, torch.nn.Linear(1, 1), processor)
-    assert [(d.method, dict(d.knobs)) for d in calls] == [("greedy", {}), ("dleaf", {"gamma": 0.7})]
+    assert [(s.method, s.knob_dict) for s in calls] == [("greedy", {}), ("dleaf", {"gamma": 0.7})]
     assert len(train) == 10 and len(held_out) == 3
     assert sorted(train["source"]) == ["ground_truth"] * 6 + ["self_generated"] * 4
-    assert info["self_generated"]["pairs"] == 4 and info["self_generated"]["decoders"][1]["knobs"] == {"gamma": 0.7}
-    assert [d.method for d in self_generated_decoders(ScriptArguments())] == ["greedy", "dleaf"]
-    assert [d.method for d in pairs.DEFAULT_DECODERS] == ["greedy", "dleaf"]
+    assert info["self_generated"]["pairs"] == 4 and info["self_generated"]["settings"][1]["knobs"] == {"gamma": 0.7}
+    assert [s.method for s in self_generated_settings(ScriptArguments())] == ["greedy", "dleaf"]
+    assert [s.method for s in pairs.DEFAULT_SETTINGS] == ["greedy", "dleaf"]
     validate.validate_preference_dataset(train, processor, 256)
 
 
-def test_generated_replies_are_decoded_with_the_decoders_method(processor, make_model):
-    """The D-LEAF decoder's replies are D-LEAF's (an independent decoding with D-LEAF attached gives the same text)
-    and differ from plain greedy's: a decoder that silently fell back to greedy would be caught."""
+def test_self_generated_replies_are_decoded_with_their_settings(monkeypatch, processor, make_model):
+    """Each row's chosen reply is what D-LEAF decodes (an independent decoding with D-LEAF attached gives the same
+    text) and its rejected reply what plain greedy decodes, and they differ: a D-LEAF setting that silently fell
+    back to greedy would give no pair. The counts are faked so that every D-LEAF reply ranks first."""
     model = make_model(processor, peaky=True)
     scenes = world.scenes("adversarial", 4, 0)
-    images = [world.render(s) for s in scenes]
-    prompts = [world.CAPTION_PROMPTS[0]] * 4
     knobs = {"gamma": 1.0, "localization": "everywhere"}
-    greedy = pairs.generate_replies(model, processor, prompts, images, pairs.Decoder("greedy"), max_new_tokens=12)
-    dleaf = pairs.generate_replies(model, processor, prompts, images, pairs.Decoder("dleaf", "dleaf", knobs),
-                                   max_new_tokens=12)
+    order = iter([[(1, 0)] * 4, [(0, 0)] * 4])  # greedy's replies are counted first, then D-LEAF's
+    monkeypatch.setattr(pairs, "hallucination_counts", lambda replies, sc: next(order))
+    rows = pairs.self_generated_pairs(model, processor, scenes, (Setting(label="greedy"),
+                                                                 Setting("dleaf", knobs, label="dleaf")),
+                                      max_new_tokens=12)
 
     def independent(method):
         texts = [processor.apply_chat_template([{"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": p}]}], add_generation_prompt=True, tokenize=False)
-            for p in prompts]
-        batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
+            {"type": "image"}, {"type": "text", "text": world.CAPTION_PROMPTS[0]}]}], add_generation_prompt=True,
+            tokenize=False) for _ in scenes]
+        processor.tokenizer.padding_side = "left"
+        batch = processor(text=texts, images=[world.render(s) for s in scenes], return_tensors="pt", padding=True)
         with torch.no_grad(), engine.attached(model, method, **(knobs if method else {})):
             out = model.generate(**batch, max_new_tokens=12, do_sample=False)
         return [t.strip() for t in processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:],
                                                                       skip_special_tokens=True)]
 
-    assert dleaf == independent("dleaf") and greedy == independent(None)
-    assert dleaf != greedy
-    counts = pairs.hallucination_counts(greedy, scenes)
-    expected = metrics.chair(greedy, [s.object_set for s in scenes], VOCAB).per_caption
-    assert counts == [(len(c.hallucinated), len(c.mentioned - c.hallucinated)) for c in expected]
+    dleaf, greedy = independent("dleaf"), independent(None)
+    assert rows, "D-LEAF decoded exactly what greedy decoded on every scene"
+    seeds = [s.seed for s in scenes]
+    for r in rows:
+        i = seeds.index(r["scene_seed"])
+        assert data.message_text(r["chosen"]) == dleaf[i] and data.message_text(r["rejected"]) == greedy[i]
+        assert (r["chosen_source"], r["rejected_source"]) == ("dleaf", "greedy")
+
+
+def test_hallucination_counts_against_chair():
+    scenes = world.scenes("adversarial", 3, 0)
+    replies = [world.describe(scenes[0]), "there is a fork . there is a knife .", "nothing ."]
+    expected = metrics.chair(replies, [s.object_set for s in scenes], VOCAB).per_caption
+    assert pairs.hallucination_counts(replies, scenes) == [(len(c.hallucinated), len(c.mentioned - c.hallucinated))
+                                                           for c in expected]
+    assert pairs.hallucination_counts(replies[:1], scenes[:1]) == [(0, len(scenes[0].objects))]

@@ -193,6 +193,12 @@ def test_flag_rate_and_token_kinds_by_hand(processor):
     assert [int(k) for k, w in zip(kinds, words) if w in world.OBJECTS] == [rewards.GROUNDED, rewards.HALLUCINATED,
                                                                            rewards.GROUNDED]
     assert all(k == rewards.OTHER for k, w in zip(kinds, words) if w not in world.OBJECTS)
+    assert len({rewards.OTHER, rewards.GROUNDED, rewards.HALLUCINATED}) == 3  # three kinds, never merged
+    assert int((kinds == rewards.OTHER).sum()) == len(words) - 3
+    # a vocabulary word the tokenizer does not know never turns an unknown token into an object word
+    unknown = np.array(tok("there is a zebra .", add_special_tokens=False)["input_ids"])
+    assert tok.unk_token_id in unknown.tolist()
+    assert (rewards.token_kinds(unknown, tok, [], ["zebra", "fork"]) == rewards.OTHER).all()
 
 
 # ------------------------------------------------------------------------------------------------ bad input

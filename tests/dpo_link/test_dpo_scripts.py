@@ -23,25 +23,30 @@ def _tiny(tiny_dir):
 
 
 def _parse(argv):
-    from trl import DPOConfig, ModelConfig, TrlParser
+    from dpo_link.train import parser
 
-    return TrlParser((ScriptArguments, DPOConfig, ModelConfig)).parse_args_and_config(args=argv)
+    return parser().parse_args_and_config(args=argv)
 
 
 def test_recipes_parse_and_flags_override():
-    s, t, m = _parse(["--config", str(ROOT / "scripts/recipes/dpo_organism.yaml"), "--max_steps", "7",
-                      "--output_dir", "runs/x"])
+    s, t, m = _parse(["--config", str(ROOT / "scripts/recipes/dpo_organism.yaml"), "--max-steps", "7",
+                      "--output_dir", "runs/x", "--model", "organism"])
     assert s.dataset == "organism" and t.max_steps == 7 and t.output_dir == "runs/x"
-    assert t.use_cpu and not t.bf16 and t.max_length == 256 and m.use_peft and m.model_name_or_path is None
+    assert t.use_cpu and not t.bf16 and t.max_length == 256 and m.use_peft and m.model_name_or_path == "organism"
+    assert not t.disable_tqdm  # progress bars on
     import dataclasses
 
     import yaml
-    from trl import DPOConfig, ModelConfig
+    from trl import DPOConfig
 
+    from dpo_link.train import ModelArguments
+
+    known = {f.name for cls in (ScriptArguments, DPOConfig, ModelArguments) for f in dataclasses.fields(cls)}
+    organism = yaml.safe_load((ROOT / "scripts/recipes/dpo_organism.yaml").read_text())
+    assert set(organism) <= known and organism["output_dir"].split("/")[0] == "runs"
     gpu = yaml.safe_load((ROOT / "scripts/recipes/dpo_llava15_rlaifv.yaml").read_text())
-    known = {f.name for cls in (ScriptArguments, DPOConfig, ModelConfig) for f in dataclasses.fields(cls)}
     assert set(gpu) <= known, set(gpu) - known
-    assert gpu["bf16"] and gpu["max_length"] is None
+    assert gpu["bf16"] and gpu["max_length"] is None and gpu["output_dir"].split("/")[0] == "runs"
     # bf16 needs a GPU to validate, so parse the GPU recipe here with the CPU switches flipped
     s, t, m = _parse(["--config", str(ROOT / "scripts/recipes/dpo_llava15_rlaifv.yaml"), "--bf16", "false",
                       "--use_cpu", "true"])
@@ -55,16 +60,44 @@ def _script_env():
     return env
 
 
-def test_script_reports_bad_data_without_training(tmp_path, tiny_dir):
+def _load_script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_script_reports_bad_input_as_errors(tmp_path, tiny_dir, capfd):
+    """Bad data (found after the model loads: it needs the tokenizer) and bad options (found before) end with
+    ``error: ...`` and exit status 2 and write nothing; a folder holding anything but this recipe's run is refused."""
+    script = _load_script("train_dpo")
+    recipe = ["--config", str(ROOT / "scripts/recipes/dpo_organism.yaml"), "--model", str(tiny_dir)]
     out = tmp_path / "s"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/train_dpo.py"), "--config", str(ROOT / "scripts/recipes/dpo_organism.yaml"),
-         "--model_name_or_path", str(tiny_dir), "--output_dir", str(out), "--n_train_pairs", "4",
-         "--n_eval_pairs", "2", "--max_length", "30"], capture_output=True, text=True, env=_script_env(), cwd=ROOT,
-        timeout=120)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "would cut image tokens" in proc.stderr
+    code = script.cli.main(script.main, recipe + ["--output_dir", str(out), "--n_train_pairs", "4", "--n_eval_pairs",
+                                                  "2", "--max_length", "30"])
+    err = capfd.readouterr().err
+    assert code == 2 and "error: max_length=30 would cut image tokens" in err and "Traceback" not in err
     assert not out.exists()
+    taken = tmp_path / "adapter"
+    taken.mkdir()
+    (taken / "adapter_config.json").write_text("{}")
+    for args, message in [(["--output_dir", str(taken)], "holds a trained adapter"),
+                          (["--output_dir", str(out), "--dataset", str(tmp_path / "none.parquet")], "no dataset at"),
+                          (["--output_dir", str(out), "--column_map", "question:prompt"], "look like old=new"),
+                          (["--output_dir", str(out), "--threads", "0"], "--threads must be a positive"),
+                          (["--output_dir", str(out), "--no_such_option", "1"], "no_such_option")]:
+        try:
+            code = script.cli.main(script.main, recipe + args)
+        except SystemExit as e:  # argparse's own errors exit from inside the parser
+            code = e.code
+        err = capfd.readouterr().err
+        assert code == 2 and message in err and err.lstrip().startswith("error:"), (args, err[-1500:])
+        assert "Loading weights" not in err and "Traceback" not in err
+    assert not out.exists()
+    code = script.cli.main(script.main, ["--config", str(tmp_path / "missing.yaml")])
+    assert code == 2 and "recipe file not found" in capfd.readouterr().err
 
 
 @pytest.mark.slow
@@ -112,12 +145,7 @@ def test_accelerate_cpu_flag_runs_one_process_and_says_so(tmp_path, tiny_dir):
 
 
 def _correspondence_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("correspondence_script", ROOT / "scripts" / "correspondence.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    return _load_script("correspondence")
 
 
 @pytest.fixture(scope="module")
@@ -133,14 +161,56 @@ def tiny_adapter(tmp_path_factory, tiny_dir, make_model, processor):
 
 
 def test_correspondence_script_writes_the_report(tmp_path, tiny_dir, tiny_adapter, capsys):
+    import re
+    import time
+
     out = tmp_path / "report"
-    rc = _correspondence_script().main(
-        ["--model", str(tiny_dir), "--adapter", str(tiny_adapter), "--n_pairs", "4", "--n_generations", "0",
+    script = _correspondence_script()
+    t0 = time.time()
+    rc = script.cli.main(script.main, [
+        "--model", str(tiny_dir), "--adapter", str(tiny_adapter), "--n_pairs", "4", "--n_generations", "0",
          "--batch_size", "4", "--n_resamples", "20", "--permutations", "20", "--gammas", "0,0.5",
          "--knob", "kappa=0", "--output_dir", str(out)])
     assert rc == 0
+    elapsed = time.time() - t0
     assert json.loads((out / "correspondence.json").read_text())["pairs_report"]["n_pairs"] == 4
-    assert capsys.readouterr().out.strip().splitlines()[-1] == f"outputs: {out}"
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1] == f"outputs: {out}"
+    took = int(re.search(r"the correspondence suite took (\d+) s", captured.err).group(1))
+    assert abs(took - elapsed) <= 2  # the whole run, model loading and figures included
+
+
+def test_correspondence_script_uses_the_adapter_it_is_given(tmp_path, tiny_adapter, monkeypatch, capsys):
+    """--adapter on the organism replaces its committed adapter (the run is stopped before any model loads)."""
+    from dleaf.resources import data_path
+    from dpo_link import suite
+
+    seen = []
+    monkeypatch.setattr(suite, "run", lambda prep, progress=None: seen.append(prep))
+    script = _correspondence_script()
+    assert script.cli.main(script.main, ["--adapter", str(tiny_adapter), "--knob", "gamma=0.4",
+                                         "--output_dir", str(tmp_path / "o")]) == 0
+    (prep,) = seen
+    assert prep.model == "organism" and prep.adapter == Path(tiny_adapter) and prep.config.gamma == 0.4
+    assert script.cli.main(script.main, ["--output_dir", str(tmp_path / "o")]) == 0
+    assert seen[1].adapter == data_path(suite.ORGANISM_ADAPTER)  # the committed one, without --adapter
+    capsys.readouterr()
+
+
+def test_the_study_scores_the_adapter_it_is_given(tmp_path, tiny_adapter, monkeypatch):
+    """scripts/study.py --adapter on the organism: its correspondence step scores that adapter (the one its DPO rows
+    use), not the committed one; without --adapter, the committed one."""
+    from dleaf import study
+    from dpo_link import suite
+
+    seen = []
+    monkeypatch.setattr(suite, "study_step", lambda out, **kw: seen.append(kw))
+    step = _load_script("study").correspondence_suite()
+    step(tmp_path, study.StudyConfig(adapter=str(tiny_adapter)))
+    step(tmp_path, study.StudyConfig())
+    assert seen[0]["model"] == "organism" and seen[0]["adapter"] == str(tiny_adapter)
+    assert seen[0]["adapter"] == study.StudyConfig(adapter=str(tiny_adapter)).adapter_path
+    assert seen[1]["adapter"] == study.StudyConfig().adapter_path
 
 
 def test_correspondence_script_refuses_bad_input_before_loading(tmp_path, tiny_dir, tiny_adapter, capsys):
@@ -149,8 +219,11 @@ def test_correspondence_script_refuses_bad_input_before_loading(tmp_path, tiny_d
     for extra, message in [(["--adapter", str(tiny_adapter), "--n_pairs", "2"], "n_pairs must be at least 3"),
                            (["--adapter", str(tmp_path / "missing")], "no PEFT adapter"),
                            (["--adapter", str(tiny_adapter), "--knob", "gamma=1.5"], "gamma"),
-                           (["--adapter", str(tiny_adapter), "--knob", "gama=0.3"], "gama")]:
-        assert script.main(common + extra) == 2, extra
+                           (["--adapter", str(tiny_adapter), "--knob", "gama=0.3"], "gama"),
+                           (["--adapter", str(tiny_adapter), "--knob", "gamma=abc"], "must be a number"),
+                           (["--adapter", str(tiny_adapter), "--gammas", "0,x"], "comma-separated numbers"),
+                           (["--adapter", str(tiny_adapter), "--dataset", str(tmp_path / "d.csv")], "no dataset")]:
+        assert script.cli.main(script.main, common + extra) == 2, extra
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and "loading" not in err
     assert not (tmp_path / "o").exists()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from dleaf import generation
 from dleaf.config import DLeafConfig
 from dleaf.organism import world
 from dpo_link import correspondence as C
@@ -45,17 +46,21 @@ def test_every_input_is_checked_before_any_model_loads(tmp_path, tiny_dir, tiny_
         suite.prepare(tmp_path / "out", n_pairs=2, **ok)
     with pytest.raises(ValueError, match="n_generations must be 0"):
         suite.prepare(tmp_path / "out", n_generations=2, **ok)
-    with pytest.raises(FileNotFoundError, match="no PEFT adapter"):
+    with pytest.raises(ValueError, match="no PEFT adapter"):
         suite.prepare(tmp_path / "out", model=str(tiny_dir), adapter=tmp_path / "nothing")
     with pytest.raises(ValueError, match="needs the DPO adapter"):
         suite.prepare(tmp_path / "out", model=str(tiny_dir))
     with pytest.raises(ValueError, match="gamma"):
         suite.prepare(tmp_path / "out", knobs={"gamma": 1.5}, **ok)
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="no knob.*gama"):
         suite.prepare(tmp_path / "out", knobs={"gama": 0.3}, **ok)
+    with pytest.raises(ValueError, match="gamma='abc' must be a number"):
+        suite.prepare(tmp_path / "out", knobs={"gamma": "abc"}, **ok)
+    with pytest.raises(ValueError, match="model folder not found"):
+        suite.prepare(tmp_path / "out", model=str(tmp_path / "nowhere"), adapter=tiny_adapter)
     with pytest.raises(ValueError, match="gammas must include 0"):
         suite.prepare(tmp_path / "out", gammas=[0.5], **ok)
-    with pytest.raises(FileNotFoundError, match="no dataset at"):
+    with pytest.raises(ValueError, match="no dataset at"):
         suite.prepare(tmp_path / "out", dataset=tmp_path / "missing.parquet", **ok)
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
@@ -85,6 +90,7 @@ def test_one_run_on_a_saved_tiny_checkpoint(tmp_path, tiny_dir, tiny_adapter):
         for stat in entry.values() if "pearson" in entry else [entry]:
             assert stat.get("n_units", 6) == 6 and stat["n"] == 12, name
     r_theta = np.asarray(pr["arrays"]["r_theta"])
+    assert np.abs(r_theta).min() > 1e-4  # the adapter changes every reply's probability
     held = report["held_out_check"]
     from dpo_link.rewards import dpo_loss
 
@@ -112,8 +118,7 @@ def organism_report():
     report = suite.measure_pairs(peft_model, processor, rows_, DLeafConfig(), protocol, vocabulary=pairs.VOCABULARY)
     images, prompts, objects = pairs.caption_items(4)
     with peft_model.disable_adapter():
-        replies = pairs.generate_replies(peft_model.get_base_model(), processor, prompts, images,
-                                         pairs.Decoder("greedy"))
+        replies = generation.generate_texts(peft_model.get_base_model(), processor, prompts, images)
     gen_rows = response_rows(images, prompts, replies, objects=objects)
     generations = suite.measure_generations(peft_model, processor, gen_rows, DLeafConfig(), protocol,
                                             pairs.VOCABULARY)

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from dleaf.organism import build
 from dpo_link import pairs, validate
 from dpo_link.collate import VisionPreferenceCollator
 from dpo_link.train import ScriptArguments, build_trainer, lora_config, run
@@ -62,18 +61,29 @@ def test_lora_targets_only_the_language_model(tiny_dir):
     assert len(wrapped) == 2 * 2
 
 
-def test_the_organism_is_recorded_by_its_repository_path(monkeypatch, tiny_dir):
+def test_the_organism_is_recorded_by_its_repository_path(tiny_dir):
     from peft import get_peft_model
 
+    from dleaf import models
     from dpo_link.train import load_model
 
-    monkeypatch.setattr(build, "ORGANISM_DIR", Path(tiny_dir))
-    ta, ma = _configs("unused")
-    ma.model_name_or_path = None
-    model, proc = load_model(ma, ta)
+    entry = models.registered()["organism"]
+    models.register("organism", tiny_dir, "eager")  # the tiny model stands in for the committed organism
+    try:
+        ta, ma = _configs("unused")
+        ma.model_name_or_path = None
+        model, proc = load_model(ma, ta)
+    finally:
+        models.register("organism", entry.path, entry.attn_implementation, entry.description)
+    assert model.config.text_config.num_hidden_layers == 2
     peft_model = get_peft_model(model, lora_config(ma))
     assert peft_model.peft_config["default"].base_model_name_or_path == "data/organism"
     assert proc.tokenizer.padding_side == "left"
+    # a checkpoint folder given by its absolute path is recorded without this machine's path
+    ma.model_name_or_path = str(Path(tiny_dir).resolve())
+    model, _ = load_model(ma, ta)
+    recorded = get_peft_model(model, lora_config(ma)).peft_config["default"].base_model_name_or_path
+    assert not Path(recorded).is_absolute() and recorded.endswith(Path(tiny_dir).name)
 
 
 def test_tiny_dpo_run_saves_a_loadable_adapter_and_card(tmp_path, tiny_dir):
@@ -153,8 +163,64 @@ def test_resume_from_the_last_checkpoint(tmp_path, tiny_dir):
     record = run(args, ta, ma, model=model, processor=proc)
     assert record["train"]["resumed_from"] == "checkpoint-2" and record["train"]["global_step"] == 4
     assert "resumed from checkpoint-2" in (out / "README.md").read_text()
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(ValueError, match="no checkpoint"):
         run(ScriptArguments(), *_configs(tmp_path / "empty", resume_from_checkpoint="last"), model=model,
             processor=proc)
 
 
+
+
+def test_output_folders_that_are_not_a_resumable_run_of_the_same_recipe_are_refused(tmp_path, tiny_dir):
+    """Before any model loads: a folder with other files (such as a committed adapter) or a run of another recipe
+    is refused; an interrupted run of the same recipe resumes from its last checkpoint by itself; a finished run is
+    not trained again."""
+    from dpo_link.train import check_inputs
+
+    args = ScriptArguments(n_train_pairs=8, eval_dataset="none")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds a trained adapter, not a DPO run to resume"):
+        check_inputs(args, *_configs(adapter), model_given=True)
+    out = tmp_path / "run"
+    model, proc = _tiny(tiny_dir)
+    ta, ma = _configs(out, max_steps=2, save_steps=1)
+    run(args, ta, ma, model=model, processor=proc)
+    assert (out / "dpo_recipe.json").is_file() and (out / "checkpoint-2").is_dir()
+    with pytest.raises(ValueError, match="another recipe.*learning_rate"):
+        check_inputs(args, *_configs(out, max_steps=2, learning_rate=0.5), model_given=True)
+    with pytest.raises(ValueError, match="already holds this run, trained to step 2"):
+        check_inputs(args, *_configs(out, max_steps=2), model_given=True)
+    assert Path(check_inputs(args, *_configs(out, max_steps=3), model_given=True)).name == "checkpoint-2"
+    model, proc = _tiny(tiny_dir)
+    messages = []
+    record = run(args, *_configs(out, max_steps=3, save_steps=1), model=model, processor=proc,
+                 progress=messages.append)
+    assert record["train"]["resumed_from"] == "checkpoint-2" and record["train"]["global_step"] == 3
+    assert messages == [f"resuming from checkpoint-2 of {out}"]
+
+
+def test_an_interrupted_run_leaves_no_generic_model_card(tmp_path, tiny_dir, small_pairs):
+    """TRL writes its generic card ("a fine-tuned version of ...") into the output folder with every checkpoint; the
+    trainer built here does not, so a run stopped after a checkpoint leaves only the checkpoint."""
+    model, proc = _tiny(tiny_dir)
+    out = tmp_path / "stopped"
+    ta, ma = _configs(out, max_steps=2, save_steps=1, save_strategy="steps")
+    trainer = build_trainer(model, proc, small_pairs.select(range(8)), None, ta, ma, ScriptArguments())
+    trainer.train()  # the run's own card and record are written by run() after this; an interruption stops here
+    assert (out / "checkpoint-1").is_dir() and not (out / "README.md").exists()
+    # (a checkpoint folder is a PEFT save and holds PEFT's own adapter card, which names no base model either way)
+
+
+def test_a_run_on_the_recipes_options_raises_no_future_warning(tmp_path, tiny_dir, recwarn):
+    import yaml
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[2] / "scripts/recipes/dpo_organism.yaml").read_text())
+    assert recipe["output_dir"].startswith("runs/") and "gradient_checkpointing" not in recipe
+    assert "disable_tqdm" not in recipe  # progress bars on
+    model, proc = _tiny(tiny_dir)
+    ta, ma = _configs(tmp_path / "w", max_steps=1, save_strategy="no",
+                      activation_checkpointing=recipe["activation_checkpointing"])
+    run(ScriptArguments(n_train_pairs=4, eval_dataset="none"), ta, ma, model=model, processor=proc)
+    future = [str(w.message) for w in recwarn.list if issubclass(w.category, FutureWarning)]
+    assert not future, future
