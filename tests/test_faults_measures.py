@@ -67,10 +67,11 @@ def _row(n, flags, margin=None, change=None):
 
 def test_localization_counts_against_a_loop():
     L = 3
-    fault = FaultConfig("diffuse", [1, 2], positions="from", start=2)
+    fault = FaultConfig("diffuse", [2], positions="from", start=2)
     rng = np.random.default_rng(0)
     rows, want = [], {"cells": 0, "faulted": 0, "flagged": 0, "hits": 0}
     pos, neg = [], []  # (margin, layer)
+    at_fault, other = {j: [0, 0] for j in (1, 2)}, {j: [0, 0] for j in (1, 2)}  # [flagged, rows] per layer
     for n in (4, 6, 3):
         flags = rng.random((n, L)) < 0.4
         margin = rng.normal(size=(n, L))
@@ -79,7 +80,9 @@ def test_localization_counts_against_a_loop():
                          [[None if np.isnan(v) else float(v) for v in r] for r in margin]))
         for k in range(n):
             for j in range(1, L):  # the method watches layers 1 and 2
-                faulted = k >= 2 and j in (1, 2)
+                faulted = k >= 2 and j == 2
+                (at_fault if k >= 2 else other)[j][0] += bool(flags[k, j])
+                (at_fault if k >= 2 else other)[j][1] += 1
                 want["cells"] += 1
                 want["faulted"] += faulted
                 want["flagged"] += bool(flags[k, j])
@@ -96,6 +99,10 @@ def test_localization_counts_against_a_loop():
     assert loc["precision"]["value"] == pytest.approx(want["hits"] / want["flagged"])
     assert loc["recall"]["value"] == pytest.approx(want["hits"] / want["faulted"])
     assert loc["flag_rate"]["value"] == pytest.approx(want["flagged"] / want["cells"])
+    for j in (1, 2):  # per layer, at the faulted positions (in every layer) and at the others
+        assert loc["layer_flag_rate_faulted_positions"][j] == pytest.approx(at_fault[j][0] / at_fault[j][1])
+        assert loc["layer_flag_rate_other_positions"][j] == pytest.approx(other[j][0] / other[j][1])
+    assert math.isnan(loc["layer_flag_rate_faulted_positions"][0])  # layer 0 is not watched
     assert loc["faulted_share"]["value"] == pytest.approx(want["faulted"] / want["cells"])
 
     def brute(same_layer):  # every (faulted, unfaulted) pair: 1 if the faulted cell's margin is higher, 1/2 if tied

@@ -15,10 +15,14 @@ from .config import fault_config
 
 
 def plot_flag_rates(report: dict, kind: str, path: str | Path, split: str | None = None) -> Path | None:
-    """Per fault of ``kind``: per layer, each flagging method's flag rate and PAI's share of its change to the
-    attention rows, faulted layers shaded. None if the report has no fault of that kind."""
+    """Per fault of ``kind``: per layer, each flagging method's flag rate at the faulted positions (solid) and at the
+    other positions (dashed), and PAI's share of its change to the attention rows (dotted), on a log scale, faulted
+    layers shaded. A method that localizes the fault flags more often on the solid line inside the shaded layers
+    than on the dashed one. None if the report has no fault of that kind."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     split = split or next(iter(report["splits"]))
     sec = report["splits"][split]
@@ -27,46 +31,56 @@ def plot_flag_rates(report: dict, kind: str, path: str | Path, split: str | None
         return None
     cols = min(4, len(labels))
     rows = math.ceil(len(labels) / cols)
-    fig = Figure(figsize=(max(3.3 * cols, 8.0), 2.7 * rows + 0.9), dpi=110)
+    fig = Figure(figsize=(max(3.3 * cols, 8.0), 2.7 * rows + 1.1), dpi=110)
     FigureCanvasAgg(fig)
     styles = {"dleaf": ("tab:blue", "o", "D-LEAF (LIAE)"), "dleaf_mass": ("tab:orange", "s", "D-LEAF (mass deficit)"),
               "random_layers": ("tab:gray", "^", "random layers")}
-    handles = {}
+    shown = set()
     for k, (label, rec) in enumerate(labels):
         ax = fig.add_subplot(rows, cols, k + 1)
         ms = sec["faults"][label]["methods"]
         fault = fault_config(rec)
         L = None
         for name, (color, marker, text) in styles.items():
-            if name in ms and "layer_flag_rate" in ms[name].get("localization", {}):
-                y = np.array(ms[name]["localization"]["layer_flag_rate"], float)
+            loc = ms.get(name, {}).get("localization", {})
+            if "layer_flag_rate_faulted_positions" not in loc:
+                continue
+            for key, style in (("layer_flag_rate_faulted_positions", "-"), ("layer_flag_rate_other_positions", "--")):
+                y = np.array(loc[key], float)
                 L = len(y)
-                (h,) = ax.plot(range(L), y, marker=marker, color=color, label=text, markersize=4)
-                handles[text] = h
-        if "pai" in ms and "layer_change_share" in ms["pai"].get("localization", {}):
-            y = np.array(ms["pai"]["localization"]["layer_change_share"], float)
+                ax.plot(range(L), np.where(y > 0, y, np.nan), marker=marker, color=color, linestyle=style,
+                        markersize=3.5, linewidth=1.2)
+            shown.add(name)
+        pai = ms.get("pai", {}).get("localization", {})
+        if "layer_change_share" in pai:
+            y = np.array(pai["layer_change_share"], float)
             L = L or len(y)
-            (h,) = ax.plot(range(len(y)), y, linestyle="--", color="tab:green", label="PAI: share of its change")
-            handles["PAI: share of its change"] = h
+            ax.plot(range(len(y)), np.where(y > 0, y, np.nan), linestyle=":", color="tab:green", linewidth=1.5)
+            shown.add("pai")
         if L:
             for layer in fault.layer_indices(L):
                 ax.axvspan(layer - 0.4, layer + 0.4, color="tab:red", alpha=0.15, linewidth=0)
             ax.set_xticks(range(L))
-        ax.set_ylim(-0.02, 1.02)
+        ax.set_yscale("log")
+        ax.set_ylim(1e-3, 1.2)
         ax.set_title(label, fontsize=8)
         ax.tick_params(labelsize=7)
         if k % cols == 0:
-            ax.set_ylabel("flag rate / share", fontsize=7)
+            ax.set_ylabel("flag rate / share (log)", fontsize=7)
         if k >= len(labels) - cols:
             ax.set_xlabel("decoder layer", fontsize=7)
-    import matplotlib.patches as mpatches
-
-    shade = mpatches.Patch(color="tab:red", alpha=0.15, label="faulted layer")
-    fig.legend(handles=[*handles.values(), shade], loc="lower center", ncol=5, fontsize=7, frameon=False)
-    fig.suptitle(textwrap.fill(f"{kind} faults, {split} split: per layer, the share of rows each method flagged, and "
-                               "PAI's share of its change to the attention rows (faulted layers shaded)", 110),
-                 fontsize=9)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.94))
+    handles = [Line2D([], [], color=c, marker=m, label=t, markersize=4) for n, (c, m, t) in styles.items()
+               if n in shown]
+    if "pai" in shown:
+        handles.append(Line2D([], [], color="tab:green", linestyle=":", label="PAI: share of its change"))
+    handles += [Line2D([], [], color="black", linestyle="-", label="flag rate at faulted positions"),
+                Line2D([], [], color="black", linestyle="--", label="flag rate at other positions"),
+                Patch(color="tab:red", alpha=0.15, label="faulted layer")]
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.suptitle(textwrap.fill(f"{kind} faults, {split} split: per layer, how often each method flags a row at the "
+                               "faulted positions and at the other positions, and PAI's share of its change to the "
+                               "attention rows (faulted layers shaded; zeros not drawn)", 120), fontsize=9)
+    fig.tight_layout(rect=(0, 0.09, 1, 0.93))
     return save_figure_atomic(fig, Path(path))
 
 

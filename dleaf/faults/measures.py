@@ -181,12 +181,14 @@ def localization_arrays(rows: Sequence[dict], fault: FaultConfig | None, layers:
                         num_layers: int) -> dict[str, np.ndarray]:
     """Per reply (in ``rows``' order), over the cells of ``layers`` (the method's watched layers): ``cells``,
     ``faulted``, ``flagged``, ``hits`` (flagged and faulted); per layer (L,) totals ``layer_cells``,
-    ``layer_flagged``; and the flat per-cell ``margin`` values at faulted and at unfaulted cells (where a threshold
+    ``layer_flagged``, and the same at the faulted positions only (``layer_cells_at_faulted``,
+    ``layer_flagged_at_faulted``: rows the fault touches in its layers, in every layer); and the flat per-cell ``margin`` values at faulted and at unfaulted cells (where a threshold
     exists)."""
     keep = np.zeros(num_layers, bool)
     keep[list(layers)] = True
     out = {k: [] for k in ("cells", "faulted", "flagged", "hits")}
     layer_cells, layer_flagged = np.zeros(num_layers), np.zeros(num_layers)
+    layer_cells_f, layer_flagged_f = np.zeros(num_layers), np.zeros(num_layers)
     margins = []
     for r in rows:
         c = r["cells"]
@@ -201,6 +203,9 @@ def localization_arrays(rows: Sequence[dict], fault: FaultConfig | None, layers:
         out["hits"].append((fc & flags).sum())
         layer_cells += n * keep
         layer_flagged += flags.sum(0)
+        at = fault.position_faulted(np.arange(n)) if fault is not None else np.zeros(n, bool)
+        layer_cells_f += at.sum() * keep
+        layer_flagged_f += flags[at].sum(0)
         if "margin" in c:
             margin = np.array([[np.nan if v is None else v for v in row] for row in c["margin"]],
                               float).reshape(n, num_layers)
@@ -208,6 +213,7 @@ def localization_arrays(rows: Sequence[dict], fault: FaultConfig | None, layers:
             margins.append((margin[ok], fc[ok], np.nonzero(ok)[1]))
     res = {k: np.array(v, float) for k, v in out.items()}
     res["layer_cells"], res["layer_flagged"] = layer_cells, layer_flagged
+    res["layer_cells_at_faulted"], res["layer_flagged_at_faulted"] = layer_cells_f, layer_flagged_f
     res["margins"] = margins
     res["margin_faulted"] = np.concatenate([m[f] for m, f, _ in margins]) if margins else np.zeros(0)
     res["margin_clean"] = np.concatenate([m[~f] for m, f, _ in margins]) if margins else np.zeros(0)
@@ -261,6 +267,10 @@ def auroc_by_reply(margins: Sequence[tuple], within_layer: bool, n_resamples: in
     return out
 
 
+def _rate(num: np.ndarray, den: np.ndarray) -> list:
+    return (num / np.where(den > 0, den, np.nan)).tolist()
+
+
 def change_arrays(rows: Sequence[dict], num_layers: int) -> dict[str, np.ndarray]:
     """Per reply, the method's change to the attention rows on faulted cells and in all; per layer (L,) totals."""
     faulted, total, layer = [], [], np.zeros(num_layers)
@@ -292,8 +302,11 @@ def localization(rows: Sequence[dict], config: dict, fault: FaultConfig | None, 
         out["precision"] = ratio_interval(a["hits"], a["flagged"], n_resamples, seed)
         out["recall"] = ratio_interval(a["hits"], a["faulted"], n_resamples, seed)
         with np.errstate(invalid="ignore", divide="ignore"):
-            out["layer_flag_rate"] = (a["layer_flagged"] / np.where(a["layer_cells"] > 0, a["layer_cells"], np.nan)
-                                      ).tolist()
+            out["layer_flag_rate"] = _rate(a["layer_flagged"], a["layer_cells"])
+            out["layer_flag_rate_faulted_positions"] = _rate(a["layer_flagged_at_faulted"],
+                                                             a["layer_cells_at_faulted"])
+            out["layer_flag_rate_other_positions"] = _rate(a["layer_flagged"] - a["layer_flagged_at_faulted"],
+                                                           a["layer_cells"] - a["layer_cells_at_faulted"])
         n_auc = min(n_resamples, 500)
         out["auroc"] = auroc_by_reply(a["margins"], within_layer=False, n_resamples=n_auc, seed=seed)
         out["auroc_within_layer"] = auroc_by_reply(a["margins"], within_layer=True, n_resamples=n_auc, seed=seed)

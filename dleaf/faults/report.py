@@ -196,6 +196,15 @@ def report_markdown(report: dict) -> str:
             cells = " | ".join(f"{_pct(ms[m]['repair']['restored'])} | {_pct(ms[m]['repair']['removed'])}"
                                for m in reps)
             lines.append(f"| {label} | {r0['n_lost']} | {r0['n_added']} | {cells} |")
+        lines += ["", "**Net effect on the faulted model** (each method minus faulted greedy, same images; points "
+                  "[95% paired interval]): a method that changes many replies also restores and removes objects "
+                  "by chance, and adds its own errors", "",
+                  "| fault | " + " | ".join(f"{m} CHAIR_s | {m} recall" for m in reps) + " |",
+                  "|---|" + "---|---|" * len(reps)]
+        for label, e in sec["faults"].items():
+            ms = e["methods"]
+            lines.append(f"| {label} | " + " | ".join(f"{_diff(ms[m]['vs_faulted']['chair_s'])} | "
+                                                      f"{_diff(ms[m]['vs_faulted']['recall'])}" for m in reps) + " |")
         un = sec["unfaulted"]
         lines += ["", "**Unfaulted model** (each method on the model without a fault): flag rate and its "
                   "interventions", "", "| method | CHAIR_s | recall | flag rate |", "|---|---|---|---|"]
