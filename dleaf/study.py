@@ -64,6 +64,7 @@ class StudyConfig:
     default the whole protocol). The overhead measurement: ``timing_steps`` paired decoding steps after
     ``timing_warmup`` untimed ones, on ``timing_batch`` caption prompts. The correspondence suite's size. The
     target: ``model`` ("organism" or a hub id / checkpoint folder) and its inputs (see the module docstring).
+    ``seed``: of every random draw of the study (the bootstrap intervals, the correspondence suite's nulls).
     """
 
     n_images: int | None = None
@@ -85,8 +86,11 @@ class StudyConfig:
     dtype: str = "float32"
     attn_implementation: str | None = None
     batch_size: int | None = None
+    seed: int = 0
 
     def __post_init__(self):
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"StudyConfig.seed must be a non-negative integer, got {self.seed!r}")
         for name in ("timing_steps", "timing_batch", "correspondence_pairs"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"StudyConfig.{name} must be positive, got {getattr(self, name)}")
@@ -247,7 +251,7 @@ def measure_overhead(cfg: StudyConfig, model=None, processor=None) -> dict:
     greedy, dleaf = np.array(row["raw_s"][base]), np.array(row["raw_s"]["dleaf"])
     ratio = float(_throughput_ratio(greedy, dleaf))
     ci = stats.bootstrap((greedy, dleaf), _throughput_ratio, paired=True, vectorized=True, n_resamples=2000,
-                         method="percentile", random_state=0).confidence_interval
+                         method="percentile", random_state=cfg.seed).confidence_interval
     return {"dleaf_over_greedy_throughput": ratio, "interval": [float(ci.low), float(ci.high)],
             "median_extra_ms_per_step": 1000 * float(np.median(dleaf - greedy)),
             "greedy_step_ms": 1000 * float(np.median(greedy)), "dleaf_step_ms": 1000 * float(np.median(dleaf)),

@@ -36,7 +36,8 @@ def correspondence_suite():
     def step(out, cfg):
         return study_step(out, n_pairs=cfg.correspondence_pairs, model=cfg.model,
                           adapter=cfg.adapter_path, dataset=cfg.preference_data,
-                          dataset_split=cfg.preference_split, column_map=cfg.column_map, dtype=cfg.dtype)
+                          dataset_split=cfg.preference_split, column_map=cfg.column_map, dtype=cfg.dtype,
+                          seed=cfg.seed)
 
     return step
 
@@ -51,6 +52,8 @@ def build_parser():
     ap.add_argument("--no_correspondence", action="store_true", help="skip the correspondence suite")
     ap.add_argument("--no_progress", dest="progress", action="store_false", help="hide the progress bars")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads torch may use")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals and the correspondence "
+                                                        "suite's null draws")
     real = ap.add_argument_group("a real checkpoint (instead of the organism)")
     real.add_argument("--model", default="organism", help="hub id or checkpoint folder (default: the organism)")
     real.add_argument("--adapter", default=None, help="DPO LoRA adapter folder trained on --model (train_dpo.py)")
@@ -85,7 +88,7 @@ def main(argv=None):
                           coco_captions=args.coco_captions, pope_files=tuple(args.pope_files),
                           pope_images=args.pope_images, preference_data=args.preference_data,
                           preference_split=args.preference_split, column_map=args.column_map, dtype=args.dtype,
-                          attn_implementation=args.attn_implementation, batch_size=args.batch_size)
+                          attn_implementation=args.attn_implementation, batch_size=args.batch_size, seed=args.seed)
     except ValueError as err:
         raise InputError(str(err)) from None
     cli.check_output_dir(args.output_dir)

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("evaluate.py", "premise_check.py", "organism_grid.py", "organism_demo.py", "profile_organism.py",
            "run_dleaf.py", "study.py", "fault_benchmark.py")
 #: scripts whose results depend on a random draw (sampling, bootstrap intervals, probe splits)
-SEEDED = ("evaluate.py", "premise_check.py", "organism_grid.py", "profile_organism.py", "fault_benchmark.py")
+SEEDED = ("evaluate.py", "premise_check.py", "organism_grid.py", "profile_organism.py", "fault_benchmark.py",
+          "study.py")
 
 
 def parser_of(name):

@@ -9,6 +9,8 @@ import pytest
 
 from dleaf import study as dstudy
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _metrics(chair_g, chair_d, acc_g, acc_d):
     cap = lambda c: {"sections": {"adversarial": {"kind": "caption", "chair_s": c, "recall": 0.5}}}
@@ -31,6 +33,39 @@ def test_claims_table_computes_relative_chair_and_pope_changes():
 def test_study_config_rejects_bad_sizes():
     with pytest.raises(ValueError, match="n_images"):
         dstudy.StudyConfig(n_images=0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+            dstudy.StudyConfig(seed=bad)
+
+
+def test_the_seed_reaches_the_overhead_interval_and_the_correspondence_suite(tiny_organism, monkeypatch, tmp_path):
+    import runpy
+
+    import numpy as np
+
+    from dleaf import bench
+
+    model, processor = tiny_organism
+    rng = np.random.default_rng(0)
+    greedy, steered = list(0.01 + 0.002 * rng.random(30)), list(0.011 + 0.002 * rng.random(30))
+
+    def bench_paired(model, inputs, cfg, log=None):
+        (n,) = inputs
+        return {str(n): {"dleaf": {"raw_s": {"plain_eager": greedy, "plain_sdpa": greedy, "dleaf": steered}}}}
+
+    monkeypatch.setattr(bench, "bench_paired", bench_paired)
+    runs = {s: dstudy.measure_overhead(dstudy.StudyConfig(timing_steps=30, timing_batch=2, seed=s), model, processor)
+            for s in (0, 1)}
+    assert runs[0]["interval"] != runs[1]["interval"]  # the bootstrap draws follow the seed
+    assert dstudy.measure_overhead(dstudy.StudyConfig(timing_steps=30, timing_batch=2, seed=0), model,
+                                   processor)["interval"] == runs[0]["interval"]
+    seen = {}
+    import dpo_link.suite
+
+    monkeypatch.setattr(dpo_link.suite, "study_step", lambda out, **kw: seen.update(kw))
+    step = runpy.run_path(str(ROOT / "scripts" / "study.py"), run_name="script")["correspondence_suite"]()
+    step(tmp_path, dstudy.StudyConfig(seed=7))
+    assert seen["seed"] == 7
 
 
 def test_study_config_names_what_a_real_checkpoint_needs(tmp_path):
