@@ -160,3 +160,88 @@ def test_resuming_at_a_stage_boundary_gives_the_weights_of_one_run(tmp_path):
         train(cfg(tmp_path / "x", resume_from=str(tmp_path / "three"), joint_lr=1e-3), progress=False)
     with pytest.raises(FileNotFoundError, match="no training_log.json"):
         train(cfg(tmp_path / "x", resume_from=str(tmp_path)), progress=False)
+
+
+def test_paired_questions_balance_every_batch_and_ask_each_scene_both_ways(processor):
+    import numpy as np
+
+    from dleaf.organism.train import _paired_rows, decision_mask
+
+    scenes = world.scenes("train", 12)
+    rows = _paired_rows(scenes, np.random.default_rng(3), 0.5, 0.0, True, "yes_first")
+    assert len(rows) == 12
+    described, asked = rows[:6], rows[6:]
+    assert [r[0] for r in described] == scenes[:6] and all(r[1] in world.CAPTION_PROMPTS for r in described)
+    assert [r[0] for r in asked] == [s for s in scenes[6:9] for _ in (0, 1)]
+    for k in range(0, 6, 2):
+        (scene, q_yes, a_yes), (_, q_no, a_no) = asked[k], asked[k + 1]
+        obj_yes, obj_no = q_yes.split()[3], q_no.split()[3]
+        assert obj_yes in scene.object_set and obj_no not in scene.object_set
+        assert a_yes.startswith("yes ,") and a_no.startswith("no ,")
+    batch = conversation_batch(processor, scenes, np.random.default_rng(3), 0.5, paired=True)
+    mask = decision_mask(batch["labels"], processor.tokenizer)
+    # one decision token in each question row, none in a description; as many "yes" as "no"
+    assert mask.sum(1).tolist() == [0] * 6 + [1] * 6
+    words = processor.tokenizer.convert_ids_to_tokens(batch["labels"][mask].tolist())
+    assert words == ["yes", "no"] * 3
+    # the decision of "no , there is no cow ." is its first token, not the second "no"
+    labels = torch.tensor([[-100, 7, 8], [-100, -100, -100]])
+    no = processor.tokenizer.convert_tokens_to_ids("no")
+    labels[0, 1] = labels[0, 2] = no
+    assert decision_mask(labels, processor.tokenizer).tolist() == [[False, True, False], [False, False, False]]
+
+
+def test_reply_loss_adds_the_weighted_decision_loss(processor):
+    import numpy as np
+
+    from dleaf.organism.train import reply_loss
+
+    model = build.build_model(processor.tokenizer, build.OrganismShape(text_hidden=32, text_layers=2, text_heads=2,
+                                                                        text_intermediate=64), seed=2)
+    batch = conversation_batch(processor, world.scenes("train", 6), np.random.default_rng(0), 0.7, paired=True)
+    with torch.no_grad():
+        assert torch.equal(reply_loss(model, batch, 0.0), model(**batch).loss)
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        # by hand: the negative log-probability of every reply token, and of each row's first yes/no
+        yes_no = set(processor.tokenizer.convert_tokens_to_ids(["yes", "no"]))
+        tokens, decisions = [], []
+        for i in range(len(logits)):
+            seen = False
+            for t in range(1, logits.shape[1]):
+                target = int(batch["labels"][i, t])
+                if target == -100:
+                    continue
+                nll = -float(torch.log_softmax(logits[i, t - 1].double(), -1)[target])
+                tokens.append(nll)
+                if target in yes_no and not seen:
+                    decisions.append(nll)
+                    seen = True
+        assert decisions and len(decisions) == 2 * (round(6 * 0.7) // 2)
+        expected = sum(tokens) / len(tokens) + 2.5 * sum(decisions) / len(decisions)
+        assert float(reply_loss(model, batch, 2.5, processor.tokenizer)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_tune_stage_continues_a_log_written_before_its_knobs_existed(tmp_path):
+    from dleaf.organism.train import train
+
+    base = dict(text_steps=2, align_steps=2, joint_steps=2, refine_steps=0, batch_size=4, warmup=1, log_every=1,
+                probe_every=2, text_layers=2, text_heads=2, text_hidden=32, text_intermediate=64, threads=1)
+    train(TrainConfig(output_dir=str(tmp_path / "old"), **base), progress=False)
+    path = tmp_path / "old" / "training_log.json"
+    log = json.loads(path.read_text())
+    for key in ("description_noise", "answer_style", "tune_steps", "decision_weight", "paired_questions"):
+        log["config"].pop(key)  # as in a checkpoint trained before these knobs were added
+    path.write_text(json.dumps(log))
+    tuned = train(TrainConfig(output_dir=str(tmp_path / "tuned"), resume_from=str(tmp_path / "old"), tune_steps=2,
+                              tune_noise=0.3, decision_weight=1.0, paired_questions=True, **base), progress=False)
+    assert list(tuned["stages"]) == ["text", "align", "joint", "tune"]
+    old, _ = build.load_organism(tmp_path / "old")
+    new, _ = build.load_organism(tmp_path / "tuned")
+    for part in ("model.vision_tower", "model.language_model"):
+        assert any(not torch.equal(p, old.state_dict()[k]) for k, p in new.state_dict().items() if k.startswith(part))
+    # the stages the old run did are still checked: a setting that differs from the old log's default is refused
+    with pytest.raises(ValueError, match="description_noise=0.0 there but 0.1 here"):
+        train(TrainConfig(output_dir=str(tmp_path / "x"), resume_from=str(tmp_path / "old"), tune_steps=2,
+                          description_noise=0.1, **base), progress=False)
+    with pytest.raises(ValueError, match="decision_weight"):
+        TrainConfig(decision_weight=-1.0)

@@ -12,6 +12,14 @@ Stages (each with AdamW, linear warm-up and cosine decay):
 4. ``refine`` (optional, ``refine_steps``): a second joint stage in which the vision tower and projector learn
    faster (``refine_vision_lr``) than the decoder (``refine_lr``), once the decoder is committed to reading the
    image, so that it reads the objects' identity better.
+5. ``tune`` (optional, ``tune_steps``; off in the committed recipe): a fine-tuning stage with its own question
+   share (``tune_question_fraction``) and description noise (``tune_noise``), for teaching a trained organism to
+   answer yes/no questions from the image and to add objects. Two knobs make the yes/no decision learnable:
+   ``decision_weight`` adds the mean loss of the decision tokens (the first "yes"/"no" of each reply) to the token
+   loss with that weight (without it the one decision token of a reply is about 1/700 of a batch's loss), and
+   ``paired_questions`` asks every question scene twice, once for an object it shows and once for one it does not
+   (an absent theme partner half the time), so every batch is balanced and the answer cannot come from the asked
+   word alone. docs/organism.md has the runs.
 
 A run can continue from a checkpoint this code saved after some stages (``resume_from``): the stages its log
 records are checked against the configuration and skipped, and training goes on with the next one. Every stage has
@@ -40,7 +48,7 @@ import torch
 from . import build, world
 from .chat import user_turn
 
-STAGES = ("text", "align", "joint", "refine")
+STAGES = ("text", "align", "joint", "refine", "tune")
 
 
 @dataclasses.dataclass
@@ -60,6 +68,13 @@ class TrainConfig:
     refine_steps: int = 2500
     refine_lr: float = 2e-4
     refine_vision_lr: float = 1e-3
+    tune_steps: int = 0
+    tune_lr: float = 2e-4
+    tune_vision_lr: float = 1e-3
+    tune_question_fraction: float = 0.5
+    tune_noise: float = 0.0
+    decision_weight: float = 0.0
+    paired_questions: bool = False
     warmup: int = 50
     weight_decay: float = 0.01
     question_fraction: float = 0.3
@@ -86,13 +101,16 @@ class TrainConfig:
         for name in ("batch_size", "warmup", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
-        for name in ("text_steps", "align_steps", "joint_steps", "refine_steps"):
+        if self.decision_weight < 0:
+            raise ValueError(f"TrainConfig.decision_weight must be >= 0, got {self.decision_weight}")
+        for name in ("text_steps", "align_steps", "joint_steps", "refine_steps", "tune_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.answer_style not in world.ANSWER_STYLES:
             raise ValueError(f"TrainConfig.answer_style must be one of {', '.join(world.ANSWER_STYLES)}, "
                              f"got {self.answer_style!r}")
-        for name in ("question_fraction", "description_noise", "faint_rate", "text_list_questions"):
+        for name in ("question_fraction", "description_noise", "faint_rate", "text_list_questions",
+                     "tune_question_fraction", "tune_noise"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"TrainConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
 
@@ -119,10 +137,39 @@ def _reply_labels(input_ids: torch.Tensor, reply_lengths: list[int]) -> torch.Te
     return labels
 
 
+def _paired_rows(scenes: list[world.Scene], rng: np.random.Generator, question_fraction: float, noise: float,
+                 prior: bool, answer_style: str) -> list[tuple[world.Scene, str, str]]:
+    """(scene, prompt, reply) rows, as many as ``scenes``: with ``k = round(len * question_fraction) // 2``, the first
+    ``len - 2k`` scenes are described, and the next ``k`` are each asked twice, for an object they show and for one
+    they do not (an absent theme partner of a shown object with probability 1/2 when there is one, else any absent
+    object); the last ``k`` scenes are not used."""
+    n_pairs = int(round(len(scenes) * question_fraction)) // 2
+    rows = []
+    for scene in scenes[:len(scenes) - 2 * n_pairs]:
+        prompt = world.CAPTION_PROMPTS[int(rng.integers(len(world.CAPTION_PROMPTS)))]
+        rows.append((scene, prompt, world.describe(scene, seed=int(rng.integers(2**31)), noise=noise, prior=prior)))
+    for scene in scenes[len(scenes) - 2 * n_pairs:len(scenes) - n_pairs]:
+        present = scene.objects[int(rng.integers(len(scene.objects)))]
+        partners = sorted(set().union(*(world.PARTNERS[o] for o in scene.objects)) - scene.object_set,
+                          key=world.OBJECTS.index)
+        absent = [o for o in world.OBJECTS if o not in scene.object_set]
+        pool = partners if partners and rng.random() < 0.5 else absent
+        for obj in (present, pool[int(rng.integers(len(pool)))]):
+            rows.append((scene, world.QUESTION_TEMPLATE.format(obj=obj), world.answer(scene, obj, answer_style)))
+    return rows
+
+
 def conversation_batch(processor, scenes: list[world.Scene], rng: np.random.Generator, question_fraction: float,
-                       noise: float = 0.0, prior: bool = True, answer_style: str = "list_first"):
-    """Model inputs with reply-only labels for a batch of scenes (a description or a yes/no question each)."""
-    texts, replies = [], []
+                       noise: float = 0.0, prior: bool = True, answer_style: str = "list_first",
+                       paired: bool = False):
+    """Model inputs with reply-only labels for a batch of scenes (a description or a yes/no question each).
+
+    ``paired``: question scenes come in pairs instead (:func:`_paired_rows`): the batch has as many rows as
+    ``scenes`` and exactly as many "yes" as "no" answers."""
+    if paired:
+        rows = _paired_rows(scenes, rng, question_fraction, noise, prior, answer_style)
+        return _batch(processor, rows)
+    rows = []
     for scene in scenes:
         if rng.random() < question_fraction:
             if rng.random() < 0.5:
@@ -137,13 +184,45 @@ def conversation_batch(processor, scenes: list[world.Scene], rng: np.random.Gene
         else:
             prompt = world.CAPTION_PROMPTS[int(rng.integers(len(world.CAPTION_PROMPTS)))]
             reply = world.describe(scene, seed=int(rng.integers(2**31)), noise=noise, prior=prior)
+        rows.append((scene, prompt, reply))
+    return _batch(processor, rows)
+
+
+def _batch(processor, rows: list[tuple[world.Scene, str, str]]):
+    texts, replies = [], []
+    for _, prompt, reply in rows:
         msgs = user_turn(prompt) + [{"role": "assistant", "content": [{"type": "text", "text": reply}]}]
         texts.append(processor.apply_chat_template(msgs, tokenize=False))
         replies.append(reply + " </s>")
-    batch = processor(text=texts, images=[world.render(s) for s in scenes], return_tensors="pt", padding=True)
+    batch = processor(text=texts, images=[world.render(r[0]) for r in rows], return_tensors="pt", padding=True)
     lengths = [len(ids) for ids in processor.tokenizer(replies, add_special_tokens=False)["input_ids"]]
     batch["labels"] = _reply_labels(batch["input_ids"], lengths)
     return batch
+
+
+def decision_mask(labels: torch.Tensor, tokenizer) -> torch.Tensor:
+    """True at each row's decision token: the first labelled "yes" or "no" of the reply (descriptions have none)."""
+    ids = torch.tensor(tokenizer.convert_tokens_to_ids(["yes", "no"]))
+    hit = torch.isin(labels, ids)
+    return hit & (hit.cumsum(1) == 1)
+
+
+def reply_loss(model, batch, decision_weight: float = 0.0, tokenizer=None) -> torch.Tensor:
+    """The mean next-token loss over the reply tokens, plus ``decision_weight`` times the mean loss over the
+    decision tokens (:func:`decision_mask`) when the batch has any; with weight 0 it is the model's own loss."""
+    if decision_weight == 0:
+        return model(**batch).loss
+    labels = batch["labels"]
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
+    target = labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                           ignore_index=-100, reduction="none").view(target.shape)
+    valid = target != -100
+    loss = ce[valid].mean()
+    decision = decision_mask(target, tokenizer)
+    if decision.any():
+        loss = loss + decision_weight * ce[decision].mean()
+    return loss
 
 
 def text_batch(tokenizer, texts: list[str]):
@@ -172,7 +251,8 @@ def _set_trainable(model, stage: str) -> list[torch.nn.Parameter]:
     vision = [model.model.vision_tower, model.model.multi_modal_projector]
     for p in model.parameters():
         p.requires_grad_(False)
-    train = {"text": decoder, "align": vision, "joint": decoder + vision, "refine": decoder + vision}[stage]
+    train = {"text": decoder, "align": vision, "joint": decoder + vision, "refine": decoder + vision,
+             "tune": decoder + vision}[stage]
     for module in train:
         for p in module.parameters():
             p.requires_grad_(True)
@@ -181,20 +261,23 @@ def _set_trainable(model, stage: str) -> list[torch.nn.Parameter]:
 
 
 def _param_groups(model, stage: str, config: TrainConfig) -> list[dict]:
-    """The optimizer's parameter groups: one learning rate per stage, except ``refine`` (decoder and vision apart)."""
+    """The optimizer's parameter groups: one learning rate per stage, except ``refine`` and ``tune`` (decoder and
+    vision apart)."""
     params = _set_trainable(model, stage)
-    if stage != "refine":
+    if stage not in ("refine", "tune"):
         return [{"params": params, "lr": getattr(config, f"{stage}_lr")}]
     vision = {id(p) for m in (model.model.vision_tower, model.model.multi_modal_projector) for p in m.parameters()}
-    return [{"params": [p for p in params if id(p) not in vision], "lr": config.refine_lr},
-            {"params": [p for p in params if id(p) in vision], "lr": config.refine_vision_lr}]
+    return [{"params": [p for p in params if id(p) not in vision], "lr": getattr(config, f"{stage}_lr")},
+            {"params": [p for p in params if id(p) in vision], "lr": getattr(config, f"{stage}_vision_lr")}]
 
 
 # Settings that must agree between a saved run and the run that resumes it, besides each completed stage's own.
 _RESUME_KEYS = ("seed", "prior", "batch_size", "warmup", "weight_decay", "question_fraction", "description_noise",
                 "faint_rate", "faint_low", "faint_high", "answer_style", "text_hidden", "text_layers", "text_heads", "text_intermediate")
 _STAGE_KEYS = {"text": ("text_steps", "text_lr", "text_list_questions"), "align": ("align_steps", "align_lr"),
-               "joint": ("joint_steps", "joint_lr"), "refine": ("refine_steps", "refine_lr", "refine_vision_lr")}
+               "joint": ("joint_steps", "joint_lr"), "refine": ("refine_steps", "refine_lr", "refine_vision_lr"),
+               "tune": ("tune_steps", "tune_lr", "tune_vision_lr", "tune_question_fraction", "tune_noise",
+                        "decision_weight", "paired_questions")}
 
 
 def _resume_state(config: TrainConfig) -> tuple[dict, list[str]]:
@@ -208,7 +291,10 @@ def _resume_state(config: TrainConfig) -> tuple[dict, list[str]]:
     if done != list(STAGES[:len(done)]):
         raise ValueError(f"resume_from={config.resume_from!r}: its log has stages {done}, not a prefix of {STAGES}")
     keys = list(_RESUME_KEYS) + [k for s in done for k in _STAGE_KEYS[s]]
-    bad = [f"{k}={saved.get(k)!r} there but {getattr(config, k)!r} here" for k in keys if saved.get(k) != getattr(config, k)]
+    # a key the saved log lacks was added to TrainConfig later, with the default that reproduces the older runs
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    bad = [f"{k}={saved.get(k, defaults[k])!r} there but {getattr(config, k)!r} here" for k in keys
+           if saved.get(k, defaults[k]) != getattr(config, k)]
     if bad:
         raise ValueError(f"resume_from={config.resume_from!r} was trained with other settings: " + "; ".join(bad))
     return log, done
@@ -237,6 +323,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     probe_batch = conversation_batch(processor, world.scenes("indist", 64, config.seed, config.prior),
                                      np.random.default_rng(12345), config.question_fraction,
                                      answer_style=config.answer_style)
+    last = ([s for s in STAGES if getattr(config, f"{s}_steps") > 0 or s in done] or [STAGES[-1]])[-1]
     for stage in STAGES:
         steps = getattr(config, f"{stage}_steps")
         if stage in done:
@@ -258,10 +345,12 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                                       faint_rate=config.faint_rate,
                                       faint_range=(config.faint_low, config.faint_high))
                 scene_index += config.batch_size
-                qf = 0.0 if stage == "align" else config.question_fraction
-                batch = conversation_batch(processor, scenes, rng, qf, config.description_noise, config.prior,
-                                           config.answer_style)
-            loss = model(**batch).loss
+                qf = {"align": 0.0, "tune": config.tune_question_fraction}.get(stage, config.question_fraction)
+                noise = config.tune_noise if stage == "tune" else config.description_noise
+                batch = conversation_batch(processor, scenes, rng, qf, noise, config.prior, config.answer_style,
+                                           paired=stage == "tune" and config.paired_questions)
+            weight = config.decision_weight if stage == "tune" else 0.0
+            loss = reply_loss(model, batch, weight, processor.tokenizer)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -279,7 +368,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                                 "loss_first": float(np.mean(losses[:config.log_every])),
                                 "loss_last": float(np.mean(losses[-config.log_every:])),
                                 "image_gap": gaps}
-        if config.stage_checkpoints and stage != STAGES[-1]:
+        if config.stage_checkpoints and stage != last:
             # A run stopped later resumes from here (resume_from) instead of from scratch.
             save(model, processor, stage_checkpoint(config.output_dir, stage), log)
     model.eval()
