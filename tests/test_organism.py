@@ -165,10 +165,10 @@ def test_resuming_at_a_stage_boundary_gives_the_weights_of_one_run(tmp_path):
 def test_paired_questions_balance_every_batch_and_ask_each_scene_both_ways(processor):
     import numpy as np
 
-    from dleaf.organism.train import _paired_rows, decision_mask
+    from dleaf.organism.train import paired_rows, decision_mask
 
     scenes = world.scenes("train", 12)
-    rows = _paired_rows(scenes, np.random.default_rng(3), 0.5, 0.0, True, "yes_first")
+    rows = paired_rows(scenes, np.random.default_rng(3), 0.5, 0.0, True, "yes_first")
     assert len(rows) == 12
     described, asked = rows[:6], rows[6:]
     assert [r[0] for r in described] == scenes[:6] and all(r[1] in world.CAPTION_PROMPTS for r in described)

@@ -137,7 +137,7 @@ def _reply_labels(input_ids: torch.Tensor, reply_lengths: list[int]) -> torch.Te
     return labels
 
 
-def _paired_rows(scenes: list[world.Scene], rng: np.random.Generator, question_fraction: float, noise: float,
+def paired_rows(scenes: list[world.Scene], rng: np.random.Generator, question_fraction: float, noise: float,
                  prior: bool, answer_style: str) -> list[tuple[world.Scene, str, str]]:
     """(scene, prompt, reply) rows, as many as ``scenes``: with ``k = round(len * question_fraction) // 2``, the first
     ``len - 2k`` scenes are described, and the next ``k`` are each asked twice, for an object they show and for one
@@ -164,10 +164,10 @@ def conversation_batch(processor, scenes: list[world.Scene], rng: np.random.Gene
                        paired: bool = False):
     """Model inputs with reply-only labels for a batch of scenes (a description or a yes/no question each).
 
-    ``paired``: question scenes come in pairs instead (:func:`_paired_rows`): the batch has as many rows as
+    ``paired``: question scenes come in pairs instead (:func:`paired_rows`): the batch has as many rows as
     ``scenes`` and exactly as many "yes" as "no" answers."""
     if paired:
-        rows = _paired_rows(scenes, rng, question_fraction, noise, prior, answer_style)
+        rows = paired_rows(scenes, rng, question_fraction, noise, prior, answer_style)
         return _batch(processor, rows)
     rows = []
     for scene in scenes:
