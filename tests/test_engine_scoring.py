@@ -180,7 +180,8 @@ def test_scoring_edges_against_the_plain_model_by_hand():
 @torch.no_grad()
 def test_what_the_scorers_ask_of_the_model():
     """response_logprobs runs without a cache; the prompt pass of a PromptCache asks for the last position's logits
-    only (a real prompt holds hundreds of image tokens); a scoring call that is refused leaves the cache as it was."""
+    only (a real prompt holds hundreds of image tokens), and the cached scorers ask for the cache; a scoring call
+    that is refused leaves the cache as it was."""
     model = _text_model()
     seen = []
     hook = model.register_forward_hook(lambda m, args, kwargs, out: seen.append((kwargs.get("use_cache"),
@@ -194,6 +195,11 @@ def test_what_the_scorers_ask_of_the_model():
         assert seen == [(False, 5), (False, 5)]
         prompt = engine.PromptCache(model, {"input_ids": ids[:, :3]})
         assert seen[-1] == (True, 1)
+        # the cached scorers extend the prompt's cache: every call they make asks for it
+        n_before = len(seen)
+        engine.cached_response_logprobs(prompt, ids[:, 3:])
+        engine.cached_stepwise_logprobs(prompt, ids[:, 3:])
+        assert len(seen) > n_before and all(use for use, _ in seen[n_before:])
     finally:
         hook.remove()
     with engine.attached(model, "vcd") as iv:
