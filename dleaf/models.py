@@ -244,3 +244,28 @@ def model_inputs(processor, prompts: Sequence[str], images: Sequence, model=None
         if "pixel_values" in batch and batch["pixel_values"].is_floating_point():
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
     return batch
+
+
+def teacher_forced_inputs(processor, prompts: Sequence[str], images: Sequence, replies: Sequence[str], model=None
+                          ) -> tuple[dict, int, list[list[int]]]:
+    """Model inputs holding each prompt (left-padded, :func:`model_inputs`) followed by its reply's tokens
+    (right-padded, masked), the prompt width ``n`` (the first reply column) and each reply's token ids; on
+    ``model``'s device when a model is given."""
+    import torch
+
+    tok = getattr(processor, "tokenizer", processor)
+    batch = model_inputs(processor, list(prompts), list(images), model)
+    reply_ids = [tok(r, add_special_tokens=False)["input_ids"] for r in replies]
+    width = max(1, max(len(r) for r in reply_ids))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(reply_ids), width), pad, dtype=batch["input_ids"].dtype, device=batch["input_ids"].device)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(reply_ids):
+        ids[i, :len(r)] = torch.tensor(r, dtype=ids.dtype)
+        mask[i, :len(r)] = 1
+    n = batch["input_ids"].shape[1]
+    full = {**batch, "input_ids": torch.cat([batch["input_ids"], ids], 1),
+            "attention_mask": torch.cat([batch["attention_mask"], mask], 1)}
+    if "mm_token_type_ids" in full:
+        full["mm_token_type_ids"] = torch.cat([full["mm_token_type_ids"], torch.zeros_like(ids)], 1)
+    return full, n, reply_ids

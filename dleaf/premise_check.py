@@ -23,7 +23,7 @@ import torch
 
 from . import engine, metrics, premise
 from .config import DLeafConfig
-from .models import model_inputs
+from .models import teacher_forced_inputs
 
 SIGNALS = ("liae", "image_mass_deficit")
 
@@ -76,29 +76,12 @@ def attention_records(model, processor, images: Sequence, prompts: Sequence[str]
     tok = processor.tokenizer
     config = DLeafConfig(gamma=0.0, layer_signal="liae", liae_variant="mixed", liae_normalize=False,
                          iaf_variant="mass")
-    device = next(model.parameters()).device
     records: list[dict] = []
     share_sum, share_n = None, 0
     steps = range(0, len(images), batch_size)
     for start in (progress(steps) if progress else steps):
         sl = slice(start, start + batch_size)
-        batch = model_inputs(processor, list(prompts[sl]), list(images[sl]))
-        reply_ids = [tok(r, add_special_tokens=False)["input_ids"] for r in replies[sl]]
-        width = max(1, max(len(r) for r in reply_ids))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.full((len(reply_ids), width), pad, dtype=batch["input_ids"].dtype)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(reply_ids):
-            ids[i, :len(r)] = torch.tensor(r, dtype=ids.dtype)
-            mask[i, :len(r)] = 1
-        n = batch["input_ids"].shape[1]
-        full = {**batch, "input_ids": torch.cat([batch["input_ids"], ids], 1),
-                "attention_mask": torch.cat([batch["attention_mask"], mask], 1)}
-        if "mm_token_type_ids" in full:
-            full["mm_token_type_ids"] = torch.cat([full["mm_token_type_ids"], torch.zeros_like(ids)], 1)
-        full = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in full.items()}
-        if "pixel_values" in full and full["pixel_values"].is_floating_point():
-            full["pixel_values"] = full["pixel_values"].to(model.dtype)
+        full, n, reply_ids = teacher_forced_inputs(processor, prompts[sl], images[sl], replies[sl], model)
         with engine.attached(model, config, trace=True) as iv:
             engine.response_logprobs(model, full, [n] * len(reply_ids), iv)
         for i, r in enumerate(reply_ids):

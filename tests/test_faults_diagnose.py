@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dleaf.faults import diagnose
+from dleaf.models import teacher_forced_inputs
 from dleaf.organism import world
 
 
@@ -28,7 +29,8 @@ def _entropy(p):
 @torch.no_grad()
 def test_signals_equal_entropies_of_the_models_own_attention(inputs):
     model, processor, prompts, images, replies = inputs
-    full, n, lengths = diagnose.teacher_forced_inputs(model, processor, prompts, images, replies)
+    full, n, reply_ids = teacher_forced_inputs(processor, prompts, images, replies, model)
+    lengths = [len(r) for r in reply_ids]
     att = model(**full, output_attentions=True).attentions
     image = full["input_ids"] == model.config.image_token_id
     got = {v: diagnose.reply_signals(model, processor, prompts, images, replies, v, 0.0, batch_size=2)

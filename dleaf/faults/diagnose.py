@@ -18,32 +18,10 @@ import numpy as np
 import torch
 
 from .. import engine
-from ..models import model_inputs
+from ..models import teacher_forced_inputs
 from .config import FaultConfig
 
 VARIANTS = ("mixed", "mean_head")
-
-
-def teacher_forced_inputs(model, processor, prompts: Sequence[str], images: Sequence, replies: Sequence[str]
-                          ) -> tuple[dict, int, list[int]]:
-    """Model inputs holding each prompt (left-padded) followed by its reply's tokens (right-padded, masked), the
-    prompt width ``n`` (the first reply column) and each reply's length in tokens."""
-    tok = getattr(processor, "tokenizer", processor)
-    batch = model_inputs(processor, list(prompts), list(images), model)
-    reply_ids = [tok(r, add_special_tokens=False)["input_ids"] for r in replies]
-    width = max(1, max(len(r) for r in reply_ids))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((len(reply_ids), width), pad, dtype=batch["input_ids"].dtype, device=batch["input_ids"].device)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(reply_ids):
-        ids[i, :len(r)] = torch.tensor(r, dtype=ids.dtype)
-        mask[i, :len(r)] = 1
-    n = batch["input_ids"].shape[1]
-    full = {**batch, "input_ids": torch.cat([batch["input_ids"], ids], 1),
-            "attention_mask": torch.cat([batch["attention_mask"], mask], 1)}
-    if "mm_token_type_ids" in full:
-        full["mm_token_type_ids"] = torch.cat([full["mm_token_type_ids"], torch.zeros_like(ids)], 1)
-    return full, n, [len(r) for r in reply_ids]
 
 
 @torch.no_grad()
@@ -59,10 +37,10 @@ def reply_signals(model, processor, prompts, images, replies, variant: str, stre
     signals, masses = [], []
     for start in range(0, len(prompts), batch_size):
         sl = slice(start, start + batch_size)
-        full, n, lengths = teacher_forced_inputs(model, processor, prompts[sl], images[sl], replies[sl])
+        full, n, reply_ids = teacher_forced_inputs(processor, prompts[sl], images[sl], replies[sl], model)
         with engine.attached(model, config, fault=fault, trace=True) as iv:
-            engine.response_logprobs(model, full, [n] * len(lengths), iv)
-        for i, length in enumerate(lengths):
+            engine.response_logprobs(model, full, [n] * len(reply_ids), iv)
+        for i, length in enumerate(len(r) for r in reply_ids):
             tr = iv.trace.sample(i)
             row_of = {int(p): k for k, p in enumerate(tr["positions"])}
             rows = [row_of[n + j - 1] for j in range(length)]
