@@ -138,6 +138,24 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise InputError(f"{what} {path} is not UTF-8 text: {e}") from e
 
 
+def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
+    """Parse a YAML file (``yaml.safe_load``); a missing file or a syntax error raises :class:`InputError` with the
+    file and, where the parser knows it, the line."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise InputError(f"{what} {path}{where} is not valid YAML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} {path} is not UTF-8 text: {e}") from e
+
+
 def read_jsonl(path: str | os.PathLike, what: str = "JSONL file", drop_truncated_tail: bool = False
                ) -> tuple[list[tuple[int, dict]], bool]:
     """Read a JSON-lines file as ``[(line number, object)]`` and whether a truncated last line was dropped.

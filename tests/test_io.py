@@ -62,6 +62,17 @@ def test_read_json_and_jsonl_name_file_and_line(tmp_path):
         io.read_json(tmp_path / "nope.json")
 
 
+def test_read_yaml_names_file_and_line(tmp_path):
+    p = tmp_path / "g.yaml"
+    p.write_text("- kind: diffuse\n  layers: [1, 2]\n")
+    assert io.read_yaml(p) == [{"kind": "diffuse", "layers": [1, 2]}]
+    p.write_text("a: 1\nb: [2, 3\nc: 4\n")
+    with pytest.raises(InputError, match=r"^grid .*g\.yaml, line \d+ is not valid YAML"):
+        io.read_yaml(p, "grid")
+    with pytest.raises(InputError, match=r"^grid not found: .*nope\.yaml$"):
+        io.read_yaml(tmp_path / "nope.yaml", "grid")
+
+
 def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
     ramp = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "ramp16.png")

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from .. import metrics
-from ..io import InputError, check_image, load_image, read_json
+from ..io import InputError, check_image, load_image, read_json, read_yaml
 from ..resources import data_path
 from .protocol import Protocol
 from .registry import Benchmark, BenchmarkSpec, Item, limit_count, register_benchmark
@@ -67,12 +66,7 @@ def plural_forms(phrase: str, irregular: dict[str, Sequence[str]] | None = None,
 def coco_vocabulary(path: str | os.PathLike | None = None) -> metrics.ObjectVocabulary:
     """The COCO CHAIR vocabulary: every phrase of the synonym table (and its plurals) -> its COCO category."""
     path = Path(path) if path is not None else data_path("coco", "chair_synonyms.yaml")
-    if not path.is_file():
-        raise InputError(f"COCO synonym table not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise InputError(f"COCO synonym table {path} is not valid YAML: {e}") from e
+    data = read_yaml(path, "COCO synonym table")
     cats = data.get("categories") if isinstance(data, dict) else None
     if not isinstance(cats, dict) or not cats:
         raise InputError(f"COCO synonym table {path} needs a non-empty 'categories' mapping")

@@ -16,10 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..generation import SENTENCE_RULES
-from ..io import InputError
+from ..io import InputError, read_yaml
 from ..resources import data_path
 
 
@@ -70,12 +68,7 @@ def load_protocol(name_or_path: str | os.PathLike) -> Protocol:
     if not path.is_file():
         known = sorted(p.stem for p in protocol_dir().glob("*.yaml"))
         raise InputError(f"protocol file not found: {path} (protocols shipped: {', '.join(known)})")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark is not None else ""
-        raise InputError(f"protocol file {path}{where} is not valid YAML: {e}") from e
+    data = read_yaml(path, "protocol file")
     if not isinstance(data, dict):
         raise InputError(f"protocol file {path} must hold a mapping, got {type(data).__name__}")
     for key in ("name", "version", "benchmark"):

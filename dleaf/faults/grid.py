@@ -12,7 +12,7 @@ from typing import Any
 
 from ..eval import runner
 from ..eval.registry import Benchmark
-from ..io import InputError
+from ..io import InputError, read_yaml
 from .config import FaultConfig, fault_config
 
 REPORT = "report.json"
@@ -77,15 +77,8 @@ def fault_slug(fault: FaultConfig | None) -> str:
 
 def read_grid(path: str | Path) -> list[FaultConfig]:
     """Faults from a YAML file: a list of mappings of :class:`~dleaf.faults.FaultConfig` fields."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"fault grid file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise InputError(f"fault grid file {path} is not valid YAML: {e}") from None
+    data = read_yaml(path, "fault grid file")
     if not isinstance(data, list) or not data:
         raise InputError(f"fault grid file {path} must hold a non-empty list of faults (mappings of fault fields)")
     out = []
