@@ -182,6 +182,18 @@ def _warm_imports() -> None:
             pass
 
 
+def finish(report: dict, out: str | None) -> None:
+    """Print a report's counts and every survivor (with its site, when the report numbers them); write the report
+    as JSON to ``out`` when given."""
+    print(json.dumps({k: v for k, v in report.items() if k != "survivors"}))
+    for r in report["survivors"]:
+        site = f"site {r['site']}: " if "site" in r else ""
+        print(f"  survived: {site}line {r['line']}: {r['mutation']}: {r['source']}")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=1) + "\n")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("module", help="the module to mutate, relative to the repository (e.g. dleaf/metrics.py)")
@@ -230,12 +242,7 @@ def main(argv=None):
     timeouts = sum(r["status"] == "timeout" for r in results)
     report = {"module": args.module, "tests": args.tests, "mutants": len(results), "survived": len(survivors),
               "killed": len(results) - len(survivors), "timeouts": timeouts, "survivors": survivors}
-    print(json.dumps({k: v for k, v in report.items() if k != "survivors"}))
-    for r in survivors:
-        print(f"  survived: site {r['site']}: line {r['line']}: {r['mutation']}: {r['source']}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    finish(report, args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
-import json
 import signal
 import sys
 import time
@@ -106,12 +105,7 @@ def main(argv=None):
     report = {"module": args.module, "tests": args.tests, "select": args.select, "mutants": len(results),
               "survived": len(survivors), "killed": len(results) - len(survivors), "survivors": survivors,
               "seconds": round(time.time() - t0)}
-    print(json.dumps({k: v for k, v in report.items() if k != "survivors"}))
-    for r in survivors:
-        print(f"  survived: line {r['line']}: {r['mutation']}: {r['source']}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    mutation.finish(report, args.out)
 
 
 if __name__ == "__main__":
