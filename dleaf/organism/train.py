@@ -137,6 +137,12 @@ def _reply_labels(input_ids: torch.Tensor, reply_lengths: list[int]) -> torch.Te
     return labels
 
 
+def _description(scene: world.Scene, rng: np.random.Generator, noise: float, prior: bool) -> tuple[str, str]:
+    """A caption prompt and a description of ``scene`` (drawn from ``rng`` in that order)."""
+    prompt = world.CAPTION_PROMPTS[int(rng.integers(len(world.CAPTION_PROMPTS)))]
+    return prompt, world.describe(scene, seed=int(rng.integers(2**31)), noise=noise, prior=prior)
+
+
 def paired_rows(scenes: list[world.Scene], rng: np.random.Generator, question_fraction: float, noise: float,
                  prior: bool, answer_style: str) -> list[tuple[world.Scene, str, str]]:
     """(scene, prompt, reply) rows, as many as ``scenes``: with ``k = round(len * question_fraction) // 2``, the first
@@ -146,8 +152,7 @@ def paired_rows(scenes: list[world.Scene], rng: np.random.Generator, question_fr
     n_pairs = int(round(len(scenes) * question_fraction)) // 2
     rows = []
     for scene in scenes[:len(scenes) - 2 * n_pairs]:
-        prompt = world.CAPTION_PROMPTS[int(rng.integers(len(world.CAPTION_PROMPTS)))]
-        rows.append((scene, prompt, world.describe(scene, seed=int(rng.integers(2**31)), noise=noise, prior=prior)))
+        rows.append((scene, *_description(scene, rng, noise, prior)))
     for scene in scenes[len(scenes) - 2 * n_pairs:len(scenes) - n_pairs]:
         present = scene.objects[int(rng.integers(len(scene.objects)))]
         partners = sorted(set().union(*(world.PARTNERS[o] for o in scene.objects)) - scene.object_set,
@@ -182,8 +187,7 @@ def conversation_batch(processor, scenes: list[world.Scene], rng: np.random.Gene
                 listed = [o for o, _ in world.noisy_mentions(scene, noise, rng, prior)]
             prompt, reply = world.QUESTION_TEMPLATE.format(obj=obj), world.answer(scene, obj, answer_style, listed)
         else:
-            prompt = world.CAPTION_PROMPTS[int(rng.integers(len(world.CAPTION_PROMPTS)))]
-            reply = world.describe(scene, seed=int(rng.integers(2**31)), noise=noise, prior=prior)
+            prompt, reply = _description(scene, rng, noise, prior)
         rows.append((scene, prompt, reply))
     return _batch(processor, rows)
 
