@@ -103,7 +103,8 @@ def test_training_is_deterministic_from_the_seed_and_saves_a_loadable_checkpoint
     from dleaf.organism.train import train
 
     def run(out):
-        cfg = TrainConfig(output_dir=str(out), text_steps=3, align_steps=2, joint_steps=3, refine_steps=2, batch_size=4, warmup=2,
+        cfg = TrainConfig(output_dir=str(out), text_steps=3, align_steps=2, joint_steps=3, refine_steps=2, tune_steps=2, batch_size=4,
+                          warmup=2,
                           log_every=1, probe_every=2, text_layers=2, text_heads=2, text_hidden=32,
                           text_intermediate=64, threads=1)
         return train(cfg, progress=False)
@@ -119,7 +120,7 @@ def test_training_is_deterministic_from_the_seed_and_saves_a_loadable_checkpoint
         assert torch.equal(pa, pb), name
     for proj in build.vision_attention_outputs(ma):
         assert not proj.weight.any() and not proj.bias.any()
-    assert set(log_a["stages"]) == {"text", "align", "joint", "refine"}
+    assert set(log_a["stages"]) == {"text", "align", "joint", "refine", "tune"}
     assert len(log_a["stages"]["joint"]["image_gap"]) == 2
 
 
@@ -127,8 +128,8 @@ def test_resuming_at_a_stage_boundary_gives_the_weights_of_one_run(tmp_path):
     from dleaf.organism.train import train
 
     def cfg(out, **kw):
-        base = dict(output_dir=str(out), text_steps=2, align_steps=2, joint_steps=2, refine_steps=2, batch_size=4,
-                    warmup=1, log_every=1, probe_every=2, text_layers=2, text_heads=2, text_hidden=32,
+        base = dict(output_dir=str(out), text_steps=2, align_steps=2, joint_steps=2, refine_steps=2, tune_steps=0,
+                    batch_size=4, warmup=1, log_every=1, probe_every=2, text_layers=2, text_heads=2, text_hidden=32,
                     text_intermediate=64, threads=1, refine_vision_lr=3e-3)
         return TrainConfig(**{**base, **kw})
 
@@ -224,7 +225,7 @@ def test_reply_loss_adds_the_weighted_decision_loss(processor):
 def test_tune_stage_continues_a_log_written_before_its_knobs_existed(tmp_path):
     from dleaf.organism.train import train
 
-    base = dict(text_steps=2, align_steps=2, joint_steps=2, refine_steps=0, batch_size=4, warmup=1, log_every=1,
+    base = dict(text_steps=2, align_steps=2, joint_steps=2, refine_steps=0, tune_steps=0, batch_size=4, warmup=1, log_every=1,
                 probe_every=2, text_layers=2, text_heads=2, text_hidden=32, text_intermediate=64, threads=1)
     train(TrainConfig(output_dir=str(tmp_path / "old"), **base), progress=False)
     path = tmp_path / "old" / "training_log.json"
@@ -232,8 +233,9 @@ def test_tune_stage_continues_a_log_written_before_its_knobs_existed(tmp_path):
     for key in ("description_noise", "answer_style", "tune_steps", "decision_weight", "paired_questions"):
         log["config"].pop(key)  # as in a checkpoint trained before these knobs were added
     path.write_text(json.dumps(log))
-    tuned = train(TrainConfig(output_dir=str(tmp_path / "tuned"), resume_from=str(tmp_path / "old"), tune_steps=2,
-                              tune_noise=0.3, decision_weight=1.0, paired_questions=True, **base), progress=False)
+    tuned = train(TrainConfig(output_dir=str(tmp_path / "tuned"), resume_from=str(tmp_path / "old"),
+                              tune_noise=0.3, decision_weight=1.0, paired_questions=True, **{**base, "tune_steps": 2}),
+                  progress=False)
     assert list(tuned["stages"]) == ["text", "align", "joint", "tune"]
     old, _ = build.load_organism(tmp_path / "old")
     new, _ = build.load_organism(tmp_path / "tuned")
@@ -241,7 +243,7 @@ def test_tune_stage_continues_a_log_written_before_its_knobs_existed(tmp_path):
         assert any(not torch.equal(p, old.state_dict()[k]) for k, p in new.state_dict().items() if k.startswith(part))
     # the stages the old run did are still checked: a setting that differs from the old log's default is refused
     with pytest.raises(ValueError, match="description_noise=0.0 there but 0.1 here"):
-        train(TrainConfig(output_dir=str(tmp_path / "x"), resume_from=str(tmp_path / "old"), tune_steps=2,
-                          description_noise=0.1, **base), progress=False)
+        train(TrainConfig(output_dir=str(tmp_path / "x"), resume_from=str(tmp_path / "old"),
+                          description_noise=0.1, **{**base, "tune_steps": 2}), progress=False)
     with pytest.raises(ValueError, match="decision_weight"):
         TrainConfig(decision_weight=-1.0)

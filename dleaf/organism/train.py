@@ -12,7 +12,7 @@ Stages (each with AdamW, linear warm-up and cosine decay):
 4. ``refine`` (optional, ``refine_steps``): a second joint stage in which the vision tower and projector learn
    faster (``refine_vision_lr``) than the decoder (``refine_lr``), once the decoder is committed to reading the
    image, so that it reads the objects' identity better.
-5. ``tune`` (optional, ``tune_steps``; off in the committed recipe): a fine-tuning stage with its own question
+5. ``tune`` (``tune_steps``; 0 skips it): a fine-tuning stage with its own question
    share (``tune_question_fraction``) and description noise (``tune_noise``), for teaching a trained organism to
    answer yes/no questions from the image and to add objects. Two knobs make the yes/no decision learnable:
    ``decision_weight`` adds the mean loss of the decision tokens (the first "yes"/"no" of each reply) to the token
@@ -25,6 +25,9 @@ A run can continue from a checkpoint this code saved after some stages (``resume
 records are checked against the configuration and skipped, and training goes on with the next one. Every stage has
 its own optimizer and random stream and the scenes continue where the log says, so stopping at a stage boundary
 and resuming gives the same weights as one run (with ``threads=1``).
+
+``device`` (default ``"cpu"``) is where the model trains; ``"cuda"`` trains on a GPU (the batches are still built on
+the CPU). Only CPU runs with ``threads=1`` are bit-for-bit reproducible; the committed checkpoints were made that way.
 
 Every conversation starts with the LLaVA-style system prompt. The loss covers only the assistant's reply (and its
 </s>). The control organism is trained by the same code with ``prior=False``: its scenes, and its text, have no
@@ -68,13 +71,13 @@ class TrainConfig:
     refine_steps: int = 2500
     refine_lr: float = 2e-4
     refine_vision_lr: float = 1e-3
-    tune_steps: int = 0
+    tune_steps: int = 3000
     tune_lr: float = 2e-4
-    tune_vision_lr: float = 1e-3
-    tune_question_fraction: float = 0.5
-    tune_noise: float = 0.0
-    decision_weight: float = 0.0
-    paired_questions: bool = False
+    tune_vision_lr: float = 2e-4
+    tune_question_fraction: float = 0.7
+    tune_noise: float = 0.2
+    decision_weight: float = 1.0
+    paired_questions: bool = True
     warmup: int = 50
     weight_decay: float = 0.01
     question_fraction: float = 0.3
@@ -91,10 +94,15 @@ class TrainConfig:
     log_every: int = 50
     probe_every: int = 250
     threads: int = 0
+    device: str = "cpu"
     resume_from: str | None = None
     stage_checkpoints: bool = True
 
     def __post_init__(self):
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"TrainConfig.device must be a torch device such as 'cpu' or 'cuda', got {self.device!r}")
         if not 0.0 < self.faint_low <= self.faint_high <= 1.0:
             raise ValueError(f"TrainConfig.faint_low and faint_high must satisfy 0 < faint_low <= faint_high <= 1, "
                              f"got {self.faint_low}, {self.faint_high}")
@@ -206,7 +214,7 @@ def _batch(processor, rows: list[tuple[world.Scene, str, str]]):
 
 def decision_mask(labels: torch.Tensor, tokenizer) -> torch.Tensor:
     """True at each row's decision token: the first labelled "yes" or "no" of the reply (descriptions have none)."""
-    ids = torch.tensor(tokenizer.convert_tokens_to_ids(["yes", "no"]))
+    ids = torch.tensor(tokenizer.convert_tokens_to_ids(["yes", "no"]), device=labels.device)
     hit = torch.isin(labels, ids)
     return hit & (hit.cumsum(1) == 1)
 
@@ -320,13 +328,14 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         done = []
         model = build.build_model(processor.tokenizer, config.shape, seed=config.seed)
     model.set_attn_implementation("sdpa")
+    model.to(config.device)
     model.train()
     corpus = world.text_corpus(config.text_steps * config.batch_size, world_seed=config.seed, prior=config.prior,
                                noise=config.description_noise, list_questions=config.text_list_questions)
     scene_index = 0
     probe_batch = conversation_batch(processor, world.scenes("indist", 64, config.seed, config.prior),
                                      np.random.default_rng(12345), config.question_fraction,
-                                     answer_style=config.answer_style)
+                                     answer_style=config.answer_style).to(config.device)
     last = ([s for s in STAGES if getattr(config, f"{s}_steps") > 0 or s in done] or [STAGES[-1]])[-1]
     for stage in STAGES:
         steps = getattr(config, f"{stage}_steps")
@@ -354,7 +363,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                 batch = conversation_batch(processor, scenes, rng, qf, noise, config.prior, config.answer_style,
                                            paired=stage == "tune" and config.paired_questions)
             weight = config.decision_weight if stage == "tune" else 0.0
-            loss = reply_loss(model, batch, weight, processor.tokenizer)
+            loss = reply_loss(model, batch.to(config.device), weight, processor.tokenizer)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -377,6 +386,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             save(model, processor, stage_checkpoint(config.output_dir, stage), log)
     model.eval()
     model.set_attn_implementation("eager")
+    model.to("cpu")
     save(model, processor, config.output_dir, log)
     return log
 
