@@ -72,6 +72,8 @@ def test_train_config_rejects_bad_values():
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="text_steps"):
         TrainConfig(text_steps=-1)
+    with pytest.raises(ValueError, match="device must be a torch device.*'gpuu'"):
+        TrainConfig(device="gpuu")
 
 
 def test_load_organism_names_a_missing_checkpoint(tmp_path):
@@ -103,8 +105,8 @@ def test_training_is_deterministic_from_the_seed_and_saves_a_loadable_checkpoint
     from dleaf.organism.train import train
 
     def run(out):
-        cfg = TrainConfig(output_dir=str(out), text_steps=3, align_steps=2, joint_steps=3, refine_steps=2, tune_steps=2, batch_size=4,
-                          warmup=2,
+        cfg = TrainConfig(output_dir=str(out), text_steps=3, align_steps=2, joint_steps=3, refine_steps=2,
+                          tune_steps=2, batch_size=4, warmup=2,
                           log_every=1, probe_every=2, text_layers=2, text_heads=2, text_hidden=32,
                           text_intermediate=64, threads=1)
         return train(cfg, progress=False)
@@ -225,8 +227,8 @@ def test_reply_loss_adds_the_weighted_decision_loss(processor):
 def test_tune_stage_continues_a_log_written_before_its_knobs_existed(tmp_path):
     from dleaf.organism.train import train
 
-    base = dict(text_steps=2, align_steps=2, joint_steps=2, refine_steps=0, tune_steps=0, batch_size=4, warmup=1, log_every=1,
-                probe_every=2, text_layers=2, text_heads=2, text_hidden=32, text_intermediate=64, threads=1)
+    base = dict(text_steps=2, align_steps=2, joint_steps=2, refine_steps=0, tune_steps=0, batch_size=4, warmup=1,
+                log_every=1, probe_every=2, text_layers=2, text_heads=2, text_hidden=32, text_intermediate=64, threads=1)
     train(TrainConfig(output_dir=str(tmp_path / "old"), **base), progress=False)
     path = tmp_path / "old" / "training_log.json"
     log = json.loads(path.read_text())
