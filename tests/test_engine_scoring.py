@@ -208,3 +208,37 @@ def test_what_the_scorers_ask_of_the_model():
     assert prompt.cache.get_seq_length() == 2
     torch.testing.assert_close(engine.cached_response_logprobs(prompt, ids[:, 3:]),
                                engine.response_logprobs(model, {"input_ids": ids}, [3])[0][:, 3:])
+
+
+def test_prompt_cache_rewind_leaves_a_cache_at_the_prompt_alone():
+    """Rewinding a cache that holds exactly the prompt leaves it as it is, and scoring after it still equals one
+    pass."""
+    model = _text_model()
+    ids = torch.tensor([[7, 9, 12, 30, 5]])
+    prompt = engine.PromptCache(model, {"input_ids": ids[:, :3]})
+    prompt._rewind()
+    assert prompt.cache.get_seq_length() == 2
+    torch.testing.assert_close(engine.cached_response_logprobs(prompt, ids[:, 3:]),
+                               engine.response_logprobs(model, {"input_ids": ids}, [3])[0][:, 3:])
+
+
+def test_prompt_cache_refuses_a_model_that_returns_no_croppable_cache():
+    model = _text_model()
+    ids = torch.tensor([[7, 9, 12]])
+
+    class NoCache(type(model)):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.past_key_values = None
+            return out
+
+    class Uncroppable(type(model)):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.past_key_values = object()
+            return out
+
+    for cls in (NoCache, Uncroppable):
+        model.__class__ = cls
+        with pytest.raises(RuntimeError, match=f"{cls.__name__} returned no croppable key/value cache"):
+            engine.PromptCache(model, {"input_ids": ids})
