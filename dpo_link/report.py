@@ -124,7 +124,7 @@ def report_markdown(report: dict) -> str:
         fd = s["finite_difference"]
         lines += ["", f"Slope dL/dgamma at 0: autograd {num(s['slope'])}; central difference (h = {num(fd['h'])}) "
                       f"{num(fd['central'])}; forward difference {num(fd['forward'])}; first step of the sweep "
-                      f"{num(s['sweep_forward_difference'])}. Negative: D-LEAF's correction descends the DPO loss."]
+                      f"{num(s['sweep_forward_difference'])}. {_slope_words(s['slope'])}"]
     lines += ["", "## Sequence level: r_D (or a null) against r_theta", "",
               "| compared with r_theta | Pearson | Spearman | Kendall |", "|---|---|---|---|"]
     for name, d in pr["sequence"].items():
@@ -303,3 +303,13 @@ def write_report(report: dict, out: str | Path) -> list[str]:
     write_json_atomic(report, out / "correspondence.json")  # strict JSON: an undefined number is null
     write_text_atomic(report_markdown(report), out / "correspondence.md")
     return ["correspondence.json", "correspondence.md", *files]
+
+
+def _slope_words(slope: float) -> str:
+    """What the sign of the loss's slope at gamma 0 says (the report used to print only the negative case's meaning,
+    which read as a verdict whatever the sign)."""
+    if slope < 0:
+        return "Negative: D-LEAF's correction descends the DPO loss."
+    if slope > 0:
+        return "Positive: D-LEAF's correction ascends the DPO loss (a descent step would have a negative slope)."
+    return "Zero: D-LEAF's correction leaves the DPO loss flat at first order."

@@ -64,6 +64,10 @@ def test_markdown_opens_with_the_verdict_in_words_and_defines_its_terms():
     for term in ("matched noise", "shuffled", "sign-test p", "beta_D", "negative", "chance"):
         assert term in head, term
     assert "DPO loss - log 2" in md and "| 0.000 |" in md  # the curve at gamma 0
+    assert "Positive: D-LEAF's correction ascends the DPO loss" in md and "Negative:" not in md
+    flat = R.report_markdown(synthetic_report(slope=-8.9e-4))
+    assert "Negative: D-LEAF's correction descends the DPO loss." in flat and "Positive:" not in flat
+    assert "Zero:" in R.report_markdown(synthetic_report(slope=0.0))
     decimals = [t for t in re.findall(r"\d+\.(\d+)(?![\de])", md.replace("log 2 = 0.693147", "").replace("below 0.01", ""))]
     assert decimals and all(len(t) == 3 for t in decimals), sorted(set(decimals), key=len)[-3:]
 
