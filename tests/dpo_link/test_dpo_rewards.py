@@ -278,3 +278,61 @@ def test_an_adapter_of_another_checkpoint_is_refused(tmp_path, tiny_dir, process
         rewards.check_adapter_base("a", tmp_path / "retrained", {"base_model": {"fingerprint": same}})
     rewards.check_adapter_base("a", tmp_path / "retrained", {})  # no fingerprint recorded: nothing to compare
     rewards.check_adapter_base("a", "owner/hub-model", {"base_model": {"fingerprint": same}})  # a hub id
+
+
+def test_load_adapter_names_each_lora_weight_that_does_not_fit(tmp_path, processor, make_model):
+    """Each check of the adapter against the model on its own: a lora_A whose input size is off, a lora_B whose
+    output size is off, a module the model lacks, an adapter with no LoRA weight at all, and the count of problems
+    beyond the first four."""
+    import shutil
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    get_peft_model(make_model(processor, seed=1), LoraConfig(target_modules=["q_proj", "v_proj"])).save_pretrained(
+        tmp_path / "good")
+    saved = load_file(str(tmp_path / "good" / "adapter_model.safetensors"))
+    a_key = next(k for k in sorted(saved) if ".lora_A." in k)
+    b_key = next(k for k in sorted(saved) if ".lora_B." in k)
+
+    def variant(name, tensors):
+        shutil.copytree(tmp_path / "good", tmp_path / name)
+        save_file(tensors, str(tmp_path / name / "adapter_model.safetensors"))
+        return tmp_path / name
+
+    wide_a = variant("wide_a", {**saved, a_key: torch.zeros(saved[a_key].shape[0], saved[a_key].shape[1] + 1)})
+    with pytest.raises(ValueError, match=rf"{a_key}: shape .* does not fit") as err:
+        rewards.load_adapter(make_model(processor), wide_a)
+    assert "more" not in str(err.value)
+    tall_b = variant("tall_b", {**saved, b_key: torch.zeros(saved[b_key].shape[0] + 1, saved[b_key].shape[1])})
+    with pytest.raises(ValueError, match=rf"{b_key}: shape .* does not fit"):
+        rewards.load_adapter(make_model(processor), tall_b)
+    # the same shapes on the other side of the pair fit: lora_A is checked on its input, lora_B on its output
+    narrow_rank = variant("rank", {**saved, a_key: torch.zeros(saved[a_key].shape[0] + 1, saved[a_key].shape[1]),
+                                   b_key: torch.zeros(saved[b_key].shape[0], saved[b_key].shape[1] + 1)})
+    try:  # PEFT itself refuses the rank mismatch; the fit check must not
+        rewards.load_adapter(make_model(processor), narrow_rank)
+    except Exception as e:  # noqa: BLE001
+        assert "does not fit" not in str(e) and "does not belong" not in str(e), e
+    moved = a_key.replace("q_proj", "no_such_proj")
+    missing = variant("missing", {**{k: v for k, v in saved.items() if k != a_key}, moved: saved[a_key]})
+    with pytest.raises(ValueError, match="no_such_proj \\(no such module in"):
+        rewards.load_adapter(make_model(processor), missing)
+    # a module that exists but has no weight of its own (the attention block, not one of its projections)
+    block = a_key.replace(".q_proj", "")
+    container = variant("container", {**{k: v for k, v in saved.items() if k != a_key}, block: saved[a_key]})
+    with pytest.raises(ValueError, match="self_attn \\(no such module in"):
+        rewards.load_adapter(make_model(processor), container)
+    empty = variant("empty", {"base_model.model.not_lora.weight": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match="no LoRA weight matched a module"):
+        rewards.load_adapter(make_model(processor), empty)
+    many = {k: (torch.zeros(v.shape[0], v.shape[1] + 1) if ".lora_A." in k else v) for k, v in saved.items()}
+    n_bad = sum(".lora_A." in k for k in saved)
+    assert n_bad > 5
+    with pytest.raises(ValueError, match=rf"; and {n_bad - 4} more"):
+        rewards.load_adapter(make_model(processor), variant("many", many))
+    five = sorted(k for k in saved if ".lora_A." in k)[:5]
+    with pytest.raises(ValueError, match="; and 1 more"):
+        rewards.load_adapter(make_model(processor), variant("five", {k: many[k] if k in five else v
+                                                                     for k, v in saved.items()}))
