@@ -43,7 +43,9 @@ __all__ = [
     "ObjectVocabulary",
     "PopeResult",
     "chair",
+    "parse_answer",
     "parse_yes_no",
+    "parse_yes_no_official",
     "pope",
     "tokenize",
 ]
@@ -163,7 +165,7 @@ def chair(
     * ``chair_i_unique = sum_c |H_c| / sum_c |O_c|``.
     * ``chair_s = |{c : H_c != {}}| / n_captions``.
     * ``recall = sum_{c: G_c != {}} |O_c & G_c| / sum_{c: G_c != {}} |G_c|``.
-    * ``mean_length = mean_c len(tokenize(caption_c))``.
+    * ``mean_length = mean_c vocab.n_words(caption_c)`` (``len(tokenize(caption_c))`` for a plain vocabulary).
     * Counts: ``n_mentions = sum |M_c|``; ``n_hallucinated_mentions`` /
       ``n_grounded_mentions`` split those mentions; ``n_hallucinated_objects
       = sum |H_c|``; ``n_grounded_objects = sum |O_c & G_c|``;
@@ -217,7 +219,7 @@ def chair(
 
     for cap, gt in zip(captions, gts):
         mentions = tuple(vocab.extract(cap))
-        n_words = len(tokenize(cap))
+        n_words = vocab.n_words(cap)
         mentioned = frozenset(m.category for m in mentions)
         hallucinated = mentioned - gt
         missed = gt - mentioned
@@ -283,20 +285,27 @@ def chair(
 # ---------------------------------------------------------------------------
 
 _YES_NO_WORD_RE = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
+_SENTENCE_END_RE = re.compile(r"[.!?\n]")
+
+#: the answer rules :func:`pope` knows: ``pope_official`` (the POPE repository's evaluation, the default for POPE
+#: question files and the rule published POPE tables use) and ``dleaf`` (:func:`parse_yes_no`, which leaves an answer
+#: it cannot read unparsed instead of calling it yes)
+ANSWER_RULES = ("pope_official", "dleaf")
 
 
 def parse_yes_no(text: str) -> bool | None:
-    """Map a free-form answer to yes (True), no (False) or unparsed (None).
+    """Map a free-form answer to yes (True), no (False) or unparsed (None): the project's strict rule (``dleaf``).
 
-    Rule (the standard POPE evaluation rule with a first-word shortcut):
-    lowercase and strip punctuation; if the first word is ``yes``/``no``
-    return it; else if any word is ``no`` or ``not`` (or a contraction ending
-    in ``n't``, e.g. ``isn't``) return False; else if any word is ``yes``
-    return True; else None.
+    Only the first sentence is read (the text before the first ``.``, ``!``, ``?`` or line break), as in the
+    official POPE rule. In it, lowercased and split into words (apostrophes kept inside a word): if the first word
+    is ``yes``/``no`` return it; else if any word is ``no`` or ``not`` (or a contraction ending in ``n't``, e.g.
+    ``isn't``) return False; else if any word is ``yes`` return True; else None: an answer that says neither is not
+    counted as a yes, as the official rule (:func:`parse_yes_no_official`) would.
     """
     if not isinstance(text, str):
         raise TypeError(f"answer must be a str, got {type(text).__name__}")
-    words = _YES_NO_WORD_RE.findall(text.lower().replace("\u2019", "'"))
+    first = _SENTENCE_END_RE.split(text.lstrip(), maxsplit=1)[0]
+    words = _YES_NO_WORD_RE.findall(first.lower().replace("\u2019", "'"))
     if not words:
         return None
     if words[0] == "yes":
@@ -308,6 +317,29 @@ def parse_yes_no(text: str) -> bool | None:
     if "yes" in words:
         return True
     return None
+
+
+def parse_yes_no_official(text: str) -> bool:
+    """The official POPE rule (the POPE repository's ``evaluate.py``): keep the text before the first ``.``, remove
+    commas, split at single spaces; the answer is no if a piece is exactly ``No``, ``no`` or ``not``, else yes.
+
+    Every answer is a yes or a no; matching is case-sensitive and on whole pieces, so ``"NO"``, ``"Not sure"``,
+    ``"nope"``, ``"isn't"`` and ``"No\nthere is none"`` are all yes, and ``"no!"`` is yes too (no period).
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"answer must be a str, got {type(text).__name__}")
+    first = text.split(".")[0]
+    pieces = first.replace(",", "").split(" ")
+    return not ("No" in pieces or "not" in pieces or "no" in pieces)
+
+
+def parse_answer(text: str, rule: str = "dleaf") -> bool | None:
+    """An answer parsed by ``rule`` (one of :data:`ANSWER_RULES`)."""
+    if rule == "pope_official":
+        return parse_yes_no_official(text)
+    if rule == "dleaf":
+        return parse_yes_no(text)
+    raise ValueError(f"unknown answer rule {rule!r}; expected one of {', '.join(ANSWER_RULES)}")
 
 
 @dataclass
@@ -325,6 +357,7 @@ class PopeResult:
     fp: int
     tn: int
     fn: int
+    answer_rule: str = "dleaf"
 
     def as_dict(self) -> dict[str, Any]:
         """All fields as a plain dict."""
@@ -335,11 +368,13 @@ def _is_bool(x: Any) -> bool:
     return isinstance(x, (bool, np.bool_))
 
 
-def pope(answers: Sequence[str | bool | None], labels: Sequence[bool]) -> PopeResult:
+def pope(answers: Sequence[str | bool | None], labels: Sequence[bool], rule: str = "dleaf") -> PopeResult:
     """POPE yes/no metrics with "yes" (object present) as the positive class.
 
-    ``answers[k]`` is free text (parsed with :func:`parse_yes_no`), or an
-    already-parsed bool / None.  ``labels[k]`` is True when the object is
+    ``answers[k]`` is free text (parsed by ``rule``: ``"dleaf"``,
+    :func:`parse_yes_no`, or ``"pope_official"``, :func:`parse_yes_no_official`,
+    under which no answer is unparsed), or an already-parsed bool / None. The
+    result records the rule (``answer_rule``).  ``labels[k]`` is True when the object is
     present.  With ``yes``/``no`` the parsed answers:
 
     * ``tp = #(yes & present)``, ``fp = #(yes & absent)``,
@@ -368,6 +403,8 @@ def pope(answers: Sequence[str | bool | None], labels: Sequence[bool]) -> PopeRe
         )
     if not answers:
         raise ValueError("pope needs at least one answer; answers and labels are empty")
+    if rule not in ANSWER_RULES:
+        raise ValueError(f"unknown answer rule {rule!r}; expected one of {', '.join(ANSWER_RULES)}")
     tp = fp = tn = fn = unparsed = 0
     for k, (ans, lab) in enumerate(zip(answers, labels)):
         if not _is_bool(lab):
@@ -376,7 +413,7 @@ def pope(answers: Sequence[str | bool | None], labels: Sequence[bool]) -> PopeRe
                 f"{type(lab).__name__} {lab!r}"
             )
         if isinstance(ans, str):
-            parsed = parse_yes_no(ans)
+            parsed = parse_answer(ans, rule)
         elif ans is None or _is_bool(ans):
             parsed = None if ans is None else bool(ans)
         else:
@@ -408,4 +445,5 @@ def pope(answers: Sequence[str | bool | None], labels: Sequence[bool]) -> PopeRe
         fp=fp,
         tn=tn,
         fn=fn,
+        answer_rule=rule,
     )

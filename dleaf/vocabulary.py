@@ -89,12 +89,17 @@ class ObjectVocabulary:
     ``synonyms``.  ``related`` (optional) maps a category to the categories
     that co-occur with it in scenes ("partners"); it need not be symmetric.
 
+    ``non_objects`` (optional) are phrases that are no object but contain a
+    synonym (``"train track"``, ``"home plate"``): they are matched like the
+    synonyms, longest first, and consume their words, but yield no mention.
+
     Both mappings are copied into read-only mappings on construction
     (``related`` values become frozensets).
     """
 
     synonyms: Mapping[str, str]
     related: Mapping[str, frozenset[str]] | None = None
+    non_objects: frozenset[str] = field(default=frozenset(), kw_only=True)
     _by_length: Mapping[int, Mapping[tuple[str, ...], str]] = field(
         init=False, repr=False, compare=False
     )
@@ -130,6 +135,20 @@ class ObjectVocabulary:
             owner[words] = phrase
             clean[phrase] = cat
             by_length.setdefault(len(words), {})[words] = cat
+        if isinstance(self.non_objects, (str, bytes)) or not is_collection(self.non_objects):
+            raise TypeError("non_objects must be a collection of phrases, not a bare str")
+        blocked: set[str] = set()
+        for phrase in self.non_objects:
+            if not isinstance(phrase, str):
+                raise TypeError(f"non_objects entry {phrase!r} is not a str")
+            words = tuple(tokenize(phrase))
+            if not words:
+                raise ValueError(f"non_objects entry {phrase!r} contains no words")
+            if words in owner:
+                raise ValueError(f"{phrase!r} is both an object phrase and a non-object phrase")
+            by_length.setdefault(len(words), {})[words] = None  # type: ignore[assignment]
+            blocked.add(" ".join(words))
+        object.__setattr__(self, "non_objects", frozenset(blocked))
         object.__setattr__(self, "synonyms", types.MappingProxyType(clean))
         object.__setattr__(
             self,
@@ -176,7 +195,11 @@ class ObjectVocabulary:
 
     def __hash__(self) -> int:
         rel = None if self.related is None else frozenset(self.related.items())
-        return hash((frozenset(self.synonyms.items()), rel))
+        return hash((frozenset(self.synonyms.items()), rel, self.non_objects))
+
+    def n_words(self, text: str) -> int:
+        """The caption length CHAIR reports: ``len(tokenize(text))``."""
+        return len(tokenize(text))
 
     @property
     def categories(self) -> frozenset[str]:
@@ -219,7 +242,8 @@ class ObjectVocabulary:
         Words are :func:`tokenize` output.  For phrase lengths ``L`` from the
         longest down to 1, scan left to right; a window of ``L`` unconsumed
         words equal to a phrase becomes a :class:`Mention` and its words are
-        consumed.  Repeated mentions are all returned.
+        consumed (a non-object phrase consumes its words and yields no
+        mention).  Repeated mentions are all returned.
         """
         words = tokenize(text)
         n = len(words)
@@ -233,9 +257,10 @@ class ObjectVocabulary:
             while i + length <= n:
                 if not any(taken[i : i + length]):
                     window = tuple(words[i : i + length])
-                    cat = table.get(window)
-                    if cat is not None:
-                        found.append(Mention(" ".join(window), cat, i))
+                    if window in table:
+                        cat = table[window]
+                        if cat is not None:
+                            found.append(Mention(" ".join(window), cat, i))
                         for j in range(i, i + length):
                             taken[j] = True
                         i += length

@@ -42,8 +42,7 @@ def _files(run_dir):
 # ----------------------------------------------------------------------------------------------------------------
 # COCO CHAIR on a hand-made fixture
 # ----------------------------------------------------------------------------------------------------------------
-
-# Hand count (longest phrase first, every mention counted):
+# Hand count under the project's rules (chair_rules dleaf: longest phrase first, every mention counted):
 #   image 1, GT {dog, dining table} + captions {dog, dining table, person}:
 #     "Two dogs and a puppy sit near a table. A woman holds a knife. The dogs look happy and the dog is sleeping."
 #     mentions dogs puppy table woman knife dogs dog (7); objects {dog, dining table, person, knife}; H = {knife}
@@ -64,7 +63,7 @@ GENERATED = {
 def test_coco_chair_on_hand_made_fixture(tmp_path, write_coco):
     img_dir, inst, caps = write_coco(tmp_path)
     protocol = ev.load_protocol("coco_chair")
-    bench = coco.coco_chair_benchmark(protocol, img_dir, inst, caps, image_ids=[1, 2, 3])
+    bench = coco.coco_chair_benchmark(protocol, img_dir, inst, caps, image_ids=[1, 2, 3], chair_rules="dleaf")
     assert [it.truth for it in bench.items] == [{"dog", "dining table", "person"}, {"teddy bear", "bed"},
                                                 {"hot dog", "cup"}]
     rows = [{"id": k, "text": v} for k, v in GENERATED.items()]
@@ -149,23 +148,25 @@ def test_coco_id_rule_is_deterministic(tmp_path, write_coco):
 
 def test_pope_file_metrics_with_free_form_answers(tmp_path, write_pope):
     path, img_dir = write_pope(tmp_path)
-    bench = pope.pope_file_benchmark(ev.load_protocol("pope_file"), [path], img_dir)
+    bench = pope.pope_file_benchmark(ev.load_protocol("pope_file"), [path], img_dir, answer_rule="dleaf")
     assert bench.sections == ["coco_pope_random"]
     assert bench.items[0].prompt == "Is there a dog in the image?"
     answers = ["Yes, there is a dog.",            # present, yes  -> tp
                "There is no cat in the image.",   # absent, no    -> tn
-               "I don't see a car.",              # present, no   -> fn
+               "I don't see a car.",              # present, no   -> fn   (official rule: "don't" is no "not": tp)
                "Yes.",                            # absent, yes   -> fp
                "I think so, yes",                 # present, yes  -> tp
-               "Hmm, hard to tell"]               # absent, unparsed
+               "Hmm, hard to tell"]               # absent, unparsed      (official rule: no negative word: fp)
     rows = [{"id": it.id, "text": a} for it, a in zip(bench.items, answers)]
     m = ev.compute_metrics(bench, rows)["coco_pope_random"]
-    assert (m["tp"], m["fp"], m["tn"], m["fn"], m["n_unparsed"]) == (2, 1, 1, 1, 1)
-    assert m["accuracy"] == pytest.approx(3 / 6)
-    assert m["precision"] == pytest.approx(2 / 3)
-    assert m["recall"] == pytest.approx(2 / 3)
-    assert m["f1"] == pytest.approx(4 / 6)
-    assert m["yes_ratio"] == pytest.approx(3 / 6)
+    assert (m["answer_rule"], m["tp"], m["fp"], m["tn"], m["fn"], m["n_unparsed"]) == ("dleaf", 2, 1, 1, 1, 1)
+    assert [m[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")] == pytest.approx(
+        [3 / 6, 2 / 3, 2 / 3, 4 / 6, 3 / 6])
+    # the protocol's default, the official rule: tp 3, fp 2, tn 1, fn 0, nothing unparsed
+    o = ev.compute_metrics(pope.pope_file_benchmark(ev.load_protocol("pope_file"), [path], img_dir), rows)
+    o = o["coco_pope_random"]
+    assert (o["answer_rule"], o["tp"], o["fp"], o["tn"], o["fn"], o["n_unparsed"]) == ("pope_official", 3, 2, 1, 0, 0)
+    assert m["pope_official"] == {k: o[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
 
 
 def test_pope_file_bad_input(tmp_path, write_pope):

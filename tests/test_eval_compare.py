@@ -283,7 +283,12 @@ def test_section_metrics_and_item_scores_equal_the_metric_core():
     assert got["c"] == {"kind": "caption", **metrics.chair([texts["c/0"], texts["c/1"]],
                                                            [{"dog", "cup"}, ["cat"]], bench.vocab).as_dict()}
     pope = metrics.pope(["yes", "yes , there is", "hmm"], [True, False, True])
-    assert got["y"] == {"kind": "yesno", **pope.as_dict()}
+    official = metrics.pope(["yes", "yes , there is", "hmm"], [True, False, True], "pope_official").as_dict()
+    # the project's rule (a benchmark's default) and, beside it, what the official rule counts ("hmm" is a yes)
+    assert got["y"] == {"kind": "yesno", **pope.as_dict(),
+                        "pope_official": {k: official[k] for k in ("accuracy", "precision", "recall", "f1",
+                                                                   "yes_ratio")}}
+    assert got["y"]["pope_official"]["yes_ratio"] == 1.0 and got["y"]["yes_ratio"] == pytest.approx(2 / 3)
     assert scores.compute_metrics(bench, {r["id"]: r for r in rows}) == got  # rows by id work too
     items = scores.item_scores(bench, rows)
     assert items[0] == {"id": "c/0", "section": "c", "kind": "caption", "n_words": 5, "n_mentions": 2,

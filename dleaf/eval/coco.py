@@ -1,6 +1,11 @@
 """CHAIR on COCO val2014: captions of a fixed list of image ids, scored against each image's ground-truth objects
-(from the instance annotations and the object words of its reference captions) with the CHAIR synonym table
-(``data/coco/chair_synonyms.yaml``: the 80 COCO categories, their synonyms, double words and plurals).
+(from the instance annotations and the object words of its reference captions).
+
+Object words are found by one of two rule sets (``chair_rules``): ``reference`` (the default from protocol version
+2: exactly the CHAIR script published tables use, :mod:`dleaf.eval.chair_reference`) or ``dleaf`` (the project's own
+synonym table, ``data/coco/chair_synonyms.yaml``: the 80 COCO categories, their synonyms, double words, plurals and
+non-object phrases, matched longest first; ``docs/chair.md`` lists how the two differ). The same rules read the
+generated captions and the reference captions that are part of the ground truth.
 
 The benchmark ``coco_chair`` (one section, ``val2014``; ids ``val2014/<image id>``) needs the user's COCO files: the
 val2014 image folder (``coco_images``), ``instances_val2014.json`` (``coco_instances``) and, when the protocol takes
@@ -63,8 +68,14 @@ def plural_forms(phrase: str, irregular: dict[str, Sequence[str]] | None = None,
     return [" ".join(words[:k] + [f] + words[k + 1:]) for f in forms if f != w]
 
 
+#: the rule sets a COCO CHAIR run can find object words with
+CHAIR_RULES = ("reference", "dleaf")
+
+
 def coco_vocabulary(path: str | os.PathLike | None = None) -> metrics.ObjectVocabulary:
-    """The COCO CHAIR vocabulary: every phrase of the synonym table (and its plurals) -> its COCO category."""
+    """The project's COCO CHAIR vocabulary (``chair_rules="dleaf"``): every phrase of the synonym table (and its
+    plurals) -> its COCO category; with each animal category's phrases after ``qualifiers.words`` ("baby elephant"
+    is an elephant, not a person) and ``non_objects`` phrases that name no object ("train track")."""
     path = Path(path) if path is not None else data_path("coco", "chair_synonyms.yaml")
     data = read_yaml(path, "COCO synonym table")
     cats = data.get("categories") if isinstance(data, dict) else None
@@ -72,17 +83,51 @@ def coco_vocabulary(path: str | os.PathLike | None = None) -> metrics.ObjectVoca
         raise InputError(f"COCO synonym table {path} needs a non-empty 'categories' mapping")
     irregular = data.get("irregular_plurals") or {}
     same = data.get("same_plural") or []
+    qualifiers = data.get("qualifiers") or {}
+    if not isinstance(qualifiers, dict) or not set(qualifiers) <= {"words", "categories"}:
+        raise InputError(f"COCO synonym table {path}: 'qualifiers' must be a mapping with 'words' and 'categories'")
+    unknown = [c for c in qualifiers.get("categories", []) if c not in cats]
+    if unknown:
+        raise InputError(f"COCO synonym table {path}: qualifiers.categories names {unknown[0]!r}, which is not a "
+                         f"category of the table")
     synonyms: dict[str, str] = {}
+
+    def add(form: str, cat: str) -> None:
+        prev = synonyms.setdefault(form, cat)
+        if prev != cat:
+            raise InputError(f"COCO synonym table {path}: {form!r} is listed (or generated as a "
+                             f"plural) under both {prev!r} and {cat!r}")
+
     for cat, phrases in cats.items():
         if not isinstance(phrases, list) or not all(isinstance(p, str) for p in phrases):
             raise InputError(f"COCO synonym table {path}: category {cat!r} must list phrases (strings)")
         for phrase in [cat, *phrases]:
             for form in [phrase, *plural_forms(phrase, irregular, same)]:
-                prev = synonyms.setdefault(form, cat)
-                if prev != cat:
-                    raise InputError(f"COCO synonym table {path}: {form!r} is listed (or generated as a "
-                                               f"plural) under both {prev!r} and {cat!r}")
-    return metrics.ObjectVocabulary(synonyms)
+                add(form, cat)
+    for cat in qualifiers.get("categories", []):
+        for phrase in [cat, *cats[cat]]:
+            for word in qualifiers.get("words", []):
+                for form in [phrase, *plural_forms(phrase, irregular, same)]:
+                    add(f"{word} {form}", cat)
+    non_objects: set[str] = set()
+    for phrase in data.get("non_objects") or []:
+        if not isinstance(phrase, str):
+            raise InputError(f"COCO synonym table {path}: non_objects must list phrases (strings)")
+        non_objects.update([phrase, *plural_forms(phrase, irregular, same)])
+    return metrics.ObjectVocabulary(synonyms, non_objects=frozenset(non_objects))
+
+
+def chair_vocabulary(protocol: Protocol, rules: str | None = None) -> metrics.ObjectVocabulary:
+    """The vocabulary of a COCO CHAIR run: ``rules`` (else the protocol's ``chair_rules``, else ``dleaf``, the rule of
+    protocol version 1)."""
+    rules = rules or protocol.get("chair_rules", "dleaf")
+    if rules == "reference":
+        from .chair_reference import reference_vocabulary
+
+        return reference_vocabulary(protocol.get("reference_rules", "coco/chair_reference.yaml"))
+    if rules == "dleaf":
+        return coco_vocabulary(data_path(protocol["synonyms"]))
+    raise InputError(f"--chair_rules must be one of {', '.join(CHAIR_RULES)}, got {rules!r}")
 
 
 def _coco_table(path: Path, data: Any, key: str, fields: Sequence[str]) -> list[dict]:
@@ -186,10 +231,12 @@ def coco_id_list(protocol: Protocol, annotations: CocoAnnotations) -> tuple[list
 
 def coco_chair_benchmark(protocol: Protocol, images: str | os.PathLike, instances: str | os.PathLike,
                          captions: str | os.PathLike | None, limit: int | None = None,
-                         image_ids: Sequence[int] | None = None) -> Benchmark:
+                         image_ids: Sequence[int] | None = None, chair_rules: str | None = None) -> Benchmark:
     """COCO CHAIR: captions of the protocol's image ids (or ``image_ids``, or the first ``limit``), ground truth
-    from instances and reference captions; section ``val2014``, ids ``val2014/<image id>``."""
-    vocab = coco_vocabulary(data_path(protocol["synonyms"]))
+    from instances and reference captions, object words by ``chair_rules`` (default: the protocol's); section
+    ``val2014``, ids ``val2014/<image id>``."""
+    rules = chair_rules or protocol.get("chair_rules", "dleaf")
+    vocab = chair_vocabulary(protocol, rules)
     sources = protocol.get("ground_truth", ["instances", "captions"])
     if "captions" in sources and captions is None:
         raise InputError(f"protocol {protocol.path} takes ground truth from reference captions: "
@@ -211,7 +258,8 @@ def coco_chair_benchmark(protocol: Protocol, images: str | os.PathLike, instance
     items = [Item(f"val2014/{i}", "val2014", "caption", protocol["prompt"], lambda p=p: load_image(p),
                   ann.ground_truth(i, sources)) for i, p in zip(ids, paths)]
     digest = hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
-    return Benchmark("coco_chair", protocol, items, vocab, {"image_ids": source, "image_ids_sha256": digest})
+    return Benchmark("coco_chair", protocol, items, vocab, {"image_ids": source, "image_ids_sha256": digest},
+                     scoring={"chair_rules": rules})
 
 
 def write_coco_ids(instances: str | os.PathLike, path: str | os.PathLike, protocol: str = "coco_chair") -> list[int]:
@@ -220,7 +268,7 @@ def write_coco_ids(instances: str | os.PathLike, path: str | os.PathLike, protoc
     from .protocol import load_protocol
 
     proto = load_protocol(protocol)
-    ann = load_coco_annotations(instances, None, coco_vocabulary(data_path(proto["synonyms"])))
+    ann = load_coco_annotations(instances, None, chair_vocabulary(proto))
     spec = proto["image_ids"]
     ids = select_coco_ids(ann, int(spec["n"]), int(spec["seed"]))
     header = (f"# COCO val2014 image ids of protocol {proto.name} v{proto.version}: sorted ids with an instance "
@@ -231,13 +279,15 @@ def write_coco_ids(instances: str | os.PathLike, path: str | os.PathLike, protoc
 
 def _build(protocol, options: Mapping[str, Any], limit: int | None) -> Benchmark:
     return coco_chair_benchmark(protocol, options["coco_images"], options["coco_instances"],
-                                options.get("coco_captions"), limit)
+                                options.get("coco_captions"), limit, chair_rules=options.get("chair_rules"))
 
 
 register_benchmark(BenchmarkSpec(
     name="coco_chair", kind="caption", build=_build,
     protocol_keys=("image_ids", "synonyms", "prompt", "max_new_tokens"),
     options={"coco_images": "folder of the val2014 images", "coco_instances": "instances_val2014.json",
-             "coco_captions": "captions_val2014.json (reference captions, part of the ground truth)"},
+             "coco_captions": "captions_val2014.json (reference captions, part of the ground truth)",
+             "chair_rules": "how object words are found: reference (the CHAIR script published tables use; the "
+                            "protocol's default) or dleaf (the project's synonym table)"},
     required=("coco_images", "coco_instances"),
     description="CHAIR on COCO val2014 (your images and annotation files)"))

@@ -204,7 +204,9 @@ def comparison_table(run_dirs: Sequence[str | os.PathLike], paired: bool = False
         proto = res["protocol"]
         ptxt = f"{proto['name']} v{proto['version']}" + (" *" if proto.get("overrides") else "")
         for section, m in res["sections"].items():
-            lead = f"| {name} | {method_label(res['run'])} | {section} | {ptxt} |"
+            rule = m.get("chair_rules") or m.get("answer_rule")
+            rtxt = f" ({rule})" if rule and (m.get("chair_rules") or rule != "dleaf") else ""
+            lead = f"| {name} | {method_label(res['run'])} | {section} | {ptxt}{rtxt} |"
             d = diffs.get(k, {}).get(section, {})
             if m["kind"] == "caption":
                 chair_rows.append(

@@ -37,14 +37,17 @@ class Item:
 
 @dataclasses.dataclass
 class Benchmark:
-    """The items of one benchmark in protocol order, the vocabulary its captions are scored with, and what it
-    records about its inputs (``info``)."""
+    """The items of one benchmark in protocol order, the vocabulary its captions are scored with, what it records
+    about its inputs (``info``) and the rules its answers are scored by (``scoring``)."""
 
     name: str
     protocol: Any  # dleaf.eval.protocol.Protocol
     items: list[Item]
     vocab: metrics.ObjectVocabulary | None = None
     info: dict = dataclasses.field(default_factory=dict)
+    #: how its answers are scored, recorded with every result: ``chair_rules`` (caption benchmarks with COCO's
+    #: vocabulary) or ``answer_rule`` (yes/no benchmarks; :data:`dleaf.metrics.ANSWER_RULES`, default ``dleaf``)
+    scoring: dict = dataclasses.field(default_factory=dict)
 
     @property
     def ids(self) -> list[str]:

@@ -46,7 +46,8 @@ CONFIG = "config.json"
 DECODINGS = STRATEGIES
 _SHARD_RE = re.compile(r"^generations\.shard-(\d+)-of-(\d+)\.jsonl$")
 #: the harness arguments a benchmark may read as its options (see BenchmarkSpec.options)
-OPTION_FIELDS = ("splits", "negatives", "coco_images", "coco_instances", "coco_captions", "pope_files", "pope_images")
+OPTION_FIELDS = ("splits", "negatives", "coco_images", "coco_instances", "coco_captions", "chair_rules", "pope_files",
+                 "pope_images", "pope_answer_rule")
 
 
 def _field(default=None, help: str = "", **kw):
@@ -88,6 +89,12 @@ class EvalArguments:
     coco_captions: str | None = _field(None, "coco_chair: captions_val2014.json")
     pope_files: list[str] = _field(default_factory=list, help="pope_file: POPE question files")
     pope_images: str | None = _field(None, "pope_file: folder of the POPE images")
+    chair_rules: str | None = _field(None, "coco_chair: how object words are found: reference (the CHAIR script "
+                                           "published tables use; the protocol's default) or dleaf (the project's "
+                                           "synonym table)")
+    pope_answer_rule: str | None = _field(None, "pope_file: how answers are read: pope_official (the POPE "
+                                                "repository's rule; the protocol's default) or dleaf (the project's "
+                                                "stricter parser)")
     batch_size: int = _field(16, "prompts per generate call")
     dtype: str = _field("float32", "float32, bfloat16, float16 or auto")
     attn_implementation: str | None = _field(None, "attention implementation to load the model with (default: "
@@ -175,6 +182,7 @@ def run_config(args: EvalArguments, benchmark: Benchmark) -> dict:
         "sections": benchmark.sections,
         "n_items": len(benchmark.items),
         "inputs": benchmark.info,
+        **({"scoring": benchmark.scoring} if benchmark.scoring else {}),
         "model": args.model,
         "adapter": args.adapter,
         **setting.record(),

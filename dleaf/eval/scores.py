@@ -3,7 +3,10 @@
 
 Per item, a caption row holds ``n_words``, ``n_mentions``, ``n_hallucinated_mentions``, the ``hallucinated`` and
 ``grounded`` categories it names and ``n_truth`` (the size of its ground-truth set); a yes/no row holds ``label``
-(the truth) and ``answer`` (``true`` yes, ``false`` no, ``null`` unparsed).
+(the truth) and ``answer`` (``true`` yes, ``false`` no, ``null`` unparsed), parsed by the benchmark's answer rule
+(``Benchmark.scoring["answer_rule"]``, :func:`dleaf.metrics.parse_answer`). Section metrics carry the scoring rules
+(``chair_rules``, ``answer_rule``); a yes/no section scored by another rule than the official POPE one also gives
+the official rule's numbers (``pope_official``).
 """
 
 from __future__ import annotations
@@ -34,9 +37,16 @@ def compute_metrics(benchmark: Benchmark, rows: Mapping[str, dict] | Sequence[di
     for section, items, texts in _section_items(benchmark, rows):
         if items[0].kind == "caption":
             res = metrics.chair(texts, [it.truth for it in items], benchmark.vocab)
+            out[section] = {"kind": "caption", **res.as_dict(), **benchmark.scoring}
         else:
-            res = metrics.pope(texts, [it.truth for it in items])
-        out[section] = {"kind": items[0].kind, **res.as_dict()}
+            rule = benchmark.scoring.get("answer_rule", "dleaf")
+            labels = [it.truth for it in items]
+            out[section] = {"kind": "yesno", **metrics.pope(texts, labels, rule).as_dict()}
+            if rule != "pope_official":
+                # what the official rule counts (every answer a yes or a no), beside the run's own rule
+                official = metrics.pope(texts, labels, "pope_official").as_dict()
+                out[section]["pope_official"] = {k: official[k] for k in
+                                                 ("accuracy", "precision", "recall", "f1", "yes_ratio")}
     return out
 
 
@@ -53,7 +63,8 @@ def item_scores(benchmark: Benchmark, rows: Mapping[str, dict] | Sequence[dict])
                             "hallucinated": sorted(pc.hallucinated),
                             "grounded": sorted(pc.mentioned - pc.hallucinated), "n_truth": len(set(it.truth))})
         else:
+            rule = benchmark.scoring.get("answer_rule", "dleaf")
             for it, text in zip(items, texts):
                 out.append({"id": it.id, "section": section, "kind": "yesno", "label": bool(it.truth),
-                            "answer": metrics.parse_yes_no(text)})
+                            "answer": metrics.parse_answer(text, rule)})
     return out
