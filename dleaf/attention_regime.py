@@ -1,0 +1,406 @@
+"""The attention regime of a vision-language decoder: per layer, how its generated rows spread their attention over
+the keys, the image tokens among them and, at object words, the object's own image tokens.
+
+Four regimes are known from real checkpoints (LLaVA-1.5 and its kin) and judged here: an attention **sink** (one
+text key, usually the first token, takes a large share of every row's attention from the second or third layer
+on), an **image-attention deficit** (the image tokens get far less attention than their share of the keys),
+**visual sinks** (a few image tokens take much of the image attention, the same ones row after row), and
+**grounding heads** (heads that, at an object word, look at the object's own image tokens). The statistics are
+pure functions of one layer's post-softmax attention ``(..., H, Q, K)`` (the notation of
+:mod:`dleaf.attention_stats`); :func:`regime_records` runs them on any model with eager attention, teacher-forced on
+its own replies; :func:`regime_table` summarises them per layer (median and 10th and 90th percentiles) and
+:func:`regime_targets` judges the four regimes.
+
+Per generated row ``q`` (a row that predicts a reply token), with ``a[h, q, k]`` the attention of head ``h``,
+``I`` the image keys, ``V(q)`` the keys row ``q`` may attend to (causal, not padding) and ``p[h, q]`` head ``h``'s
+image profile (its image attention renormalised to sum to 1):
+
+* ``sink``: ``max_{k in V(q) \\ I} mean_h a[h, q, k]``, the largest head-mean weight any single non-image key
+  receives; ``sink_head``: ``max_h max_{k not in I} a[h, q, k]``, the same for the most concentrated head;
+* ``first``: ``mean_h a[h, q, k0]``, the head-mean weight on the first key the row may attend to (``<s>`` where
+  the tokenizer adds one), beside ``uniform``: ``1 / |V(q)|``, what any key would get under uniform attention;
+* ``mass_ratio``: ``mean_h sum_{i in I} a[h, q, i]`` divided by ``|I| / |V(q)|``: 1 is attention spread evenly
+  over the keys, below 1 a deficit of image attention;
+* ``top_share``: ``mean_h max_i p[h, q, i]``, the top image token's share of a head's image mass (``1 / |I|`` when
+  the profile is uniform); per head the top token ``argmax_i p[h, q, i]`` (index among the image tokens);
+* ``liae``: the normalised LIAE, ``H(mean_h p[h, q]) / log |I|`` (1 = uniform over the image tokens), and
+  ``head_entropy[h]``: ``H(p[h, q]) / log |I|`` per head;
+* per caption, ``consistency``: for each head the share of the caption's rows whose top image token is the
+  caption's modal top token for that head, averaged over heads (1 = the same image token on top at every row);
+* at a row predicting the first token of a grounded object word with a known region ``R`` (image tokens of the
+  object), ``region[h]``: ``sum_{i in R} p[h, q, i]``, head ``h``'s share of its image mass on the object, beside
+  ``chance``: ``|R| / |I|``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .attention_stats import entropy, image_profile, layer_entropy
+
+__all__ = ["ROW_STATS", "THRESHOLDS", "middle_layers", "key_mask", "key_share", "sink_weights", "key_weight",
+           "mass_ratio", "top_image", "head_entropy", "region_share", "top_consistency", "summarize",
+           "regime_records", "regime_table", "regime_targets", "regime_markdown", "box_tokens", "eager_attention",
+           "REGIME_INTRO"]
+
+#: Per-row, per-layer statistics of :func:`regime_records` (module docstring).
+ROW_STATS = ("sink", "sink_head", "first", "uniform", "mass_ratio", "top_share", "liae")
+
+#: The issue's thresholds for the four regimes (:func:`regime_targets`).
+THRESHOLDS = {"sink": 0.30, "sink_from_layer": 2, "deficit": 0.5, "visual_sink_share": 0.2,
+              "visual_sink_consistency": 0.7, "grounding": 0.5}
+
+
+def middle_layers(n_layers: int) -> list[int]:
+    """The middle layers of an ``n_layers``-layer decoder: layers ``l`` (from 0) with ``L/4 <= l < 3L/4``, the
+    middle half (layers 2-4 of 6, 8-23 of 32)."""
+    if n_layers <= 0:
+        raise ValueError(f"n_layers must be positive, got {n_layers}")
+    return [l for l in range(n_layers) if n_layers <= 4 * l < 3 * n_layers] or [n_layers // 2]
+
+
+def key_mask(valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The keys each row may attend to: ``valid`` (``(K,)``, False at padding) and causal (key index <= row
+    index); shape ``(Q, K)`` for ``rows`` of shape ``(Q,)`` (absolute positions)."""
+    k = torch.arange(valid.shape[-1], device=valid.device)
+    return valid.bool()[None, :] & (k[None, :] <= rows[:, None])
+
+
+def key_share(image_mask: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The image tokens' share of the keys each row may attend to: ``|I & V(q)| / |V(q)|``; ``image_mask``
+    ``(K,)``, ``keys`` ``(..., Q, K)``; returns ``(..., Q)``."""
+    n = keys.sum(-1).clamp(min=1)
+    return (keys & image_mask).sum(-1).to(torch.float64) / n.to(torch.float64)
+
+
+def sink_weights(attn: torch.Tensor, image_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sink, sink_head)`` per row, shape ``(..., Q)``: the largest head-mean weight on a single non-image key,
+    and the largest weight any head puts on a single non-image key."""
+    neg = torch.tensor(-1.0, dtype=attn.dtype, device=attn.device)
+    text = ~image_mask
+    mean = torch.where(text, attn.mean(-3), neg).amax(-1)
+    head = torch.where(text, attn, neg).amax(-1).amax(-2)
+    return mean, head
+
+
+def key_weight(attn: torch.Tensor, index: int) -> torch.Tensor:
+    """The head-mean weight every row puts on key ``index``, shape ``(..., Q)``."""
+    return attn[..., index].mean(-2)
+
+
+def mass_ratio(attn: torch.Tensor, image_mask: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Head-mean image mass over the image tokens' share of the keys (:func:`key_share`), shape ``(..., Q)``."""
+    mass = torch.where(image_mask, attn, torch.zeros((), dtype=attn.dtype, device=attn.device)).sum(-1).mean(-2)
+    return mass.to(torch.float64) / key_share(image_mask, keys).clamp(min=1e-12)
+
+
+def top_image(attn: torch.Tensor, image_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head and row, the top image token's share of the head's image mass and its index among the image tokens
+    (0 for the first image key), both ``(..., H, Q)``; ``image_mask`` is ``(K,)``."""
+    p = image_profile(attn, image_mask, check=False)[..., image_mask]
+    share, idx = p.max(-1)
+    return share, idx
+
+
+def head_entropy(attn: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+    """Normalised entropy of each head's image profile, ``H(p[h, q]) / log |I|``, shape ``(..., H, Q)``."""
+    n = int(image_mask.sum())
+    p = image_profile(attn, image_mask, check=False)
+    return entropy(p, dim=-1) / math.log(n) if n > 1 else torch.zeros(p.shape[:-1], dtype=attn.dtype)
+
+
+def region_share(attn: torch.Tensor, image_mask: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Each head's share of its image mass on the image keys in ``region`` (bool ``(K,)`` or ``(..., Q, K)``, only
+    image keys count), shape ``(..., H, Q)``."""
+    p = image_profile(attn, image_mask, check=False)
+    region = (region & image_mask).unsqueeze(-3) if region.dim() > 1 else region & image_mask
+    return torch.where(region, p, torch.zeros((), dtype=p.dtype, device=p.device)).sum(-1)
+
+
+def top_consistency(top: torch.Tensor) -> float:
+    """For top image tokens ``(H, R)`` (each head's top token at each of a caption's rows): per head the share of
+    rows whose top token is the head's modal one, averaged over heads."""
+    if top.shape[-1] == 0:
+        return math.nan
+    shares = [float(torch.bincount(t.long()).max()) / t.shape[0] for t in top]
+    return float(np.mean(shares))
+
+
+def summarize(values) -> dict:
+    """``median``, ``p10``, ``p90`` (linear interpolation, NaNs left out) and ``n`` of a set of values."""
+    x = np.asarray(values, dtype=float).ravel()
+    x = x[~np.isnan(x)]
+    if not len(x):
+        return {"median": math.nan, "p10": math.nan, "p90": math.nan, "n": 0}
+    p10, med, p90 = np.percentile(x, [10, 50, 90])
+    return {"median": float(med), "p10": float(p10), "p90": float(p90), "n": int(len(x))}
+
+
+@contextlib.contextmanager
+def eager_attention(model):
+    """Run ``model`` with eager attention inside the block (attention weights exist only there), restoring its own
+    implementation afterwards."""
+    before = getattr(model.config, "_attn_implementation", None)
+    if before == "eager" or not hasattr(model, "set_attn_implementation"):
+        yield model
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(before)
+
+
+def _image_token_id(model) -> int:
+    for key in ("image_token_id", "image_token_index"):
+        value = getattr(model.config, key, None)
+        if value is not None:
+            return int(value)
+    raise ValueError("the model's config names no image token (image_token_id / image_token_index); pass "
+                     "image_token_id")
+
+
+@torch.no_grad()
+def regime_records(model, processor, images: Sequence, prompts: Sequence[str], replies: Sequence[str],
+                   truths: Sequence[Sequence[str]] | None = None, vocab=None,
+                   regions: Sequence[Mapping[str, Sequence[int]]] | None = None, batch_size: int = 8,
+                   image_token_id: int | None = None, progress: Callable | None = None) -> dict:
+    """The regime statistics of caption replies, teacher-forced in one eager forward pass per batch over the prompt
+    and the reply (the attention the model had while generating them).
+
+    ``regions[i]`` maps an object category to its image tokens in sample ``i`` (indices among the image tokens, in
+    order); with ``truths`` and ``vocab`` (:class:`dleaf.metrics.ObjectVocabulary`) the rows predicting the first
+    token of a grounded mention whose category has a region give the grounding records.
+
+    Returns ``rows``: per :data:`ROW_STATS` name an array ``(R, L)`` over every generated row, ``head_entropy``
+    ``(R, L, H)``, ``caption`` (sample index per row); ``consistency`` ``(C, L)`` per caption with at least two rows;
+    ``grounding``: ``region`` ``(G, L, H)``, ``chance`` ``(G,)``, ``word`` and ``sample`` per grounded row."""
+    from .models import teacher_forced_inputs
+    from .premise_check import mention_token_spans
+
+    if not len(images) == len(prompts) == len(replies):
+        raise ValueError(f"images, prompts and replies differ in length: {len(images)}, {len(prompts)}, "
+                         f"{len(replies)}")
+    if (regions is not None) and (truths is None or vocab is None or len(regions) != len(images)):
+        raise ValueError("regions need truths and a vocabulary, one region map per image")
+    image_id = _image_token_id(model) if image_token_id is None else int(image_token_id)
+    tok = getattr(processor, "tokenizer", processor)
+    rows: dict[str, list] = {k: [] for k in ROW_STATS + ("head_entropy", "caption")}
+    consistency, ground = [], {"region": [], "chance": [], "word": [], "sample": []}
+    steps = range(0, len(images), batch_size)
+    with eager_attention(model):
+        for start in (progress(steps) if progress else steps):
+            sl = slice(start, start + batch_size)
+            full, n, reply_ids = teacher_forced_inputs(processor, prompts[sl], images[sl], replies[sl], model)
+            out = model(**full, output_attentions=True, use_cache=False)
+            attns = out.attentions
+            for i, r in enumerate(reply_ids):
+                if not r:
+                    continue
+                sample = start + i
+                ids, valid = full["input_ids"][i], full["attention_mask"][i].bool()
+                image_mask = (ids == image_id) & valid
+                if not bool(image_mask.any()):
+                    raise ValueError(f"sample {sample} has no image tokens (image token id {image_id})")
+                q = torch.arange(n - 1, n - 1 + len(r), device=ids.device)
+                keys = key_mask(valid, q)
+                first = int(valid.nonzero()[0])
+                stats = {k: [] for k in ROW_STATS}
+                ent, tops = [], []
+                for a in attns:
+                    a = a[i][:, q, :].float()  # (H, R, K)
+                    sink, sink_head = sink_weights(a, image_mask)
+                    share, top = top_image(a, image_mask)
+                    stats["sink"].append(sink)
+                    stats["sink_head"].append(sink_head)
+                    stats["first"].append(key_weight(a, first))
+                    stats["uniform"].append(1.0 / keys.sum(-1).double())
+                    stats["mass_ratio"].append(mass_ratio(a, image_mask, keys))
+                    stats["top_share"].append(share.mean(0))
+                    stats["liae"].append(layer_entropy(a, image_mask, normalize=True, check=False))
+                    ent.append(head_entropy(a, image_mask))
+                    tops.append(top)
+                for k in ROW_STATS:
+                    rows[k].append(torch.stack(stats[k], -1).double().cpu().numpy())
+                rows["head_entropy"].append(torch.stack(ent, 0).permute(2, 0, 1).double().cpu().numpy())
+                rows["caption"].append(np.full(len(r), sample))
+                if len(r) >= 2:
+                    consistency.append([top_consistency(t.cpu()) for t in tops])
+                if regions is None:
+                    continue
+                truth, reg = set(truths[sample]), regions[sample]
+                n_img = int(image_mask.sum())
+                img_pos = image_mask.nonzero().squeeze(-1)
+                for j, _, m in mention_token_spans(tok, r, vocab):
+                    if m.category not in truth or m.category not in reg:
+                        continue
+                    region = torch.zeros_like(image_mask)
+                    region[img_pos[torch.as_tensor(list(reg[m.category]), device=ids.device)]] = True
+                    qj = torch.tensor([n - 1 + j], device=ids.device)
+                    ground["region"].append(np.stack(
+                        [region_share(a[i][:, qj, :].float(), image_mask, region)[:, 0].double().cpu().numpy()
+                         for a in attns]))
+                    ground["chance"].append(len(reg[m.category]) / n_img)
+                    ground["word"].append(m.category)
+                    ground["sample"].append(sample)
+    cat = (lambda xs: np.concatenate(xs, 0) if xs else np.zeros((0,)))
+    return {"rows": {k: cat(v) for k, v in rows.items()},
+            "consistency": np.asarray(consistency, dtype=float),
+            "grounding": {"region": np.asarray(ground["region"], dtype=float),
+                          "chance": np.asarray(ground["chance"], dtype=float),
+                          "word": ground["word"], "sample": ground["sample"]},
+            "n_captions": len(images)}
+
+
+def regime_table(records: dict) -> dict:
+    """Per layer, :func:`summarize` of every statistic over the generated rows (``consistency`` over captions,
+    ``region`` over grounded rows), with per-head detail: ``head_entropy`` pooled over (row, head) pairs and the
+    most focused head (lowest median); ``top_share_best_head`` (highest median top share); for grounding, the best
+    head (highest median ``region``) and the row-wise best head (``max_h region[h]`` at each row)."""
+    r = records["rows"]
+    n_layers = r["sink"].shape[1] if r["sink"].ndim == 2 else 0
+    layers = []
+    g = records["grounding"]
+    for l in range(n_layers):
+        row = {"layer": l, **{k: summarize(r[k][:, l]) for k in ROW_STATS}}
+        ent = r["head_entropy"][:, l, :]
+        row["head_entropy"] = summarize(ent)
+        medians = np.nanmedian(ent, 0)
+        h = int(np.argmin(medians))
+        row["head_entropy_min_head"] = {"head": h, **summarize(ent[:, h])}
+        row["consistency"] = summarize(records["consistency"][:, l]) if len(records["consistency"]) else summarize([])
+        if len(g["region"]):
+            reg = g["region"][:, l, :]
+            h = int(np.argmax(np.median(reg, 0)))
+            row["grounding_head"] = {"head": h, **summarize(reg[:, h])}
+            row["grounding_rowmax"] = summarize(reg.max(-1))
+        layers.append(row)
+    out = {"n_layers": n_layers, "middle_layers": middle_layers(n_layers) if n_layers else [],
+           "n_rows": int(r["sink"].shape[0]) if n_layers else 0, "n_captions": records.get("n_captions", 0),
+           "n_grounded": int(len(g["region"])), "layers": layers}
+    if len(g["chance"]):
+        out["grounding_chance"] = float(np.mean(g["chance"]))
+    return out
+
+
+def regime_targets(table: dict) -> list[dict]:
+    """The four regimes judged on a :func:`regime_table` (``THRESHOLDS``; middle layers: :func:`middle_layers`):
+
+    * sink: in some layer from the third (index 2) on, the median ``sink`` >= 0.30;
+    * image-attention deficit: in every middle layer, the median ``mass_ratio`` <= 0.5;
+    * visual sinks: in some middle layer, the median ``top_share`` >= 0.2 and the median ``consistency`` >= 0.7;
+    * grounding heads: in some middle layer, a head whose median ``region`` share >= 0.5 (not judged without
+      grounded rows with regions).
+
+    Each entry: ``target``, ``measured`` (text), ``met`` (True, False, or None when not judged)."""
+    t, layers = THRESHOLDS, {row["layer"]: row for row in table["layers"]}
+    mid = table["middle_layers"]
+    span = f"layers {mid[0]}-{mid[-1]}" if mid else "no layers"
+    out = []
+    late = [l for l in layers if l >= t["sink_from_layer"]]
+    best = max(late, key=lambda l: layers[l]["sink"]["median"], default=None)
+    out.append({"target": f"sink: some key receives >= {t['sink']:.0%} of the attention (head mean, median over "
+                          f"rows) in some layer from layer {t['sink_from_layer']} on",
+                "measured": "no such layers" if best is None else
+                f"largest median {layers[best]['sink']['median']:.3f} (layer {best})",
+                "met": None if best is None else layers[best]["sink"]["median"] >= t["sink"]})
+    ratios = [layers[l]["mass_ratio"]["median"] for l in mid]
+    out.append({"target": f"image-attention deficit: median image mass / image share of keys <= {t['deficit']} "
+                          f"in every middle layer ({span})",
+                "measured": ", ".join(f"L{l} {x:.3f}" for l, x in zip(mid, ratios)),
+                "met": bool(ratios) and all(x <= t["deficit"] for x in ratios)})
+    share = [(l, layers[l]["top_share"]["median"], layers[l]["consistency"]["median"]) for l in mid]
+    out.append({"target": f"visual sinks: in some middle layer ({span}) the top image token's median share of "
+                          f"image mass >= {t['visual_sink_share']} and the same top token in >= "
+                          f"{t['visual_sink_consistency']:.0%} of a caption's rows (median over captions)",
+                "measured": ", ".join(f"L{l} {s:.3f} / {c:.0%}" for l, s, c in share),
+                "met": any(s >= t["visual_sink_share"] and c >= t["visual_sink_consistency"] for _, s, c in share)})
+    heads = [(l, layers[l]["grounding_head"]) for l in mid if "grounding_head" in layers[l]]
+    top = max(heads, key=lambda x: x[1]["median"], default=None)
+    out.append({"target": f"grounding heads: some middle-layer ({span}) head puts a median >= "
+                          f"{t['grounding']} of its image mass on the object's own image tokens",
+                "measured": "no grounded rows with object regions" if top is None else
+                f"best L{top[0]} head {top[1]['head']}: {top[1]['median']:.3f} (chance "
+                f"{table.get('grounding_chance', math.nan):.3f})",
+                "met": None if top is None else top[1]["median"] >= t["grounding"]})
+    return out
+
+
+REGIME_INTRO = (
+    "Teacher-forced on the model's own greedy captions (eager attention), at every generated row (a row that predicts "
+    "a reply token); per layer the median [10th, 90th percentile] over rows. *sink*: the largest head-mean weight on "
+    "one non-image key; *per-head sink*: the largest weight any head puts on one non-image key; *first key*: the "
+    "head-mean weight on the first token (`<s>`), beside *uniform*, 1 / the number of keys the row sees; *mass / "
+    "share*: head-mean image mass over the image tokens' share of the keys (1 = uniform, below 1 a deficit); *top "
+    "share*: the top image token's share of a head's image mass, head mean (uniform: 1 / image tokens); *same top*: "
+    "per caption, the share of its rows whose top image token is the caption's most frequent one, per head and "
+    "averaged over heads (median over captions); *LIAE*: entropy of the head-mixed image profile over log(image "
+    "tokens); *head entropy*: the same per head, pooled over (row, head) pairs, and the most focused head's; "
+    "*grounding*: at rows predicting a grounded object word, the share of a head's image mass on the object's own "
+    "image tokens, for the head with the highest median in the layer (and the best head of each row). Middle layers "
+    "are layers l with L/4 <= l < 3L/4 (from 0).")
+
+
+def _cell(s: dict, digits: int = 3) -> str:
+    if not s or s.get("n", 0) == 0:
+        return "-"
+    return f"{s['median']:.{digits}f} [{s['p10']:.{digits}f}, {s['p90']:.{digits}f}]"
+
+
+def regime_markdown(table: dict, heading: str = "###", name: str = "") -> str:
+    """The regime tables and judged targets of a :func:`regime_table` as markdown."""
+    title = f"{heading} Attention regime" + (f", {name}" if name else "")
+    lines = [title, "", f"{table['n_rows']} generated rows of {table['n_captions']} captions; "
+             f"{table['n_grounded']} grounded object rows with object regions"
+             + (f" (chance share {table['grounding_chance']:.3f})" if "grounding_chance" in table else "")
+             + f"; middle layers {', '.join(map(str, table['middle_layers']))}.", "",
+             "| layer | sink | per-head sink | first key | uniform | mass / share | top share | same top |",
+             "|---:|---|---|---|---|---|---|---|"]
+    for row in table["layers"]:
+        lines.append(f"| {row['layer']} | {_cell(row['sink'])} | {_cell(row['sink_head'])} | {_cell(row['first'])} | "
+                     f"{_cell(row['uniform'])} | {_cell(row['mass_ratio'])} | {_cell(row['top_share'])} | "
+                     f"{_cell(row['consistency'], 2)} |")
+    lines += ["", "| layer | LIAE | head entropy | most focused head | grounding, best head | grounding, best head "
+              "per row |", "|---:|---|---|---|---|---|"]
+    for row in table["layers"]:
+        fh = row["head_entropy_min_head"]
+        gh = row.get("grounding_head")
+        lines.append(f"| {row['layer']} | {_cell(row['liae'])} | {_cell(row['head_entropy'])} | "
+                     f"h{fh['head']} {_cell(fh)} | " + (f"h{gh['head']} {_cell(gh)}" if gh else "-") + " | "
+                     f"{_cell(row.get('grounding_rowmax', {}))} |")
+    lines += ["", "| regime | measured | present |", "|---|---|---|"]
+    for t in regime_targets(table):
+        met = "not judged" if t["met"] is None else ("yes" if t["met"] else "no")
+        lines.append(f"| {t['target']} | {t['measured']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def box_tokens(box: Sequence[float], image_size: tuple[int, int], grid: tuple[int, int],
+               crop: str = "center") -> list[int]:
+    """Row-major indices of the image tokens of a ``grid`` (rows, columns) whose patch centre lies inside ``box``
+    (``x0, y0, x1, y1`` in pixels of the original image of ``image_size`` (width, height)); ``crop="center"`` for
+    a processor that resizes the shortest side and crops the centre square (CLIP, LLaVA-1.5), ``"none"`` for a
+    plain resize to the grid. For the optional COCO path (boxes per object)."""
+    w, h = image_size
+    x0, y0, x1, y1 = box
+    if crop == "center":
+        side = min(w, h)
+        ox, oy = (w - side) / 2, (h - side) / 2
+        x0, x1, y0, y1 = (x0 - ox) / side, (x1 - ox) / side, (y0 - oy) / side, (y1 - oy) / side
+    elif crop == "none":
+        x0, x1, y0, y1 = x0 / w, x1 / w, y0 / h, y1 / h
+    else:
+        raise ValueError(f"crop must be 'center' or 'none', got {crop!r}")
+    rows, cols = grid
+    out = []
+    for r in range(rows):
+        for c in range(cols):
+            cx, cy = (c + 0.5) / cols, (r + 0.5) / rows
+            if x0 <= cx <= x1 and y0 <= cy <= y1:
+                out.append(r * cols + c)
+    return out
