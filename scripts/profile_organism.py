@@ -22,6 +22,9 @@ def build_parser():
     ap.add_argument("--batch_size", type=int, default=100, help="prompts per generate call")
     ap.add_argument("--probe", action="store_true", default=True, help="also run the per-patch linear probe")
     ap.add_argument("--no_probe", dest="probe", action="store_false", help="skip the per-patch linear probe")
+    ap.add_argument("--attention_regime", action="store_true",
+                    help="also measure the attention regime (sinks, image-attention deficit, visual sinks, grounding "
+                         "heads) on the premise splits' captions")
     return ap
 
 
@@ -56,7 +59,8 @@ def main(argv=None):
         model, processor = models.load(path, device="cpu")
         t0 = time.time()
         profile["models"][name] = profile_model(model, processor, protocol,
-                                                progress=lambda m, n=name: print(f"[{n}] {m}", flush=True))
+                                                progress=lambda m, n=name: print(f"[{n}] {m}", flush=True),
+                                                attention_regime=args.attention_regime)
         if args.probe:
             profile["models"][name]["patch_probe"] = patch_probe(model, processor, seed=args.seed)
         profile["models"][name]["seconds"] = time.time() - t0

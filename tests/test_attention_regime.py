@@ -251,3 +251,29 @@ def test_regime_records_switch_to_eager_and_back(organism):
     assert rec["rows"]["sink"].shape[1] == 6 and len(rec["grounding"]["region"]) == 0
     with pytest.raises(ValueError, match="regions need"):
         ar.regime_records(model, processor, [world.render(scene)], ["x"], ["y"], regions=[{}])
+
+
+def test_the_profile_measures_and_prints_the_regime_when_asked(organism):
+    from dleaf.organism.profile import ProfileProtocol, profile_markdown, profile_model
+
+    model, processor = organism
+    protocol = ProfileProtocol(n_images=3, caption_splits=("adversarial",), premise_splits=("adversarial",),
+                               pope_negatives=("random",), batch_size=3, n_bootstrap=20)
+    res = profile_model(model, processor, protocol, attention_regime=True)
+    table = res["attention_regime"]["adversarial"]
+    assert table["n_captions"] == 3 and table["middle_layers"] == [2, 3, 4] and table["n_grounded"] > 0
+    md = profile_markdown({"protocol": {"n_images": 3, "pope_split": "adversarial"}, "models": {"organism": res}})
+    assert "## Attention regime" in md and "### Attention regime, organism, adversarial" in md
+    assert "grounding heads: some middle-layer" in md
+    plain = {k: v for k, v in res.items() if k != "attention_regime"}
+    assert "## Attention regime" not in profile_markdown({"models": {"organism": plain}})
+
+
+def test_the_profile_script_has_the_regime_option():
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "profile_organism.py"
+    parser = runpy.run_path(str(script), run_name="script")["build_parser"]()
+    assert parser.parse_args(["--attention_regime"]).attention_regime is True
+    assert parser.parse_args([]).attention_regime is False

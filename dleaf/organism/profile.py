@@ -19,7 +19,7 @@ from .. import eval as harness
 from .. import premise
 from ..premise_check import ERROR_KINDS, attention_records, premise_rows
 from ..settings import Setting
-from . import world
+from . import regime, world
 from .benchmarks import VOCAB
 
 __all__ = ["VOCAB", "ProfileProtocol", "profile_model", "profile_markdown", "patch_probe", "patch_labels",
@@ -52,9 +52,11 @@ def _benchmark(name: str, n_images: int, **options) -> "harness.Benchmark":
     return harness.load_benchmark(name, limit=n_images, **options)
 
 
-def profile_model(model, processor, protocol: ProfileProtocol = ProfileProtocol(), progress=None) -> dict:
+def profile_model(model, processor, protocol: ProfileProtocol = ProfileProtocol(), progress=None,
+                  attention_regime: bool = False) -> dict:
     """Captions, yes/no answers and the premise table of one model on the protocol's held-out splits, through the
-    harness (greedy decoding)."""
+    harness (greedy decoding); with ``attention_regime``, also the attention regime of the premise splits' captions
+    (:mod:`dleaf.organism.regime`, under ``attention_regime``)."""
     say = progress or (lambda msg: None)
     result: dict = {"captions": {}, "pope": {}, "premise": {}, "premise_by_error": {}, "premise_counts": {},
                     "image_share": {}, "examples": {}, "protocols": {}}
@@ -66,6 +68,10 @@ def profile_model(model, processor, protocol: ProfileProtocol = ProfileProtocol(
         result["captions"][split] = run["sections"][split]
         result["examples"][split] = [{"objects": sorted(it.truth), "caption": r["text"]}
                                      for it, r in zip(bench.items[:5], run["rows"][:5])]
+        if attention_regime and split in protocol.premise_splits:
+            say(f"attention regime on {split}")
+            result.setdefault("attention_regime", {})[split] = regime.regime_from_run(
+                model, processor, bench, run["rows"], split, int(bench.protocol["world_seed"]), protocol.batch_size)
         if split in protocol.premise_splits:
             say(f"premise on {split}")
             records, share = attention_records(
@@ -231,6 +237,7 @@ def profile_markdown(profile: dict) -> str:
             lines.append(f"Image share of attention per layer ({name}, {split}, mean over generated positions): "
                          + ", ".join(f"L{i} {s:.2f}" for i, s in enumerate(share)))
         lines.append("")
+    lines += regime.regime_section(profile)
     lines += design_targets(profile)
     probes = {name: res["patch_probe"] for name, res in profile["models"].items() if "patch_probe" in res}
     if probes:

@@ -12,7 +12,7 @@ from ..settings import Setting
 from . import world
 from .benchmarks import VOCAB
 
-__all__ = ["scene_regions", "regime_from_run", "organism_regime"]
+__all__ = ["scene_regions", "regime_from_run", "organism_regime", "regime_section"]
 
 
 def scene_regions(scenes: Sequence[world.Scene], n_tokens: int) -> list[dict[str, list[int]]]:
@@ -52,3 +52,18 @@ def organism_regime(model, processor, split: str = "adversarial", n_images: int 
     say(f"attention regime on {split}")
     return regime_from_run(model, processor, bench, run["rows"], split, int(bench.protocol["world_seed"]),
                            batch_size)
+
+
+def regime_section(profile: dict) -> list[str]:
+    """The profile's attention-regime section (markdown lines; empty when no model has one): per model and split,
+    :func:`dleaf.attention_regime.regime_markdown`."""
+    tables = {(name, split): table for name, res in profile.get("models", {}).items()
+              for split, table in res.get("attention_regime", {}).items()}
+    if not tables:
+        return []
+    lines = ["## Attention regime (sinks, image-attention deficit, visual sinks, grounding heads)", "",
+             attention_regime.REGIME_INTRO + " Object regions come from the scene layout: the 2 x 2 patches of the "
+             "object's cell (chance 4 / 36).", ""]
+    for (name, split), table in tables.items():
+        lines += [attention_regime.regime_markdown(table, heading="###", name=f"{name}, {split}")]
+    return lines
