@@ -46,7 +46,7 @@ from .attention_stats import entropy, image_profile, layer_entropy
 __all__ = ["ROW_STATS", "THRESHOLDS", "middle_layers", "key_mask", "key_share", "sink_weights", "key_weight",
            "mass_ratio", "top_image", "head_entropy", "region_share", "top_consistency", "summarize",
            "regime_records", "regime_table", "regime_targets", "regime_markdown", "box_tokens", "eager_attention",
-           "REGIME_INTRO"]
+           "regime_of_run", "REGIME_INTRO"]
 
 #: Per-row, per-layer statistics of :func:`regime_records` (module docstring).
 ROW_STATS = ("sink", "sink_head", "first", "uniform", "mass_ratio", "top_share", "liae")
@@ -403,4 +403,40 @@ def box_tokens(box: Sequence[float], image_size: tuple[int, int], grid: tuple[in
             cx, cy = (c + 0.5) / cols, (r + 0.5) / rows
             if x0 <= cx <= x1 and y0 <= cy <= y1:
                 out.append(r * cols + c)
+    return out
+
+
+def regime_of_run(run_dir, model: str | None = None, options: dict | None = None, protocol: str | None = None,
+                  regions: Callable | None = None, batch_size: int = 8, say=print) -> dict:
+    """The regime table of every section of a finished greedy caption run of the harness (``run_dir``, any
+    benchmark and model: the run's own model scores its own replies, as in the premise check). ``regions(item)``,
+    if given, maps a benchmark item to ``{category: image token indices}`` (for COCO with boxes:
+    :func:`box_tokens`); without it there are no grounding statistics. Returns ``{section: table}``."""
+    from . import eval as harness
+    from . import models
+    from .io import InputError
+    from .premise_check import check_run
+
+    config, rows = harness.read_run(run_dir)
+    model = check_run(config, model)
+    spec = harness.get_benchmark(config["benchmark"])
+    opts = dict(options or {})
+    if "splits" in spec.options and "splits" not in opts:
+        opts["splits"] = config["sections"]
+    limit = (config.get("protocol", {}).get("overrides") or {}).get("limit")
+    bench = harness.build_benchmark(harness.EvalArguments(benchmark=config["benchmark"], protocol=protocol,
+                                                          limit=limit, **opts))
+    by_id = {r["id"]: r for r in rows}
+    items = [it for it in bench.items if it.id in by_id]
+    if not items or len(items) != len(by_id):
+        raise InputError(f"{run_dir}: {len(by_id)} replies, {len(items)} of them items of the benchmark as given")
+    net, processor = models.load(model, config.get("adapter"), dtype=config.get("dtype", "float32"))
+    out = {}
+    for section in dict.fromkeys(it.section for it in items):
+        part = [it for it in items if it.section == section]
+        say(f"[regime] {section}: {len(part)} replies")
+        records = regime_records(net, processor, [it.image() for it in part], [it.prompt for it in part],
+                                 [by_id[it.id]["raw"] for it in part], [sorted(it.truth) for it in part],
+                                 bench.vocab, [regions(it) for it in part] if regions else None, batch_size)
+        out[section] = regime_table(records)
     return out

@@ -277,3 +277,21 @@ def test_the_profile_script_has_the_regime_option():
     parser = runpy.run_path(str(script), run_name="script")["build_parser"]()
     assert parser.parse_args(["--attention_regime"]).attention_regime is True
     assert parser.parse_args([]).attention_regime is False
+
+
+def test_regime_of_a_harness_run_with_regions_from_items(organism, tmp_path):
+    from dleaf import eval as harness
+    from dleaf.organism import world
+    from dleaf.organism.regime import scene_regions
+
+    model, processor = organism
+    harness.run_evaluation(harness.EvalArguments(
+        benchmark="organism_caption", splits=["adversarial"], limit=2, batch_size=2, progress=False,
+        output_dir=str(tmp_path / "run")), model, processor)
+    scenes = {f"adversarial/{i}": s for i, s in enumerate(world.scenes("adversarial", 2))}
+    out = ar.regime_of_run(tmp_path / "run", regions=lambda it: scene_regions([scenes[it.id]], 36)[0],
+                           say=lambda m: None)
+    table = out["adversarial"]
+    assert table["n_captions"] == 2 and table["n_grounded"] > 0 and len(table["layers"]) == 6
+    plain = ar.regime_of_run(tmp_path / "run", say=lambda m: None)["adversarial"]
+    assert plain["n_grounded"] == 0 and plain["layers"][3]["sink"] == table["layers"][3]["sink"]
