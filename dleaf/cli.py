@@ -6,8 +6,10 @@
 * A method's knobs are given as repeated ``--knob name=value`` (values are YAML scalars: ``0.3``, ``1e-3``, ``true``,
   ``none``, ``best``); :func:`parse_knobs` reads them and :class:`dleaf.settings.Setting` checks them against the
   method's configuration.
-* Every input is checked before any model is loaded. A bad input ends the script with ``error: <message>`` on
-  stderr and exit status 2 (:func:`fail`); argparse's own errors take the same form (:class:`ArgumentParser`).
+* Every input is checked before any model is loaded, the output folder too (:func:`check_output_dir`,
+  :func:`check_output_file`: writable or creatable, not under a file; nothing is created by the check). A bad input
+  ends the script with ``error: <message>`` on stderr and exit status 2 (:func:`fail`); argparse's own errors take
+  the same form (:class:`ArgumentParser`).
 * Ctrl-C ends a script with ``interrupted; run the same command again to resume`` (where the script can resume)
   and exit status 130 instead of a traceback (:func:`main`).
 * The last line a script prints names where its outputs are (:func:`done`).
@@ -27,8 +29,8 @@ import yaml
 
 from .io import InputError
 
-__all__ = ["ArgumentParser", "dataclass_parser", "InputError", "add_common_arguments", "done", "fail", "last_line",
-           "main", "parse_knobs", "parse_scalar", "set_threads"]
+__all__ = ["ArgumentParser", "dataclass_parser", "InputError", "add_common_arguments", "check_output_dir",
+           "check_output_file", "done", "fail", "last_line", "main", "parse_knobs", "parse_scalar", "set_threads"]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -220,11 +222,48 @@ def set_threads(n: int | None) -> None:
     torch.set_num_threads(n)
 
 
-def check_output_dir(path: str | os.PathLike) -> Path:
-    """An output folder path that is not an existing file; raises :class:`InputError` otherwise."""
+def _unwritable(folder: Path) -> str | None:
+    """Why files cannot be written in ``folder`` (created if missing), or None when they can: the folder, or the
+    nearest part of its path that exists, must be a writable folder."""
+    existing = folder
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not existing.exists():  # a dangling link
+        return f"{existing} is a broken link"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def check_output_dir(path: str | os.PathLike, flag: str = "--output_dir") -> Path:
+    """An output folder that exists as a writable folder or can be created (the nearest existing part of its path
+    is a writable folder, not a file); raises :class:`InputError` naming ``flag`` otherwise. Creates nothing, so a
+    refused command leaves nothing behind; every script calls it with its other input checks, before any model
+    loads."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise InputError(f"--output_dir {path} is a file, not a folder")
+        raise InputError(f"{flag} {path} is a file, not a folder")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise InputError(f"{flag} {path} is not writable")
+        return path
+    problem = _unwritable(path)
+    if problem is not None:
+        raise InputError(f"{flag} {path} cannot be created: {problem}")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """An output file that can be written (atomically, so its folder must be writable or creatable, see
+    :func:`check_output_dir`) and is not a folder; raises :class:`InputError` naming ``flag`` otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a folder; give a file name")
+    problem = _unwritable(path.parent)
+    if problem is not None:
+        raise InputError(f"{flag} {path} cannot be written: {problem}")
     return path
 
 

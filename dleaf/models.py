@@ -65,10 +65,41 @@ def resolve(model: str | os.PathLike) -> tuple[str, NamedModel | None]:
     return (str(entry.path), entry) if entry is not None else (key, None)
 
 
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off (``HF_HUB_OFFLINE=1``, or transformers' ``TRANSFORMERS_OFFLINE``)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("TRANSFORMERS_OFFLINE", "").upper() in ("1", "ON",
+                                                                                                  "YES", "TRUE")
+
+
+def check_hub_id(repo_id: str) -> None:
+    """With the hub offline, a hub id must be in the local cache (its ``config.json``): checked without loading
+    anything (``huggingface_hub.try_to_load_from_cache``). Online, nothing is checked here; the loader says what is
+    wrong (:func:`load`)."""
+    if not hub_offline():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError as e:  # huggingface_hub's HFValidationError: not a valid repository id
+        raise InputError(f"--model {repo_id} is neither a local folder nor a valid hub id ({_one_line(e)})") from None
+    if not isinstance(found, str):
+        raise InputError(f"--model {repo_id}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub is "
+                         "offline (HF_HUB_OFFLINE=1), and no local folder has that name: download it first "
+                         f"(huggingface-cli download {repo_id}) with the hub online, or pass a checkpoint folder")
+
+
 def check_model(model: str | os.PathLike) -> str:
     """Check a model argument before loading anything: a registered name must have its checkpoint, a local folder
-    its ``config.json``. A string that is no local path is taken as a hub id (checked when loading). Returns the
-    path or hub id."""
+    its ``config.json``; a string that is no local path is taken as a hub id, which must be in the local cache when
+    the hub is offline (:func:`check_hub_id`; online, the loader checks it). Returns the path or hub id."""
     path, entry = resolve(model)
     if entry is not None and not (Path(path) / "config.json").is_file():
         raise InputError(f"the {model!r} checkpoint is missing ({path} has no config.json)")
@@ -80,6 +111,8 @@ def check_model(model: str | os.PathLike) -> str:
             raise InputError(f"model folder {p} has no config.json")
         if not p.exists() and not _HUB_ID.match(path):
             raise InputError(f"model folder not found: {path} (nor is it a hub id like owner/name)")
+        if not p.exists():
+            check_hub_id(path)
     return path
 
 
@@ -92,6 +125,23 @@ def check_adapter(adapter: str | os.PathLike | None) -> str | None:
         raise InputError(f"LoRA adapter folder {path} has no adapter_config.json (pass the output_dir of "
                          "scripts/train_dpo.py or another PEFT adapter folder)")
     return str(path)
+
+
+def adapter_digest(adapter: str | os.PathLike) -> str:
+    """SHA-256 over what PEFT loads from a LoRA adapter folder: ``adapter_config.json`` and the
+    ``adapter_model.*`` weight files (each by name and bytes; the folder's other files, such as its processor or
+    model card, do not change what a merged model generates)."""
+    import hashlib
+
+    path = Path(check_adapter(adapter))
+    h = hashlib.sha256()
+    for f in sorted(q for q in path.iterdir() if q.is_file() and (q.name == "adapter_config.json"
+                                                                   or q.name.startswith("adapter_model."))):
+        h.update(f"{f.name}\n".encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def check_dtype(dtype: str):
@@ -128,12 +178,18 @@ def load(model: str | os.PathLike = "organism", adapter: str | os.PathLike | Non
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if attn:
         kwargs["attn_implementation"] = attn
-    processor = AutoProcessor.from_pretrained(path)
-    net = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    try:  # what the loader cannot load is the user's input, said in one line
+        processor = AutoProcessor.from_pretrained(path)
+        net = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--model {model} could not be loaded: {_one_line(e)}") from None
     if adapter:
         from peft import PeftModel
 
-        net = PeftModel.from_pretrained(net, adapter).merge_and_unload()
+        try:
+            net = PeftModel.from_pretrained(net, adapter).merge_and_unload()
+        except (OSError, ValueError, RuntimeError) as e:
+            raise InputError(f"--adapter {adapter} could not be loaded onto {model}: {_one_line(e)}") from None
     net.to(device or default_device())
     net.eval()
     return net, processor

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import eval as harness
+from .eval.runner import check_config
 from .io import write_json_atomic, write_text_atomic
 from .resources import data_path
 from .settings import Setting
@@ -180,7 +181,9 @@ def eval_arguments(cfg: StudyConfig, out: Path, bench: str, setting: Setting,
 
 def run_evaluations(out: Path, cfg: StudyConfig, progress: bool = True, say: Callable = print) -> dict:
     """Every setting on both benchmarks through :func:`dleaf.harness.run_evaluation` (resumable; sharded under
-    ``accelerate launch``). The base model is loaded once; a setting with the adapter loads it merged."""
+    ``accelerate launch``). The base model is loaded once; a setting with the adapter loads it merged. A finished
+    setting is skipped when its folder holds the same run with the same inputs (by content); other inputs there are
+    an :class:`~dleaf.io.InputError`, as in a resumed run."""
     base = None
     metrics = {}
     for setting in cfg.settings:
@@ -188,7 +191,8 @@ def run_evaluations(out: Path, cfg: StudyConfig, progress: bool = True, say: Cal
         for bench in cfg.benchmarks:
             args = eval_arguments(cfg, out, bench, setting, progress)
             run_dir = Path(args.output_dir)
-            if (run_dir / harness.METRICS).is_file():
+            if (run_dir / harness.METRICS).is_file():  # finished, if it is this run with these inputs
+                check_config(run_dir, harness.check_inputs(args)[1], write=False)
                 metrics[(bench, label)] = json.loads((run_dir / harness.METRICS).read_text())
                 continue
             say(f"[study] {bench}: {label}")

@@ -87,6 +87,12 @@ def main(argv=None) -> dict:
             use_checkpoint=not args.random_organism, device=args.device, seed=args.seed)
     except ValueError as err:
         ap.error(str(err))
+    try:  # the output files are checked before the benchmark runs
+        for flag, path in (("--out", args.out), ("--markdown", args.markdown)):
+            if path:
+                cli.check_output_file(path, flag)
+    except cli.InputError as err:
+        cli.fail(str(err))
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if args.memory_only:
         if not args.out:

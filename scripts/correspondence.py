@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from dpo_link import suite
 
+    cli.check_output_dir(args.output_dir)
     try:
         gammas = [float(g) for g in args.gammas.split(",")]
     except ValueError:

@@ -47,6 +47,8 @@ def main(argv=None):
 
     args = parse(argv)
     if args.compare:
+        if args.table_out:
+            cli.check_output_file(args.table_out, "--table_out")
         table = harness.comparison_table(args.compare, paired=args.paired)
         print(table, end="")
         if args.table_out:
@@ -56,6 +58,7 @@ def main(argv=None):
     if args.write_coco_ids:
         if not args.coco_instances:
             raise cli.InputError("--write_coco_ids needs --coco_instances")
+        cli.check_output_file(args.write_coco_ids, "--write_coco_ids")
         ids = write_coco_ids(args.coco_instances, args.write_coco_ids, args.protocol or "coco_chair")
         print(f"wrote {len(ids)} image ids")
         cli.done(args.write_coco_ids)

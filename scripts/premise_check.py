@@ -40,6 +40,7 @@ def main(argv=None):
 
     if args.n_bootstrap < 1 or args.batch_size < 1:
         raise InputError("--n_bootstrap and --batch_size must be positive")
+    cli.check_output_dir(args.output_dir or args.run_dir, "--output_dir" if args.output_dir else "--run_dir")
     cli.set_threads(args.threads)
     options = {k: getattr(args, k) for k in ("coco_images", "coco_instances", "coco_captions") if getattr(args, k)}
     result = premise_check.run_premise_check(args.run_dir, args.output_dir, args.model, options, args.protocol,

@@ -92,6 +92,9 @@ def main(argv=None):
     except ValueError as err:
         raise InputError(str(err)) from None
     cli.check_output_dir(args.output_dir)
+    from dleaf import models
+
+    models.check_model(cfg.model)
     if cfg.adapter_path:
         try:  # an adapter trained on another checkpoint is refused before anything runs
             from dpo_link.suite import check_study_adapter

@@ -57,6 +57,7 @@ def main(argv=None):
             "(--mpirun_hostfile). For N CPU processes without MPI run: CUDA_VISIBLE_DEVICES= accelerate launch "
             "--multi_gpu --num_processes N scripts/train_dpo.py ... (torchrun with the gloo backend)")
     script_args, training_args, model_args = parse(argv)
+    cli.check_output_dir(training_args.output_dir)
     from dpo_link.train import run
 
     rank0 = int(os.environ.get("RANK", "0")) == 0

@@ -20,6 +20,7 @@ def main(argv=None) -> int:
         (config,) = cli.dataclass_parser(TrainConfig, description=__doc__).parse_args_into_dataclasses(args=argv)
     except ValueError as e:  # TrainConfig's own checks, before any model is built
         cli.fail(str(e))
+    cli.check_output_dir(config.output_dir)
     if config.resume_from:
         from pathlib import Path
 

@@ -90,7 +90,7 @@ def test_adapter_is_merged_and_changes_the_model(tiny_checkpoint, tiny_adapter):
     torch.testing.assert_close(m, p, atol=1e-4, rtol=1e-4)  # merged = the adapter applied by PEFT
 
 
-def test_bad_models_and_adapters_are_refused_before_loading(tmp_path):
+def test_bad_models_and_adapters_are_refused_before_loading(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="not found"):
         models.check_model(tmp_path / "nothing_here")
     (tmp_path / "file").write_text("x")
@@ -103,7 +103,10 @@ def test_bad_models_and_adapters_are_refused_before_loading(tmp_path):
         models.check_adapter(tmp_path / "empty")
     with pytest.raises(InputError, match="dtype"):
         models.check_dtype("float64")
-    assert models.check_model("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"  # a hub id, not checked
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)  # offline, a hub id must be cached (tests/test_first_use.py)
+    assert models.check_model("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"  # online: the loader checks
 
 
 def test_named_models_resolve_to_the_shipped_checkpoints():

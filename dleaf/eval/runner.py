@@ -3,7 +3,10 @@ run folder that resumes.
 
 ``config.json``
     everything that decides what is generated (model, adapter, method and knobs, decoding, benchmark, sections,
-    protocol name, version and file hash, overrides); a resumed run must match it exactly.
+    protocol name, version and file hash, overrides) and ``inputs``: every input file and folder the run reads, by
+    content (question and annotation files, the images the items use, the LoRA adapter; :func:`input_records`). A
+    resumed run must match it exactly, except for the paths the inputs were read from (the hashes decide). It is
+    written when the model has loaded, before the first reply.
 ``generations.jsonl``
     one JSON object per item (``id``, ``section``, ``prompt``, ``raw``, ``text``, ``n_tokens``, ``stopped``; with
     ``record_flags`` also ``flags``), appended and flushed as it is produced. A run started again skips the ids
@@ -32,11 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import models
-from ..cli import parse_knobs
+from ..cli import check_output_dir, parse_knobs
 from ..generation import generate
 from ..io import InputError, json_line, read_json, read_jsonl, write_json_atomic, write_text_atomic
 from ..settings import STRATEGIES, Setting
 from .compare import METRICS, SCORES
+from .inputs import decisive, input_differences, input_records
 from .protocol import load_protocol
 from .registry import Benchmark, Item, benchmark_names, get_benchmark
 from .scores import compute_metrics, item_scores
@@ -169,7 +173,8 @@ def load_benchmark(name: str, limit: int | None = None, protocol: str | None = N
 
 
 def run_config(args: EvalArguments, benchmark: Benchmark) -> dict:
-    """What decides the generations of a run (no batch size, process count or machine path of the harness)."""
+    """What decides the generations of a run (no batch size, process count or machine path of the harness): the
+    inputs by content (:func:`input_records`), so that a resume with other inputs is refused."""
     setting = args.setting(benchmark.protocol)
     overrides = {}
     if args.max_new_tokens is not None:
@@ -181,7 +186,7 @@ def run_config(args: EvalArguments, benchmark: Benchmark) -> dict:
         "protocol": {**benchmark.protocol.record(), "overrides": overrides},
         "sections": benchmark.sections,
         "n_items": len(benchmark.items),
-        "inputs": benchmark.info,
+        "inputs": {**benchmark.info, **input_records(args, benchmark)},
         **({"scoring": benchmark.scoring} if benchmark.scoring else {}),
         "model": args.model,
         "adapter": args.adapter,
@@ -201,14 +206,16 @@ def load_model(args: EvalArguments):
 
 
 def check_inputs(args: EvalArguments) -> tuple[Benchmark, dict]:
-    """Everything that can be checked before a model is loaded: the benchmark and its files, the method and its
-    knobs, the decoding, the model and adapter paths. Returns the benchmark and the run configuration."""
+    """Everything that can be checked before a model is loaded: the output folder, the model and adapter, the
+    benchmark and its files, the method and its knobs, the decoding. Returns the benchmark and the run
+    configuration."""
     if not args.output_dir:
         raise InputError("--output_dir is required")
-    benchmark = build_benchmark(args)
-    config = run_config(args, benchmark)
+    check_output_dir(args.output_dir)
     models.check_model(args.model)
     models.check_adapter(args.adapter)
+    benchmark = build_benchmark(args)
+    config = run_config(args, benchmark)
     return benchmark, config
 
 
@@ -293,17 +300,26 @@ def consolidate(run_dir: str | os.PathLike, ids: Sequence[str]) -> dict[str, dic
     return rows
 
 
-def check_config(run_dir: Path, config: dict) -> None:
-    """Write ``config.json`` into a new run folder, or check that an existing run folder holds the same run."""
+def check_config(run_dir: Path, config: dict, write: bool = True) -> None:
+    """Check that an existing run folder holds the same run (:func:`decisive`: its inputs by content); with
+    ``write``, write ``config.json`` into a folder that has none (creating the folder)."""
     path = run_dir / CONFIG
     fresh = json.loads(json.dumps(config))
     if path.exists():
         old = read_json(path, "run config")
-        if old != fresh:
-            diff = sorted(k for k in set(old) | set(fresh) if old.get(k) != fresh.get(k))
+        a, b = decisive(old), decisive(fresh)
+        if a != b:
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            inputs = input_differences(old.get("inputs") or {}, fresh.get("inputs") or {}) \
+                if "inputs" in diff and isinstance(old.get("inputs") or {}, dict) else []
+            if inputs:
+                others = [k for k in diff if k != "inputs"]
+                also = f"; config.json also differs in {', '.join(others)}" if others else ""
+                raise InputError(f"run folder {run_dir} holds a run of other inputs ({'; '.join(inputs)}{also}); use "
+                                 "a new --output_dir, or give the run's own inputs to resume it")
             raise InputError(f"run folder {run_dir} holds a different run (config.json differs in {', '.join(diff)}); "
                              "use a new --output_dir")
-    else:
+    elif write:
         write_json_atomic(config, path)
 
 
@@ -316,6 +332,16 @@ def _from_main(obj, state):
     box = [obj]
     broadcast_object_list(box, from_process=0)
     return box[0]
+
+
+def _first_error(error: str | None, state) -> str | None:
+    """The first process's error of those that had one, on every process (a barrier too), so that a model that
+    fails to load on one process stops them all."""
+    if state.num_processes == 1:
+        return error
+    from accelerate.utils import gather_object
+
+    return next((e for e in gather_object([error]) if e is not None), None)
 
 
 def process_state():
@@ -335,9 +361,11 @@ def run_evaluation(args: EvalArguments, model=None, processor=None, benchmark: B
                    say=_say) -> dict | None:
     """Evaluate (or resume) one run; returns the metrics dict on process 0 and None on the others.
 
-    Every input is checked before a model is loaded. ``model``/``processor`` may be given (already loaded);
-    otherwise :func:`load_model` loads them, and only when something is left to generate. Under ``accelerate
-    launch`` the pending items are sharded across processes (see the module docstring).
+    Every input is checked before a model is loaded: an existing run folder must hold the same run, its inputs
+    by content (:func:`check_config`). ``model``/``processor`` may be given (already loaded); otherwise
+    :func:`load_model` loads them, and only when something is left to generate; nothing is written into the run
+    folder before then, so a model that fails to load leaves no ``config.json`` behind. Under ``accelerate launch``
+    the pending items are sharded across processes (see the module docstring).
     """
     from tqdm.auto import tqdm
 
@@ -347,17 +375,14 @@ def run_evaluation(args: EvalArguments, model=None, processor=None, benchmark: B
         if not args.output_dir:
             raise InputError("--output_dir is required")
         config = run_config(args, benchmark)
-    run_dir = Path(args.output_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise InputError(f"--output_dir {run_dir} is a file, not a folder")
+    run_dir = check_output_dir(args.output_dir)
     state = process_state()
     rank, world = state.process_index, state.num_processes
     ids = benchmark.ids
     error = None
-    if state.is_main_process:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            check_config(run_dir, config)
+    if state.is_main_process and run_dir.is_dir():
+        try:  # an existing folder must hold this run, with these inputs
+            check_config(run_dir, config, write=False)
             consolidate(run_dir, ids)
         except InputError as e:
             error = str(e)
@@ -371,9 +396,19 @@ def run_evaluation(args: EvalArguments, model=None, processor=None, benchmark: B
         say(f"resuming {run_dir}: {len(done)} of {len(ids)} done" + (", nothing left to generate" if not pending
                                                                        else ""))
     mine = pending[rank::world]
-    if mine:
-        if model is None:
+    if mine and model is None:
+        try:
             model, processor = load_model(args)
+        except InputError as e:
+            error = str(e)
+    error = _first_error(error, state)
+    if error is not None:
+        raise InputError(error)
+    if state.is_main_process:  # nothing is written before the model has loaded
+        run_dir.mkdir(parents=True, exist_ok=True)
+        check_config(run_dir, config)
+    state.wait_for_everyone()
+    if mine:
         model.to(state.device)
         target = main if world == 1 else _shard_path(run_dir, rank, world)
         bar = tqdm(total=len(mine), desc=f"{benchmark.name}" + (f" [{rank}/{world}]" if world > 1 else ""),
