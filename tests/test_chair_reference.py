@@ -9,6 +9,7 @@ words and ground truth, every answer's parse, and every aggregate to 1e-12.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,50 @@ def test_pope_file_defaults_to_the_official_rule_and_reports_it(tmp_path):
 ])
 def test_the_strict_rule_reads_the_first_sentence_only(text, expected):
     assert metrics.parse_yes_no(text) is expected
+
+
+def test_part_of_speech_mapping_is_the_reference_one():
+    """J* adjective, V* verb, N* noun, R* adverb, anything else (DT, IN, CD, PRP...) a noun, as the reference maps."""
+    from dleaf.eval.chair_reference import _wordnet_pos
+
+    assert [_wordnet_pos(t) for t in ("JJ", "JJS", "VBZ", "VBG", "NN", "NNS", "RB", "DT", "IN", "CD", "PRP", ".")] \
+        == ["a", "a", "v", "v", "n", "n", "r", "n", "n", "n", "n", "n"]
+    from dleaf.eval.chair_reference import lemmas
+
+    assert lemmas("the buses were running") == ["the", "bus", "be", "run"]
+
+
+def test_table_entries_that_can_never_match_are_left_out_of_the_listing(vocab):
+    """' motor bike', ' cheesecake' (after a doubled space) and 'iPhone' (a capital) never match a lowercased token in
+    the reference; the vocabulary's listing holds only entries that can."""
+    assert all(e == e.strip() and e == e.lower() for e in vocab.synonyms)
+    assert "cheesecake" not in vocab.synonyms and "iphone" not in vocab.synonyms and "motor bike" not in vocab.synonyms
+    assert vocab.synonyms["cupcake"] == "cake" and len(vocab.categories) == 80
+
+
+def test_a_rule_table_without_its_lists_is_an_input_error(tmp_path):
+    from dleaf.eval.chair_reference import reference_words
+    from dleaf.io import InputError
+
+    bad = tmp_path / "rules.yaml"
+    bad.write_text("synonyms: |\n  dog, puppy\ndouble_words: []\n")
+    with pytest.raises(InputError, match="lacks animal_words, vehicle_words, double_word_overrides, drop_with"):
+        reference_words("a dog", str(bad))
+
+
+def test_an_nltk_other_than_the_checked_one_warns(monkeypatch):
+    import nltk
+
+    from dleaf.eval import chair_reference
+
+    chair_reference._nltk_models.cache_clear()
+    monkeypatch.setattr(nltk, "__version__", "3.9.9")
+    try:
+        with pytest.warns(UserWarning, match="checked with nltk 3.8.1; nltk 3.9.9 is installed"):
+            chair_reference._nltk_models()
+    finally:
+        chair_reference._nltk_models.cache_clear()
+        monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chair_reference._nltk_models()  # the pinned version: no warning

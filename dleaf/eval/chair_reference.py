@@ -151,7 +151,7 @@ class ReferenceChairVocabulary(ObjectVocabulary):
     reference script; ``synonyms`` lists every table entry a lowercased caption token can match, for inspection
     (categories are the 80 COCO names)."""
 
-    table: str = field(default="coco/chair_reference.yaml", compare=False, kw_only=True)
+    table: str = field(default="coco/chair_reference.yaml", kw_only=True)
 
     def extract(self, text: str) -> list[Mention]:
         if not isinstance(text, str):
