@@ -45,7 +45,7 @@ from .attention_stats import entropy, image_profile, layer_entropy
 
 __all__ = ["ROW_STATS", "THRESHOLDS", "middle_layers", "key_mask", "key_share", "sink_weights", "key_weight",
            "mass_ratio", "top_image", "head_entropy", "region_share", "top_consistency", "summarize",
-           "regime_records", "regime_table", "regime_targets", "regime_markdown", "box_tokens", "eager_attention",
+           "batch_stats", "regime_records", "regime_table", "regime_targets", "regime_markdown", "box_tokens", "eager_attention",
            "regime_of_run", "REGIME_INTRO"]
 
 #: Per-row, per-layer statistics of :func:`regime_records` (module docstring).
@@ -166,12 +166,70 @@ def _image_token_id(model) -> int:
 
 
 @torch.no_grad()
+def batch_stats(model, inputs: Mapping, prompt_width: int, reply_ids: Sequence[Sequence[int]],
+                grounded: Sequence[Sequence[tuple[int, Sequence[int]]]] | None = None,
+                image_token_id: int | None = None) -> list[dict | None]:
+    """The regime statistics of one teacher-forced batch: ``inputs`` hold each prompt (left-padded, ``prompt_width``
+    columns) followed by its reply (right-padded), as :func:`dleaf.models.teacher_forced_inputs` builds them; one
+    eager forward pass. ``grounded[i]``: ``(j, tokens)`` pairs, reply token ``j`` of sample ``i`` starting a
+    grounded object word whose object covers image tokens ``tokens`` (indices among the image tokens).
+
+    Per sample (None for an empty reply): ``rows`` (each :data:`ROW_STATS` name: ``(R, L)``), ``head_entropy``
+    ``(R, L, H)``, ``consistency`` ``(L,)`` (None under two rows), ``region`` ``(G, L, H)`` and ``chance`` ``(G,)``."""
+    image_id = _image_token_id(model) if image_token_id is None else int(image_token_id)
+    n = int(prompt_width)
+    with eager_attention(model):
+        attns = model(**inputs, output_attentions=True, use_cache=False).attentions
+    out: list[dict | None] = []
+    for i, r in enumerate(reply_ids):
+        if not len(r):
+            out.append(None)
+            continue
+        ids, valid = inputs["input_ids"][i], inputs["attention_mask"][i].bool()
+        image_mask = (ids == image_id) & valid
+        if not bool(image_mask.any()):
+            raise ValueError(f"sample {i} of the batch has no image tokens (image token id {image_id})")
+        q = torch.arange(n - 1, n - 1 + len(r), device=ids.device)
+        keys = key_mask(valid, q)
+        first = int(valid.nonzero()[0])
+        stats: dict[str, list] = {k: [] for k in ROW_STATS}
+        ent, tops = [], []
+        for layer in attns:
+            a = layer[i][:, q, :].float()  # (H, R, K)
+            sink, sink_head = sink_weights(a, image_mask)
+            share, top = top_image(a, image_mask)
+            stats["sink"].append(sink)
+            stats["sink_head"].append(sink_head)
+            stats["first"].append(key_weight(a, first))
+            stats["uniform"].append(1.0 / keys.sum(-1).double())
+            stats["mass_ratio"].append(mass_ratio(a, image_mask, keys))
+            stats["top_share"].append(share.mean(0))
+            stats["liae"].append(layer_entropy(a, image_mask, normalize=True, check=False))
+            ent.append(head_entropy(a, image_mask))
+            tops.append(top)
+        rec = {"rows": {k: torch.stack(v, -1).double().cpu().numpy() for k, v in stats.items()},
+               "head_entropy": torch.stack(ent, 0).permute(2, 0, 1).double().cpu().numpy(),
+               "consistency": np.array([top_consistency(t.cpu()) for t in tops]) if len(r) >= 2 else None}
+        img_pos = image_mask.nonzero().squeeze(-1)
+        region, chance = [], []
+        for j, tokens in (grounded[i] if grounded is not None else []):
+            where = torch.zeros_like(image_mask)
+            where[img_pos[torch.as_tensor(list(tokens), dtype=torch.long, device=ids.device)]] = True
+            row = torch.tensor([n - 1 + j], device=ids.device)
+            region.append(np.stack([region_share(layer[i][:, row, :].float(), image_mask, where)[:, 0]
+                                    .double().cpu().numpy() for layer in attns]))
+            chance.append(len(tokens) / len(img_pos))
+        rec["region"], rec["chance"] = region, chance
+        out.append(rec)
+    return out
+
+
 def regime_records(model, processor, images: Sequence, prompts: Sequence[str], replies: Sequence[str],
                    truths: Sequence[Sequence[str]] | None = None, vocab=None,
                    regions: Sequence[Mapping[str, Sequence[int]]] | None = None, batch_size: int = 8,
                    image_token_id: int | None = None, progress: Callable | None = None) -> dict:
     """The regime statistics of caption replies, teacher-forced in one eager forward pass per batch over the prompt
-    and the reply (the attention the model had while generating them).
+    and the reply (the attention the model had while generating them; :func:`batch_stats`).
 
     ``regions[i]`` maps an object category to its image tokens in sample ``i`` (indices among the image tokens, in
     order); with ``truths`` and ``vocab`` (:class:`dleaf.metrics.ObjectVocabulary`) the rows predicting the first
@@ -188,66 +246,36 @@ def regime_records(model, processor, images: Sequence, prompts: Sequence[str], r
                          f"{len(replies)}")
     if (regions is not None) and (truths is None or vocab is None or len(regions) != len(images)):
         raise ValueError("regions need truths and a vocabulary, one region map per image")
-    image_id = _image_token_id(model) if image_token_id is None else int(image_token_id)
     tok = getattr(processor, "tokenizer", processor)
     rows: dict[str, list] = {k: [] for k in ROW_STATS + ("head_entropy", "caption")}
     consistency, ground = [], {"region": [], "chance": [], "word": [], "sample": []}
     steps = range(0, len(images), batch_size)
-    with eager_attention(model):
-        for start in (progress(steps) if progress else steps):
-            sl = slice(start, start + batch_size)
-            full, n, reply_ids = teacher_forced_inputs(processor, prompts[sl], images[sl], replies[sl], model)
-            out = model(**full, output_attentions=True, use_cache=False)
-            attns = out.attentions
+    for start in (progress(steps) if progress else steps):
+        sl = slice(start, start + batch_size)
+        full, n, reply_ids = teacher_forced_inputs(processor, prompts[sl], images[sl], replies[sl], model)
+        grounded, words = None, []
+        if regions is not None:
+            grounded = []
             for i, r in enumerate(reply_ids):
-                if not r:
-                    continue
-                sample = start + i
-                ids, valid = full["input_ids"][i], full["attention_mask"][i].bool()
-                image_mask = (ids == image_id) & valid
-                if not bool(image_mask.any()):
-                    raise ValueError(f"sample {sample} has no image tokens (image token id {image_id})")
-                q = torch.arange(n - 1, n - 1 + len(r), device=ids.device)
-                keys = key_mask(valid, q)
-                first = int(valid.nonzero()[0])
-                stats = {k: [] for k in ROW_STATS}
-                ent, tops = [], []
-                for a in attns:
-                    a = a[i][:, q, :].float()  # (H, R, K)
-                    sink, sink_head = sink_weights(a, image_mask)
-                    share, top = top_image(a, image_mask)
-                    stats["sink"].append(sink)
-                    stats["sink_head"].append(sink_head)
-                    stats["first"].append(key_weight(a, first))
-                    stats["uniform"].append(1.0 / keys.sum(-1).double())
-                    stats["mass_ratio"].append(mass_ratio(a, image_mask, keys))
-                    stats["top_share"].append(share.mean(0))
-                    stats["liae"].append(layer_entropy(a, image_mask, normalize=True, check=False))
-                    ent.append(head_entropy(a, image_mask))
-                    tops.append(top)
-                for k in ROW_STATS:
-                    rows[k].append(torch.stack(stats[k], -1).double().cpu().numpy())
-                rows["head_entropy"].append(torch.stack(ent, 0).permute(2, 0, 1).double().cpu().numpy())
-                rows["caption"].append(np.full(len(r), sample))
-                if len(r) >= 2:
-                    consistency.append([top_consistency(t.cpu()) for t in tops])
-                if regions is None:
-                    continue
-                truth, reg = set(truths[sample]), regions[sample]
-                n_img = int(image_mask.sum())
-                img_pos = image_mask.nonzero().squeeze(-1)
-                for j, _, m in mention_token_spans(tok, r, vocab):
-                    if m.category not in truth or m.category not in reg:
-                        continue
-                    region = torch.zeros_like(image_mask)
-                    region[img_pos[torch.as_tensor(list(reg[m.category]), device=ids.device)]] = True
-                    qj = torch.tensor([n - 1 + j], device=ids.device)
-                    ground["region"].append(np.stack(
-                        [region_share(a[i][:, qj, :].float(), image_mask, region)[:, 0].double().cpu().numpy()
-                         for a in attns]))
-                    ground["chance"].append(len(reg[m.category]) / n_img)
-                    ground["word"].append(m.category)
-                    ground["sample"].append(sample)
+                truth, reg = set(truths[start + i]), regions[start + i]
+                hits = [(j, m.category) for j, _, m in mention_token_spans(tok, r, vocab)
+                        if m.category in truth and m.category in reg]
+                grounded.append([(j, reg[c]) for j, c in hits])
+                words.append([c for _, c in hits])
+        for i, rec in enumerate(batch_stats(model, full, n, reply_ids, grounded, image_token_id)):
+            if rec is None:
+                continue
+            for k in ROW_STATS:
+                rows[k].append(rec["rows"][k])
+            rows["head_entropy"].append(rec["head_entropy"])
+            rows["caption"].append(np.full(len(reply_ids[i]), start + i))
+            if rec["consistency"] is not None:
+                consistency.append(rec["consistency"])
+            ground["region"] += rec["region"]
+            ground["chance"] += rec["chance"]
+            if words:
+                ground["word"] += words[i]
+                ground["sample"] += [start + i] * len(words[i])
     cat = (lambda xs: np.concatenate(xs, 0) if xs else np.zeros((0,)))
     return {"rows": {k: cat(v) for k, v in rows.items()},
             "consistency": np.asarray(consistency, dtype=float),

@@ -295,3 +295,42 @@ def test_regime_of_a_harness_run_with_regions_from_items(organism, tmp_path):
     assert table["n_captions"] == 2 and table["n_grounded"] > 0 and len(table["layers"]) == 6
     plain = ar.regime_of_run(tmp_path / "run", say=lambda m: None)["adversarial"]
     assert plain["n_grounded"] == 0 and plain["layers"][3]["sink"] == table["layers"][3]["sink"]
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_batch_stats_on_tiny_models_of_real_families(family):
+    import model_families
+
+    model, inputs = getattr(model_families, family)()
+    width, t = inputs["input_ids"].shape[1], 3  # the last three columns stand for every sample's reply
+    replies = [row[-t:].tolist() for row in inputs["input_ids"]]
+    model.set_attn_implementation("sdpa")
+    try:
+        out = ar.batch_stats(model, inputs, width - t, replies, grounded=[[(1, [0, 1])], []])
+    finally:
+        model.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = model(**inputs, output_attentions=True).attentions
+    n_layers, n_heads = len(att), att[0].shape[1]
+    for i, rec in enumerate(out):
+        image = (inputs["input_ids"][i] == model_families.IMAGE) & inputs["attention_mask"][i].bool()
+        img = image.nonzero().squeeze(-1).tolist()
+        assert rec["rows"]["sink"].shape == (t, n_layers) and rec["head_entropy"].shape == (t, n_layers, n_heads)
+        first = int(inputs["attention_mask"][i].nonzero()[0])
+        for l in range(n_layers):
+            for j in range(t):
+                q = width - t - 1 + j
+                a = att[l][i][:, q].double()
+                seen = [k for k in range(width) if inputs["attention_mask"][i, k] and k <= q]
+                assert rec["rows"]["first"][j, l] == pytest.approx(a[:, first].mean().item(), rel=1e-4)
+                want = a[:, img].sum(-1).mean().item() / (len(img) / len(seen))
+                assert rec["rows"]["mass_ratio"][j, l] == pytest.approx(want, rel=1e-4)
+        assert len(rec["region"]) == (1 if i == 0 else 0)
+    q = width - t  # the row predicting reply token 1 of sample 0
+    img0 = ((inputs["input_ids"][0] == model_families.IMAGE) & inputs["attention_mask"][0].bool()).nonzero()
+    img0 = img0.squeeze(-1).tolist()
+    for l in range(n_layers):
+        a = att[l][0][:, q].double()
+        want = (a[:, img0[:2]].sum(-1) / a[:, img0].sum(-1)).numpy()
+        assert np.allclose(out[0]["region"][0][l], want, rtol=1e-4)
+    assert out[0]["chance"] == [2 / len(img0)]
