@@ -256,7 +256,7 @@ def coco_chair_benchmark(protocol: Protocol, images: str | os.PathLike, instance
     paths = [images / (ann.file_names[i] or pattern.format(id=i)) for i in ids]
     check_images(paths, f"COCO (folder {images})")
     items = [Item(f"val2014/{i}", "val2014", "caption", protocol["prompt"], lambda p=p: load_image(p),
-                  ann.ground_truth(i, sources)) for i, p in zip(ids, paths)]
+                  ann.ground_truth(i, sources), image_path=p) for i, p in zip(ids, paths)]
     digest = hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
     return Benchmark("coco_chair", protocol, items, vocab, {"image_ids": source, "image_ids_sha256": digest},
                      scoring={"chair_rules": rules})

@@ -81,7 +81,7 @@ def pope_file_benchmark(protocol: Protocol, files: Sequence[str | os.PathLike], 
         for q, p in zip(qs, paths):
             items.append(Item(f"{section}/{q['question_id']}", section, "yesno",
                               protocol["prompt"].format(question=q["text"]), lambda p=p: load_image(p),
-                              q["label"] == "yes"))
+                              q["label"] == "yes", image_path=p))
     return Benchmark("pope_file", protocol, items, scoring={"answer_rule": rule})
 
 

@@ -33,6 +33,8 @@ class Item:
     prompt: str
     image: Callable[[], Any] = dataclasses.field(compare=False, repr=False)
     truth: Any = None
+    #: the file ``image()`` loads, when it is one (a run records its content hash); None for images made in memory
+    image_path: Any = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclasses.dataclass
