@@ -316,6 +316,11 @@ def regime_table(records: dict) -> dict:
     return out
 
 
+def _number(x) -> float:
+    """A summary's value, NaN for a missing one (a table read back from JSON holds None there)."""
+    return math.nan if x is None else float(x)
+
+
 def regime_targets(table: dict) -> list[dict]:
     """The four regimes judged on a :func:`regime_table` (``THRESHOLDS``; middle layers: :func:`middle_layers`):
 
@@ -326,7 +331,9 @@ def regime_targets(table: dict) -> list[dict]:
       grounded rows with regions).
 
     Each entry: ``target``, ``measured`` (text), ``met`` (True, False, or None when not judged)."""
-    t, layers = THRESHOLDS, {row["layer"]: row for row in table["layers"]}
+    t = THRESHOLDS
+    layers = {row["layer"]: {k: ({**v, "median": _number(v.get("median"))} if isinstance(v, dict) else v)
+                             for k, v in row.items()} for row in table["layers"]}
     mid = table["middle_layers"]
     span = f"layers {mid[0]}-{mid[-1]}" if mid else "no layers"
     out = []
