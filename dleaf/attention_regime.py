@@ -53,7 +53,7 @@ ROW_STATS = ("sink", "sink_head", "first", "uniform", "mass_ratio", "top_share",
 
 #: The issue's thresholds for the four regimes (:func:`regime_targets`).
 THRESHOLDS = {"sink": 0.30, "sink_from_layer": 2, "deficit": 0.5, "visual_sink_share": 0.2,
-              "visual_sink_consistency": 0.7, "grounding": 0.5}
+              "visual_sink_consistency": 0.7, "grounding": 0.5, "min_grounded": 20}
 
 
 def middle_layers(n_layers: int) -> list[int]:
@@ -327,8 +327,8 @@ def regime_targets(table: dict) -> list[dict]:
     * sink: in some layer from the third (index 2) on, the median ``sink`` >= 0.30;
     * image-attention deficit: in every middle layer, the median ``mass_ratio`` <= 0.5;
     * visual sinks: in some middle layer, the median ``top_share`` >= 0.2 and the median ``consistency`` >= 0.7;
-    * grounding heads: in some middle layer, a head whose median ``region`` share >= 0.5 (not judged without
-      grounded rows with regions).
+    * grounding heads: in some middle layer, a head whose median ``region`` share >= 0.5 (not judged on fewer than
+      20 grounded rows with regions: the best of many heads' medians over a handful of rows is noise).
 
     Each entry: ``target``, ``measured`` (text), ``met`` (True, False, or None when not judged)."""
     t = THRESHOLDS
@@ -357,12 +357,15 @@ def regime_targets(table: dict) -> list[dict]:
                 "met": any(s >= t["visual_sink_share"] and c >= t["visual_sink_consistency"] for _, s, c in share)})
     heads = [(l, layers[l]["grounding_head"]) for l in mid if "grounding_head" in layers[l]]
     top = max(heads, key=lambda x: x[1]["median"], default=None)
+    few = table.get("n_grounded", 0) < t["min_grounded"]
     out.append({"target": f"grounding heads: some middle-layer ({span}) head puts a median >= "
                           f"{t['grounding']} of its image mass on the object's own image tokens",
                 "measured": "no grounded rows with object regions" if top is None else
                 f"best L{top[0]} head {top[1]['head']}: {top[1]['median']:.3f} (chance "
-                f"{table.get('grounding_chance', math.nan):.3f})",
-                "met": None if top is None else top[1]["median"] >= t["grounding"]})
+                f"{_number(table.get('grounding_chance')):.3f})"
+                + (f", on only {table.get('n_grounded', 0)} grounded rows (at least {t['min_grounded']} needed to "
+                   "judge)" if few else ""),
+                "met": None if top is None or few else top[1]["median"] >= t["grounding"]})
     return out
 
 
