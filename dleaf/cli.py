@@ -18,9 +18,12 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 import sys
+import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -179,7 +182,7 @@ def dataclass_parser(dataclass_types, **kwargs):
     """A ``transformers.HfArgumentParser`` (flags from dataclass fields, ``--no_X`` for boolean fields, YAML files)
     with the project's convention (imported lazily so that importing :mod:`dleaf.cli` stays light)."""
     kwargs.setdefault("formatter_class", HelpFormatter)
-    cls = type("HfArgumentParser", (_ConventionMixin, _hf_base()), {})
+    cls = type("HfArgumentParser", (_HfConventionMixin, _ConventionMixin, _hf_base()), {})
     return cls(dataclass_types, **kwargs)
 
 
@@ -269,9 +272,13 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
 
 def main(fn: Callable[..., int | None], argv: Sequence[str] | None = None, resumable: bool = True) -> int:
     """Run a script's ``fn(argv)``: an :class:`InputError` ends it with ``error: ...`` and status 2, Ctrl-C with
-    ``interrupted`` (and, for a ``resumable`` script, how to resume) and status 130; returns the exit status."""
+    ``interrupted`` (and, for a ``resumable`` script, how to resume) and status 130; returns the exit status. The
+    library warnings of :data:`NOISY_WARNINGS` are kept out of the output while ``fn`` runs (and only then)."""
+    _WARNED.clear()
     try:
-        code = fn(argv)
+        with warnings.catch_warnings():
+            quiet_library_warnings()
+            code = fn(argv)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
@@ -279,4 +286,168 @@ def main(fn: Callable[..., int | None], argv: Sequence[str] | None = None, resum
         hint = "; run the same command again to resume" if resumable else ""
         print(f"\ninterrupted{hint}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    finally:
+        _WARNED.clear()
     return int(code or 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Unknown flags and recipe files, old spellings, progress lines, library warnings
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def did_you_mean(word: str, choices) -> str:
+    """`` (did you mean --x?)`` for the closest of ``choices`` to ``word``, or an empty string."""
+    close = difflib.get_close_matches(word, sorted(set(choices)), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def unknown_arguments(remaining: Sequence[str], flags) -> str:
+    """The message for command-line words that no flag takes: ``unrecognized arguments: --max_tokens 8 (did you
+    mean --max_new_tokens?)``."""
+    first = next((w.split("=", 1)[0] for w in remaining if w.startswith("--")), None)
+    hint = did_you_mean(first, [f for f in flags if f.startswith("--")]) if first else ""
+    return f"unrecognized arguments: {' '.join(remaining)}{hint}"
+
+
+def read_recipe(path: str | os.PathLike, keys=None, example: str = "") -> dict:
+    """A YAML recipe: a non-empty mapping of option names (each in ``keys``, when given) to values. Raises
+    :class:`InputError` naming the file and what would be right: a missing file, invalid YAML (with its line), an
+    empty file (or one of comments only), a document that is not a mapping, an unknown key (with the closest
+    known one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"recipe file not found: {path}")
+    shape = f"a mapping of option names to values{f' ({example})' if example else ''}"
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise InputError(f"recipe {path} is not valid YAML{where}: {problem}; it should be {shape}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"recipe {path} cannot be read: {e}") from None
+    if data is None:
+        raise InputError(f"recipe {path} is empty; it should be {shape}")
+    if not isinstance(data, dict):
+        raise InputError(f"recipe {path} holds a YAML {type(data).__name__}, not a mapping; it should be {shape}")
+    if keys is not None:
+        keys = set(keys)
+        unknown = [str(k) for k in data if k not in keys]
+        if unknown:
+            raise InputError(f"recipe {path}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], keys)}"
+                             + (f" (and {len(unknown) - 1} more: {', '.join(unknown[1:4])})" if len(unknown) > 1
+                                else ""))
+    return data
+
+
+class _HfConventionMixin:
+    """For ``transformers.HfArgumentParser``: an unknown flag is an argparse error (``error: unrecognized arguments:
+    ...``, exit status 2) rather than a ValueError, and a YAML file is read by :func:`read_recipe`."""
+
+    def parse_args_into_dataclasses(self, args=None, return_remaining_strings=False, **kwargs):
+        *parsed, remaining = super().parse_args_into_dataclasses(args=args, return_remaining_strings=True, **kwargs)
+        if return_remaining_strings:
+            return (*parsed, remaining)
+        if remaining:
+            self.error(unknown_arguments(remaining, self._option_string_actions))
+        return tuple(parsed)
+
+    def parse_yaml_file(self, yaml_file, allow_extra_keys: bool = False):
+        keys = None if allow_extra_keys else {a.dest for a in self._actions}
+        data = read_recipe(yaml_file, keys)
+        try:
+            return self.parse_dict(data, allow_extra_keys=allow_extra_keys)
+        except (TypeError, ValueError) as e:
+            raise e if isinstance(e, InputError) else InputError(f"recipe {yaml_file}: {e}") from None
+
+
+#: the old spellings warned about in this run (:func:`main` starts each run with none)
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """``warning: message`` on stderr, once per run of a script however often it is asked for."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class _OldSpelling(argparse.Action):
+    """A hidden flag that does what ``target`` does, and says once on stderr which flag to write instead."""
+
+    def __init__(self, option_strings, dest, target=None, **kwargs):
+        super().__init__(option_strings, target.dest, nargs=target.nargs, const=target.const, type=target.type,
+                         choices=target.choices, default=target.default, help=argparse.SUPPRESS,
+                         metavar=target.metavar)
+        self.target = target
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        warned = parser.__dict__.setdefault("_old_spellings_warned", set())
+        new = self.target.option_strings[0]
+        if new not in warned:
+            warned.add(new)
+            print(f"warning: {self.option_strings[0]} is an old spelling of {new}; write {new} (the old one still "
+                  "works for now)", file=sys.stderr, flush=True)
+        self.target(parser, namespace, values, new)
+
+
+def add_old_spelling(parser: argparse.ArgumentParser, old: str, new: str) -> None:
+    """Accept the flag ``old`` (and its dash alias) as a hidden old spelling of the existing flag ``new``: it sets
+    what ``new`` sets and warns once on stderr to write ``new``."""
+    target = parser._option_string_actions[new]
+    parser.add_argument(old, action=_OldSpelling, target=target)
+
+
+def split_entries(values, flag: str, example: str = "") -> list[str]:
+    """Entries of a repeated ``name=value`` flag (``--column_map a=b --column_map c=d``); entries joined by commas
+    in one value (the old spelling) are split, with a warning (once) that shows the one syntax."""
+    out: list[str] = []
+    for value in [values] if isinstance(values, str) else list(values or ()):
+        parts = [p.strip() for p in str(value).split(",") if p.strip()]
+        if len(parts) > 1:
+            warn_once(f"{flag} {value}: write one entry per {flag} ({' '.join(f'{flag} {p}' for p in parts)}); "
+                      "entries joined by commas still work for now")
+        out.extend(parts)
+    return out
+
+
+def progress_lines(label: str, unit: str = "", say: Callable[[str], None] | None = None,
+                   min_seconds: float = 0.0) -> Callable:
+    """A wrapper for a sized iterable (``for batch in progress(batches)``) that says ``label k/n unit`` on stderr
+    when the loop starts and each time another tenth of it is done (so at most 11 lines however long the loop is,
+    and, with ``min_seconds``, not more often than that)."""
+    say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    suffix = f" {unit}" if unit else ""
+
+    def wrap(iterable):
+        n = len(iterable)
+        say(f"{label} 0/{n}{suffix}")
+        shown, last = 0, time.monotonic()
+        for k, item in enumerate(iterable, 1):
+            yield item
+            tenth = (10 * k) // max(n, 1)
+            now = time.monotonic()
+            if k == n or (tenth > shown and now - last >= min_seconds):
+                shown, last = tenth, now
+                say(f"{label} {k}/{n}{suffix}")
+
+    return wrap
+
+
+#: library warnings about the libraries' own internals, which no flag or recipe of this project can change; the
+#: scripts' entry point (:func:`main`) keeps them out of the user's output; library code filters nothing
+NOISY_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    # transformers renamed gradient checkpointing to activation checkpointing; TRL, PEFT and transformers' own
+    # TrainingArguments still call the old names
+    (FutureWarning, r".*gradient_checkpointing.* is deprecated"),
+    # PEFT, saving an adapter of a local base model it cannot look up on the hub
+    (UserWarning, r"Could not find a config file in .* will assume that the vocabulary was not modified"),
+)
+
+
+def quiet_library_warnings() -> None:
+    """Ignore the warnings of :data:`NOISY_WARNINGS` (call it inside ``warnings.catch_warnings()``)."""
+    for category, message in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)

@@ -83,7 +83,7 @@ class StudyConfig:
     pope_images: str | None = None
     preference_data: str | None = None
     preference_split: str = "test"
-    column_map: str | None = None
+    column_map: tuple[str, ...] | str | None = None
     dtype: str = "float32"
     attn_implementation: str | None = None
     batch_size: int | None = None
@@ -100,6 +100,8 @@ class StudyConfig:
                 raise ValueError(f"StudyConfig.{name} must be positive (or None for the default), got "
                                  f"{getattr(self, name)}")
         object.__setattr__(self, "pope_files", tuple(self.pope_files))
+        if self.column_map is not None and not isinstance(self.column_map, str):
+            object.__setattr__(self, "column_map", tuple(self.column_map))
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"StudyConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.organism:
@@ -108,6 +110,7 @@ class StudyConfig:
             if extra:
                 raise ValueError(f"{', '.join(extra)} given, but the study's model is the organism; pass --model "
                                  "(a hub id or checkpoint folder) to study a real checkpoint on COCO and POPE")
+            self._check_adapter()
             return
         missing = [n for n in ("coco_images", "coco_instances", "pope_images") if not getattr(self, n)]
         if not self.pope_files:
@@ -119,9 +122,13 @@ class StudyConfig:
             raise ValueError("the correspondence suite needs held-out preference pairs for a real checkpoint: pass "
                              "preference_data (a save_to_disk folder, parquet or JSON lines file), or turn the "
                              "suite off")
+        self._check_adapter()
+
+    def _check_adapter(self) -> None:
+        """The adapter folder, checked before the study generates anything (the organism's too)."""
         if self.adapter and not (Path(self.adapter) / "adapter_config.json").is_file():
-            raise ValueError(f"adapter={self.adapter!r} has no adapter_config.json: pass the output_dir of "
-                             "scripts/train_dpo.py")
+            raise ValueError(f"--adapter {self.adapter}: no adapter_config.json there, so not a LoRA adapter; pass "
+                             "the output_dir of scripts/train_dpo.py")
 
     @property
     def organism(self) -> bool:
@@ -223,18 +230,22 @@ def _throughput_ratio(greedy, dleaf, axis=-1):
     return np.median(greedy, axis=axis) / np.median(dleaf, axis=axis)
 
 
-def measure_overhead(cfg: StudyConfig, model=None, processor=None) -> dict:
+def measure_overhead(cfg: StudyConfig, model=None, processor=None, say: Callable[[str], None] | None = None) -> dict:
     """D-LEAF's decoding speed as a share of plain decoding's, measured step by step in pairs: a D-LEAF decoding and
     a plain decoding of the same prompts take turns one cached step at a time (``dleaf.bench.bench_paired``), so a
     machine's load hits both alike. Reports the ratio of median step times with a 95% bootstrap interval over the
-    paired steps, and the median extra milliseconds per step. ``docs/performance.md`` has the full benchmark."""
+    paired steps, and the median extra milliseconds per step; ``say(msg)`` receives a few lines on what it does.
+    ``docs/performance.md`` has the full benchmark."""
     import numpy as np
     import torch
     from scipy import stats
 
     from .bench import BenchConfig, bench_paired
 
+    say = say or (lambda msg: None)
+    t0 = time.time()
     if model is None:
+        say(f"loading {cfg.model}")
         args = eval_arguments(cfg, Path("."), cfg.benchmarks[0], Setting(label="timing"), progress=False)
         model, processor = harness.load_model(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -248,12 +259,14 @@ def measure_overhead(cfg: StudyConfig, model=None, processor=None) -> dict:
                             paired_warmup=cfg.timing_warmup, device=device)
     attn = {name: getattr(model.config, name)._attn_implementation for name in ("text_config", "vision_config")
             if getattr(model.config, name, None) is not None}
+    say(f"{cfg.timing_warmup} + {cfg.timing_steps} paired steps of D-LEAF and plain decoding, batch {n}, {device}")
     try:
         row = bench_paired(model, {n: batch}, bench_cfg, log=lambda m: None)[str(n)]["dleaf"]
     finally:  # the benchmark switches the decoder's attention; the caller's model is given back as it came
         model.set_attn_implementation(attn)
     greedy, dleaf = np.array(row["raw_s"][base]), np.array(row["raw_s"]["dleaf"])
     ratio = float(_throughput_ratio(greedy, dleaf))
+    say(f"D-LEAF at {ratio:.2f} of plain decoding's speed per step ({time.time() - t0:.0f} s)")
     ci = stats.bootstrap((greedy, dleaf), _throughput_ratio, paired=True, vectorized=True, n_resamples=2000,
                          method="percentile", random_state=cfg.seed).confidence_interval
     return {"dleaf_over_greedy_throughput": ratio, "interval": [float(ci.low), float(ci.high)],
@@ -352,8 +365,9 @@ def run_study(out_dir: str | Path, cfg: StudyConfig = StudyConfig(), progress: b
               correspondence: Callable[[Path, StudyConfig], dict | None] | None = None) -> dict | None:
     """Run (or resume) the whole study into ``out_dir``; returns the report dict (None on processes other than 0
     under ``accelerate launch``) and writes report.{md,json} and methods.png. ``correspondence(out_dir /
-    "correspondence", cfg)`` runs the correspondence suite and returns a dict with a one-line ``summary`` and
-    ``agrees`` (or None when it is not available)."""
+    "correspondence", cfg, say=...)`` runs the correspondence suite (saying its phases) and returns a dict with a
+    one-line ``summary`` and ``agrees`` (or None when it is not available). ``say`` receives the progress lines of
+    every phase."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -365,7 +379,7 @@ def run_study(out_dir: str | Path, cfg: StudyConfig = StudyConfig(), progress: b
         overhead = json.loads(overhead_path.read_text())
     else:
         say("[study] decoding overhead")
-        overhead = measure_overhead(cfg)
+        overhead = measure_overhead(cfg, say=lambda m: say(f"[study] decoding overhead: {m}"))
         write_json_atomic(overhead, overhead_path)
     link, link_note = None, None
     if not cfg.correspondence:
@@ -376,7 +390,7 @@ def run_study(out_dir: str | Path, cfg: StudyConfig = StudyConfig(), progress: b
         link_note = "not run: the correspondence suite (dpo_link) is not available"
     else:
         say("[study] correspondence suite")
-        link = correspondence(out / "correspondence", cfg)
+        link = correspondence(out / "correspondence", cfg, say=lambda m: say(f"[study] correspondence: {m}"))
     target = "the organism" if cfg.organism else cfg.model
     claims, claims_md = claims_table(metrics, overhead, link, cfg.benchmarks, target)
     table = harness.comparison_table([_eval_dir(out, b, s.label) for b in cfg.benchmarks for s in cfg.settings])

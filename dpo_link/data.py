@@ -167,15 +167,33 @@ def _wrap_plain_row(row: dict, image_token: str) -> dict:
     return row
 
 
-def check_dataset_path(path: str | Path) -> Path:
+def _splits_message(path, splits, split, split_flag) -> str:
+    return (f"{path} holds the splits {', '.join(splits)}; choose one with {split_flag or 'split='}"
+            + (f" (not {split!r})" if split else ""))
+
+
+def check_dataset_path(path: str | Path, split: str | None = None, split_flag: str | None = None) -> Path:
     """``path`` if it can hold a preference dataset (a ``save_to_disk`` folder, a folder of parquet files, or a
-    parquet / JSON lines file); a FileNotFoundError or ValueError naming what is wrong otherwise. Cheap: nothing is
-    read, so scripts call it before loading any model."""
+    parquet / JSON lines file); a FileNotFoundError or ValueError naming what is wrong otherwise. With ``split``: a
+    saved ``DatasetDict`` must hold that split (the error names ``split_flag``, the option that chooses it); a
+    single file, a folder of parquet files or a saved ``Dataset`` is its own split and takes any. Cheap: only
+    ``dataset_dict.json`` is read, so scripts call it before loading any model."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no dataset at {path}: expected a save_to_disk folder, or a parquet / JSON lines file")
     if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        if (path / "dataset_dict.json").exists():
+            if split is not None:
+                import json
+
+                try:
+                    splits = list(json.loads((path / "dataset_dict.json").read_text())["splits"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    raise ValueError(f"{path}/dataset_dict.json is not a DatasetDict's split list") from None
+                if split not in splits:
+                    raise ValueError(_splits_message(path, splits, split, split_flag))
+            return path
+        if (path / "dataset_info.json").exists():
             return path
         if not sorted(path.glob("*.parquet")):
             raise FileNotFoundError(f"{path} is neither a save_to_disk folder nor holds parquet files")
@@ -186,13 +204,16 @@ def check_dataset_path(path: str | Path) -> Path:
 
 
 def load_preference_dataset(path: str | Path, split: str | None = "train", column_map: Any = None,
-                            wrap_plain_text: bool = True, image_token: str = "<image>", limit: int | None = None):
+                            wrap_plain_text: bool = True, image_token: str = "<image>", limit: int | None = None,
+                            split_flag: str | None = None):
     """Load a vision preference dataset from disk (no downloads).
 
     ``path`` is a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, or a ``.parquet`` /
-    ``.json`` / ``.jsonl`` file (or a folder of parquet files). ``column_map`` renames columns first (see
-    :func:`parse_column_map`; for an RLAIF-V export: ``["question=prompt", "image=images"]``). A single ``image`` column
-    is turned into a one-image ``images`` list. With ``wrap_plain_text``, plain-string prompts without
+    ``.json`` / ``.jsonl`` file (or a folder of parquet files). ``split`` chooses a split of a saved
+    ``DatasetDict`` (a missing one is a ValueError naming ``split_flag``, the option that sets it); a single file,
+    a folder of parquet files or a saved ``Dataset`` is its own split, whatever ``split`` says. ``column_map``
+    renames columns first (see :func:`parse_column_map`; for an RLAIF-V export: ``["question=prompt",
+    "image=images"]``). A single ``image`` column is turned into a one-image ``images`` list. With ``wrap_plain_text``, plain-string prompts without
     ``image_token`` become a user turn with one image placeholder per image, and plain-string chosen/rejected become
     assistant turns, so the processor's chat template is applied. ``limit`` keeps the first rows. The result is
     checked by :mod:`dpo_link.validate` before training, not here.
@@ -203,14 +224,14 @@ def load_preference_dataset(path: str | Path, split: str | None = "train", colum
     renames = parse_column_map(column_map)
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         ds = datasets.load_from_disk(str(path))
-    else:
+        if isinstance(ds, datasets.DatasetDict):
+            if split is None or split not in ds:
+                raise ValueError(_splits_message(path, list(ds), split, split_flag))
+            ds = ds[split]
+    else:  # local files: one split (load_dataset names it "train") that is the whole data
         files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
         builder = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}[files[0].suffix.lower()]
-        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files])
-    if isinstance(ds, datasets.DatasetDict):
-        if split is None or split not in ds:
-            raise ValueError(f"{path} holds the splits {', '.join(ds)}; choose one with split=")
-        ds = ds[split]
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
     if renames:
         missing = [c for c in renames if c not in ds.column_names]
         if missing:

@@ -284,6 +284,7 @@ class Prepared:
     dtype: str
     device: str | None
     command: str | None
+    split_flag: str = "--dataset_split"
 
     @property
     def organism_data(self) -> bool:
@@ -301,7 +302,7 @@ def prepare(output_dir: str | Path, model: str = ORGANISM, adapter: str | Path |
             gammas: Sequence[float] = CorrespondenceProtocol.gammas, fd_step: float = 1e-2, batch_size: int = 16,
             n_resamples: int = 2000, permutations: int = 2000, confidence: float = 0.95, seed: int = 0,
             top_k: int | None = None, dtype: str = "float32", device: str | None = None,
-            command: str | None = None) -> Prepared:
+            command: str | None = None, split_flag: str = "--dataset_split") -> Prepared:
     """Check every input of a correspondence run without loading any model; a :class:`dleaf.io.InputError` (a
     ValueError) names what is wrong.
 
@@ -309,7 +310,8 @@ def prepare(output_dir: str | Path, model: str = ORGANISM, adapter: str | Path |
     for the organism: its committed adapter). ``dataset``: ``organism`` (the adapter's held-out ground-truth pairs,
     as its ``dpo_run.json`` records them) or a preference dataset on disk. ``beta``: default the adapter's training
     beta (from ``dpo_run.json``), else 0.1. ``n_generations``: the organism's own greedy captions of that many
-    adversarial images are scored too (0 skips them; only with organism data).
+    adversarial images are scored too (0 skips them; only with organism data). ``split_flag``: the option that
+    sets ``dataset_split``, which an error about a missing split names (a single file is its own split).
     """
     try:
         knobs = check_knobs("dleaf", dict(knobs or {}))
@@ -337,7 +339,7 @@ def prepare(output_dir: str | Path, model: str = ORGANISM, adapter: str | Path |
         if str(dataset) == ORGANISM:
             dataset = ORGANISM
         else:
-            check_dataset_path(dataset)
+            check_dataset_path(dataset, dataset_split, split_flag)
             parse_column_map(column_map)
             dataset = str(dataset)
         if n_generations and dataset != ORGANISM:
@@ -350,7 +352,7 @@ def prepare(output_dir: str | Path, model: str = ORGANISM, adapter: str | Path |
     except (FileNotFoundError, TypeError, ValueError) as e:
         raise e if isinstance(e, InputError) else InputError(str(e)) from None
     return Prepared(str(model), adapter, dataset, dataset_split, column_map, n_pairs, n_generations, knobs, config,
-                    protocol, run_record, output_dir, dtype, device, command)
+                    protocol, run_record, output_dir, dtype, device, command, split_flag)
 
 
 def _portable(path) -> str:
@@ -384,7 +386,7 @@ def run(prep: Prepared, progress: Callable[[str], None] | None = None) -> dict:
         vocabulary = organism_pairs.VOCABULARY
     else:
         rows = [dict(r) for r in load_preference_dataset(prep.dataset, prep.dataset_split, prep.column_map,
-                                                         limit=prep.n_pairs)]
+                                                         limit=prep.n_pairs, split_flag=prep.split_flag)]
         data_info = {"source": "disk", "path": _portable(prep.dataset), "split": prep.dataset_split,
                      "n": len(rows)}
     report: dict[str, Any] = {"config": {
@@ -432,9 +434,16 @@ def verdict(report: dict) -> dict:
 
 
 def check_study_adapter(model: str, adapter: str | Path | None) -> None:
-    """Before a study runs anything: a :class:`dleaf.io.InputError` when ``adapter`` was trained on another
-    checkpoint than ``model`` (:func:`dpo_link.rewards.check_adapter_base`)."""
-    if adapter is None or not (Path(adapter) / "dpo_run.json").is_file():
+    """Before a study runs anything: a :class:`dleaf.io.InputError` naming ``--adapter`` when ``adapter`` is not a
+    PEFT adapter folder (:func:`dpo_link.rewards.check_adapter_files`) or was trained on another checkpoint than
+    ``model`` (:func:`dpo_link.rewards.check_adapter_base`)."""
+    if adapter is None:
+        return
+    try:
+        check_adapter_files(adapter)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--adapter {adapter}: {e}") from None
+    if not (Path(adapter) / "dpo_run.json").is_file():
         return
     try:
         check_adapter_base(adapter, models.check_model(model), read_json(Path(adapter) / "dpo_run.json", "run record"))
@@ -444,10 +453,12 @@ def check_study_adapter(model: str, adapter: str | Path | None) -> None:
 
 def study_step(out_dir: str | Path, n_pairs: int = 100, knobs: dict | None = None, seed: int = 0,
                model: str = ORGANISM, adapter: str | Path | None = None, dataset: str | Path | None = None,
-               dataset_split: str = "test", column_map: Any = None, dtype: str = "float32") -> dict | None:
+               dataset_split: str = "test", column_map: Any = None, dtype: str = "float32",
+               progress: Callable[[str], None] | None = None) -> dict | None:
     """The correspondence step of the study: :func:`run_suite` on the first ``n_pairs`` held-out pairs (the
     organism's own when ``model`` is the organism; ``dataset`` on disk for a real checkpoint), no free generations,
-    the report written to ``out_dir``. None on the organism when no adapter is committed.
+    the report written to ``out_dir``; ``progress(msg)`` receives its phases. None on the organism when no adapter
+    is committed.
 
     Returns ``summary``, ``agrees`` (:func:`verdict`) and ``markdown`` (the rendered report).
     """
@@ -458,7 +469,8 @@ def study_step(out_dir: str | Path, n_pairs: int = 100, knobs: dict | None = Non
         return None
     if not organism and dataset is None:
         raise ValueError(f"the correspondence suite on {model!r} needs held-out preference pairs (dataset=)")
-    report = run_suite(out_dir, model=model, adapter=adapter, dataset=ORGANISM if organism else dataset,
-                       dataset_split=dataset_split, column_map=column_map, n_pairs=n_pairs, n_generations=0,
-                       knobs=knobs, seed=seed, dtype=dtype)
+    report = run_suite(out_dir, progress=progress, model=model, adapter=adapter,
+                       dataset=ORGANISM if organism else dataset, dataset_split=dataset_split, column_map=column_map,
+                       n_pairs=n_pairs, n_generations=0, knobs=knobs, seed=seed, dtype=dtype,
+                       split_flag="--preference_split")
     return {**verdict(report), "markdown": report_markdown(report)}

@@ -176,7 +176,8 @@ def build_datasets(args: ScriptArguments, model=None, processor=None, seed: int 
                 train = concatenate_datasets([train.select_columns(common), extra.select_columns(common)])
                 train = train.shuffle(seed=seed)
     else:
-        train = load_preference_dataset(args.dataset, args.dataset_split, args.column_map, limit=args.dataset_limit)
+        train = load_preference_dataset(args.dataset, args.dataset_split, args.column_map, limit=args.dataset_limit,
+                                        split_flag="--dataset_split")
         info["train"] = {"source": "disk", "path": _portable(args.dataset), "split": args.dataset_split,
                          "column_map": parse_column_map(args.column_map), "rows": len(train)}
     eval_ds = None
@@ -194,7 +195,8 @@ def build_datasets(args: ScriptArguments, model=None, processor=None, seed: int 
         info["eval"] = {"source": f"{args.eval_fraction:.0%} of the training data", "rows": len(eval_ds)}
         info["train"]["rows"] = len(train)
     elif spec != "none":
-        eval_ds = load_preference_dataset(args.eval_dataset, args.eval_split, args.column_map)
+        eval_ds = load_preference_dataset(args.eval_dataset, args.eval_split, args.column_map,
+                                          split_flag="--eval_split")
         info["eval"] = {"source": "disk", "path": _portable(args.eval_dataset), "split": args.eval_split,
                         "rows": len(eval_ds)}
     return train, eval_ds, info
@@ -284,13 +286,27 @@ def _differences(old: dict, new: dict) -> list[str]:
     return out
 
 
+#: what a run leaves once it has results: checkpoints, then the adapter, its card and its record
+RESULT_FILES = ("dpo_run.json", "README.md", "adapter_config.json", "adapter_model.safetensors")
+
+
+def stopped_before_first_checkpoint(output_dir: str | Path) -> bool:
+    """Whether ``output_dir`` holds the recipe record of a run that stopped before its first result (no checkpoint,
+    no adapter, no run record): such a folder blocks nothing, whatever recipe it recorded."""
+    out = Path(output_dir)
+    return ((out / RECIPE_FILE).is_file() and not any(out.glob("checkpoint-*"))
+            and not any((out / name).exists() for name in RESULT_FILES))
+
+
 def check_output_dir(output_dir: str | Path, recipe: dict, resume_from_checkpoint=None) -> str | None:
     """Decide what an output folder allows, before any model is loaded; returns the checkpoint to resume from.
 
-    An empty or new folder starts a run. A folder holding an interrupted run of the same recipe
-    (``dpo_recipe.json`` equal up to :data:`MAY_CHANGE_ON_RESUME`) resumes from its last checkpoint (or starts
-    again when none was saved). Anything else is refused with a :class:`dleaf.io.InputError`: a folder with other
-    files (a committed adapter, for example), a run of another recipe, a run already trained to ``max_steps``.
+    An empty or new folder starts a run, and so does a folder left by a run that stopped before its first
+    checkpoint (:func:`stopped_before_first_checkpoint`: only its recipe record, whatever the recipe). A folder
+    holding an interrupted run of the same recipe (``dpo_recipe.json`` equal up to :data:`MAY_CHANGE_ON_RESUME`)
+    resumes from its last checkpoint. Anything else is refused with a :class:`dleaf.io.InputError`: a folder with
+    other files (a committed adapter, for example), a run of another recipe, a run already trained to
+    ``max_steps``.
     """
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -305,6 +321,8 @@ def check_output_dir(output_dir: str | Path, recipe: dict, resume_from_checkpoin
         what = "a trained adapter" if (out / "adapter_config.json").is_file() else "files of something else"
         raise InputError(f"--output_dir {out} is not empty and holds {what}, not a DPO run to resume (no "
                          f"{RECIPE_FILE}); choose a new folder (for example under runs/)")
+    if stopped_before_first_checkpoint(out):  # nothing there to resume or to keep: start afresh
+        return resume_checkpoint(resume_from_checkpoint, str(out))
     differences = _differences(read_json(out / RECIPE_FILE, "DPO recipe record"), recipe)
     if differences:
         raise InputError(f"--output_dir {out} holds a DPO run of another recipe ({'; '.join(differences[:4])}"
@@ -354,24 +372,88 @@ def build_trainer(model, processor, train_ds, eval_ds, training_args, model_args
                       callbacks=callbacks)
 
 
+def check_training_options(script_args: ScriptArguments, training_args, model_args) -> None:
+    """The numbers of a run that have to make sense before anything loads (TRL and torch would otherwise fail after
+    the model loaded, or train nothing): a positive learning rate and beta, batch sizes and accumulation steps of at
+    least 1, steps or epochs to train, non-negative warm-up and weight decay, positive save and logging intervals,
+    the LoRA rank, alpha and dropout, and the script's pair counts and fractions. Raises
+    :class:`dleaf.io.InputError` naming the flag (a recipe key of the same name sets it too)."""
+    from dleaf.io import InputError
+
+    problems: list[str] = []
+
+    def need(ok: bool, flag: str, rule: str, value) -> None:
+        if not ok:
+            problems.append(f"--{flag} must be {rule}, got {value!r}")
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    ta, sa, ma = training_args, script_args, model_args
+    need(number(ta.learning_rate) and ta.learning_rate > 0, "learning_rate", "> 0", ta.learning_rate)
+    need(number(ta.beta) and ta.beta > 0, "beta", "> 0 (the DPO temperature)", ta.beta)
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        need(isinstance(getattr(ta, flag), int) and getattr(ta, flag) >= 1, flag, ">= 1", getattr(ta, flag))
+    need(ta.max_steps == -1 or ta.max_steps >= 1, "max_steps", ">= 1 (or -1: train --num_train_epochs epochs)",
+         ta.max_steps)
+    if ta.max_steps == -1:
+        need(number(ta.num_train_epochs) and ta.num_train_epochs > 0, "num_train_epochs",
+             "> 0 when --max_steps is -1", ta.num_train_epochs)
+    need(number(ta.warmup_steps) and ta.warmup_steps >= 0, "warmup_steps", ">= 0", ta.warmup_steps)
+    need(number(ta.weight_decay) and ta.weight_decay >= 0, "weight_decay", ">= 0", ta.weight_decay)
+    for flag, strategy in (("save_steps", "save_strategy"), ("logging_steps", "logging_strategy"),
+                           ("eval_steps", "eval_strategy")):
+        value = getattr(ta, flag, None)
+        if getattr(getattr(ta, strategy, None), "value", getattr(ta, strategy, None)) == "steps" and value is not None:
+            need(number(value) and value > 0, flag, f"> 0 with {strategy} steps", value)
+    need(ta.max_length is None or (isinstance(ta.max_length, int) and ta.max_length >= 1), "max_length",
+         ">= 1 (or null: no limit)", ta.max_length)
+    if getattr(ta, "loss_weights", None) is not None and ta.loss_type is not None:
+        need(len(ta.loss_weights) == len(ta.loss_type), "loss_weights", f"one weight per --loss_type entry "
+             f"({len(ta.loss_type)})", ta.loss_weights)
+    if ma.use_peft:
+        need(isinstance(ma.lora_r, int) and ma.lora_r >= 1, "lora_r", ">= 1", ma.lora_r)
+        need(number(ma.lora_alpha) and ma.lora_alpha > 0, "lora_alpha", "> 0", ma.lora_alpha)
+        need(number(ma.lora_dropout) and 0 <= ma.lora_dropout < 1, "lora_dropout", "in [0, 1)", ma.lora_dropout)
+    if sa.dataset == ORGANISM:
+        need(sa.n_train_pairs >= 1, "n_train_pairs", ">= 1", sa.n_train_pairs)
+        for flag in ("adversarial_fraction", "question_fraction"):
+            need(number(getattr(sa, flag)) and 0 <= getattr(sa, flag) <= 1, flag, "in [0, 1]", getattr(sa, flag))
+        need(sa.max_injected >= 1, "max_injected", ">= 1 (a rejected caption needs a hallucination)",
+             sa.max_injected)
+    if sa.eval_dataset == ORGANISM:
+        need(sa.n_eval_pairs >= 1, "n_eval_pairs", ">= 1 (or --eval_dataset none)", sa.n_eval_pairs)
+    if (sa.eval_dataset or "").lower() == "split":
+        need(number(sa.eval_fraction) and 0 < sa.eval_fraction < 1, "eval_fraction", "in (0, 1) with --eval_dataset "
+             "split", sa.eval_fraction)
+    need(sa.self_generated_scenes >= 0, "self_generated_scenes", ">= 0", sa.self_generated_scenes)
+    need(sa.dataset_limit is None or sa.dataset_limit >= 1, "dataset_limit", ">= 1 (or none: every row)",
+         sa.dataset_limit)
+    if problems:
+        more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:3])})" if len(problems) > 1 else ""
+        raise InputError(problems[0] + more)
+
+
 def check_inputs(script_args: ScriptArguments, training_args, model_args, model_given: bool = False) -> str | None:
-    """Every check that needs no model, run before one is loaded: the device options, the data's paths and column
-    map, the D-LEAF knobs of self-generated pairs, the thread count, the model name, the output folder
-    (:func:`check_output_dir`). Returns the checkpoint to resume from; raises :class:`dleaf.io.InputError`."""
+    """Every check that needs no model, run before one is loaded: the training options
+    (:func:`check_training_options`), the device options, the data's paths, splits and column map, the D-LEAF knobs
+    of self-generated pairs, the thread count, the model name, the output folder (:func:`check_output_dir`).
+    Returns the checkpoint to resume from; raises :class:`dleaf.io.InputError`."""
     from dleaf import models
     from dleaf.io import InputError
 
+    check_training_options(script_args, training_args, model_args)
     _check_device_options(training_args)
     try:
         if script_args.dataset != ORGANISM:
-            check_dataset_path(script_args.dataset)
+            check_dataset_path(script_args.dataset, script_args.dataset_split, "--dataset_split")
         if (script_args.eval_dataset or "none").lower() not in (ORGANISM, "split", "none"):
-            check_dataset_path(script_args.eval_dataset)
+            check_dataset_path(script_args.eval_dataset, script_args.eval_split, "--eval_split")
         parse_column_map(script_args.column_map)
         if script_args.self_generated_scenes > 0:
             self_generated_settings(script_args)
-    except FileNotFoundError as e:
-        raise InputError(str(e)) from None
+    except (FileNotFoundError, ValueError) as e:
+        raise e if isinstance(e, InputError) else InputError(str(e)) from None
     if script_args.threads is not None and script_args.threads <= 0:
         raise InputError(f"--threads must be a positive count, got {script_args.threads}")
     if not model_given:
@@ -388,7 +470,11 @@ def run(script_args: ScriptArguments, training_args, model_args, model=None, pro
 
     say = progress or (lambda msg: logger.info(msg))
     t0 = time.time()
+    stale = stopped_before_first_checkpoint(training_args.output_dir)
     resume = check_inputs(script_args, training_args, model_args, model_given=model is not None)
+    if stale and resume is None:
+        say(f"{training_args.output_dir} holds the record of a run that stopped before its first checkpoint (no "
+            "results); starting afresh")
     if resume:
         say(f"resuming from {Path(resume).name} of {training_args.output_dir}")
     if script_args.threads is not None:
@@ -412,11 +498,11 @@ def run(script_args: ScriptArguments, training_args, model_args, model=None, pro
         # names internally, which warns several times per run about something no recipe can change
         warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
         trainer = build_trainer(model, processor, train_ds, eval_ds, training_args, model_args, script_args)
-        if trainer.is_world_process_zero():
-            write_json_atomic(recipe_record(script_args, training_args, model_args), out / RECIPE_FILE)
         record: dict[str, Any] = {"data": data_info, "lengths": {k: v.as_dict() for k, v in lengths.items()}}
         if eval_ds is not None and resume is None:
             record["eval_before"] = _eval_summary(trainer.evaluate())
+        if trainer.is_world_process_zero():  # recorded when training starts: what its checkpoints will belong to
+            write_json_atomic(recipe_record(script_args, training_args, model_args), out / RECIPE_FILE)
         train_output = trainer.train(resume_from_checkpoint=resume)
         record["train"] = {"global_step": train_output.global_step, "training_loss": train_output.training_loss,
                            "resumed_from": Path(resume).name if resume else None,

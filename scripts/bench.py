@@ -1,18 +1,22 @@
 """Performance benchmark: decoding throughput and peak memory of plain greedy decoding (sdpa and eager), D-LEAF, PAI,
 SPIN and a VCD-style two-pass contrastive baseline, and teacher-forced scoring in one pass against step by step.
 
-    python scripts/bench.py --out runs/bench/bench.json                    # the full benchmark (tens of minutes on CPU)
+    python scripts/bench.py --output_dir runs/bench                     # the full benchmark (tens of minutes on CPU)
     python scripts/bench.py --models llava_shaped --batch_sizes 1 --repeats 3 --no_memory
-    python scripts/bench.py --llava_shape text_layers=8 --llava_shape text_hidden=256 --out runs/bench/small.json
+    python scripts/bench.py --llava_shape text_layers=8 --llava_shape text_hidden=256 --output_dir runs/bench_small
+
+With --output_dir, the results go to bench.json (written atomically) and the tables to bench.md there.
 
 Models: ``organism`` (the committed checkpoint, or a random organism when none is present) and ``llava_shaped`` (a
 random LLaVA-1.5-shaped model scaled to a CPU: 576 image tokens, a 16-layer, 16-head Llama decoder). All logic lives
 in ``dleaf/bench/``; see ``docs/performance.md`` for the measured tables and the cost model.
 """
 
+import argparse
 import dataclasses
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -38,7 +42,16 @@ def _shape_knobs(items: list[str], cls) -> dict:
     return out
 
 
-def main(argv=None) -> dict:
+class _OldOut(argparse.Action):
+    """``--out FILE``, the old spelling: still writes that JSON file, and says once to write --output_dir."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        cli.warn_once("--out FILE is an old spelling; write --output_dir FOLDER (bench.json and bench.md go there); "
+                      "--out still works for now")
+        setattr(namespace, self.dest, values)
+
+
+def build_parser():
     ap = cli.ArgumentParser(description=__doc__)  # dash aliases, error: ... with exit status 2
     d = bench.BenchConfig()
     ap.add_argument("--models", type=_str_tuple, default=d.models, help="comma-separated: organism,llava_shaped")
@@ -52,7 +65,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--paired_warmup", type=int, default=d.paired_warmup)
     ap.add_argument("--no_memory", action="store_true", help="skip the peak-memory runs")
     ap.add_argument("--memory_only", action="store_true",
-                    help="measure only peak memory (CPU) and merge it into the JSON given by --out")
+                    help="measure only peak memory (CPU) and merge it into the bench.json of --output_dir")
     ap.add_argument("--memory_models", type=_str_tuple, default=d.memory_models)
     ap.add_argument("--score_models", type=_str_tuple, default=d.score_models)
     ap.add_argument("--score_batch_sizes", type=_int_tuple, default=d.score_batch_sizes)
@@ -66,8 +79,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default=d.device)
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
-    ap.add_argument("--out", default=None, help="JSON file for the results (written atomically)")
-    ap.add_argument("--markdown", default=None, help="also write the tables as Markdown to this file")
+    ap.add_argument("--output_dir", default=None,
+                    help="folder for bench.json (the results, written atomically) and bench.md (the tables)")
+    ap.add_argument("--markdown", default=None, help="write the tables as Markdown to this file (default with "
+                                                     "--output_dir: its bench.md)")
+    ap.add_argument("--out", action=_OldOut, default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv=None) -> dict:
+    ap = build_parser()
     args = ap.parse_args(argv)
     from dleaf import models
 
@@ -87,7 +108,12 @@ def main(argv=None) -> dict:
             use_checkpoint=not args.random_organism, device=args.device, seed=args.seed)
     except ValueError as err:
         ap.error(str(err))
+    if args.output_dir:
+        args.out = args.out or str(Path(args.output_dir) / "bench.json")
+        args.markdown = args.markdown or str(Path(args.output_dir) / "bench.md")
     try:  # the output files are checked before the benchmark runs
+        if args.output_dir:
+            cli.check_output_dir(args.output_dir)
         for flag, path in (("--out", args.out), ("--markdown", args.markdown)):
             if path:
                 cli.check_output_file(path, flag)
@@ -96,20 +122,23 @@ def main(argv=None) -> dict:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if args.memory_only:
         if not args.out:
-            ap.error("--memory_only needs --out (the JSON to merge the memory results into)")
+            ap.error("--memory_only needs --output_dir (whose bench.json the memory results are merged into)")
         result = bench.run_memory_only(cfg, args.out, log)
     else:
         result = bench.run_benchmark(cfg, args.out, log)
     print(bench.format_report(result))
     if args.markdown:
-        from pathlib import Path
+        from dleaf.io import write_text_atomic
 
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(bench.markdown_tables(result))
-    if args.out:
-        print(f"\nwrote {args.out}")
+        write_text_atomic(bench.markdown_tables(result), args.markdown)
+    written = [args.output_dir] if args.output_dir else [p for p in (args.out, args.markdown) if p]
+    if written:
+        print()
+        cli.done(*written)
+    else:
+        print("\nno files written (pass --output_dir to write bench.json and bench.md)")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.main(lambda argv: main(argv) and 0, resumable=False))

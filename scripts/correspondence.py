@@ -30,8 +30,9 @@ def build_parser():
                     help="'organism' (the adapter's held-out ground-truth pairs) or a preference dataset on disk "
                          "(save_to_disk folder, parquet or JSON lines)")
     ap.add_argument("--dataset_split", default="test", help="split of a DatasetDict on disk")
-    ap.add_argument("--column_map", action="append", default=[], metavar="OLD=NEW",
-                    help="rename a column of --dataset, repeated")
+    ap.add_argument("--column_map", action="extend", nargs="+", default=[], metavar="OLD=NEW",
+                    help="rename a column of --dataset, repeated (--column_map question=prompt --column_map "
+                         "image=images)")
     ap.add_argument("--n_pairs", type=int, default=300,
                     help="preference pairs, the first N (the organism adapter's own held-out set is the first 200)")
     ap.add_argument("--n_generations", type=int, default=100,
@@ -68,7 +69,8 @@ def main(argv=None) -> int:
         raise cli.InputError(f"--gammas must be comma-separated numbers, got {args.gammas!r}") from None
     prep = suite.prepare(
         args.output_dir, model=args.model, adapter=args.adapter, dataset=args.dataset,
-        dataset_split=args.dataset_split, column_map=args.column_map, n_pairs=args.n_pairs,
+        dataset_split=args.dataset_split, column_map=cli.split_entries(args.column_map, "--column_map"),
+        n_pairs=args.n_pairs,
         n_generations=args.n_generations, knobs=cli.parse_knobs(args.knob), beta=args.beta, gammas=gammas,
         fd_step=args.fd_step, batch_size=args.batch_size, n_resamples=args.n_resamples,
         permutations=args.permutations, seed=args.seed, top_k=args.top_k, dtype=args.dtype, device=args.device,

@@ -1,8 +1,8 @@
 """Compare greedy decoding, D-LEAF (its variants, a gamma sweep, the ablations), PAI and SPIN on the organism,
 every setting through the evaluation harness, with paired bootstrap intervals of each difference from greedy.
 
-    python scripts/organism_grid.py --n_images 1000 --output_dir runs/grid            # the adversarial split
-    python scripts/organism_grid.py --n_images 1000 --output_dir runs/grid --replicate dleaf pai
+    python scripts/organism_grid.py --limit 1000 --output_dir runs/grid            # the adversarial split
+    python scripts/organism_grid.py --limit 1000 --output_dir runs/grid --replicate dleaf pai
 
 Each setting is a harness run folder under <output_dir>/<split>/<setting>/ (captions, pope); a rerun resumes or
 skips them. The summary is written to <output_dir>/grid.md and grid.json. --replicate re-runs the named settings
@@ -17,11 +17,12 @@ from dleaf import cli
 def build_parser():
     ap = cli.ArgumentParser(description=__doc__)
     cli.add_common_arguments(ap, output_dir="runs/grid", seed=0)
-    ap.add_argument("--n_images", type=int, default=1000, help="scenes per split")
+    ap.add_argument("--limit", type=int, default=1000, help="scenes per split")
     ap.add_argument("--batch_size", type=int, default=100, help="prompts per generate call")
     ap.add_argument("--only", nargs="*", default=None, help="labels to run (default: the whole grid)")
     ap.add_argument("--replicate", nargs="*", default=[], help="labels to confirm on the replication split")
     ap.add_argument("--no_pope", dest="pope", action="store_false", help="skip the yes/no questions")
+    cli.add_old_spelling(ap, "--n_images", "--limit")
     return ap
 
 
@@ -33,8 +34,8 @@ def main(argv=None):
     from dleaf.io import InputError, write_json_atomic, write_text_atomic
     from dleaf import grid
 
-    if args.n_images < 1 or args.batch_size < 1:
-        raise InputError("--n_images and --batch_size must be positive")
+    if args.limit < 1 or args.batch_size < 1:
+        raise InputError("--limit and --batch_size must be positive")
     labels = [s.label for s in grid.grid(0.1)]
     for name, chosen in (("--only", args.only or ()), ("--replicate", args.replicate)):
         unknown = sorted(set(chosen) - set(labels))
@@ -43,7 +44,7 @@ def main(argv=None):
     cli.check_output_dir(args.output_dir)
     cli.set_threads(args.threads)
     model, processor = models.load(args.model)
-    res = grid.run_organism_grid(model, processor, args.output_dir, args.n_images, args.only, args.replicate,
+    res = grid.run_organism_grid(model, processor, args.output_dir, args.limit, args.only, args.replicate,
                                   args.pope, args.batch_size, model_name=args.model, seed=args.seed)
     out = Path(args.output_dir)
     write_text_atomic(res["markdown"], out / "grid.md")

@@ -43,8 +43,10 @@ def main(argv=None):
     cli.check_output_dir(args.output_dir or args.run_dir, "--output_dir" if args.output_dir else "--run_dir")
     cli.set_threads(args.threads)
     options = {k: getattr(args, k) for k in ("coco_images", "coco_instances", "coco_captions") if getattr(args, k)}
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731  progress lines: stderr
     result = premise_check.run_premise_check(args.run_dir, args.output_dir, args.model, options, args.protocol,
-                                             args.n_bootstrap, args.batch_size, seed=args.seed)
+                                             args.n_bootstrap, args.batch_size, seed=args.seed, say=say,
+                                             progress=cli.progress_lines("[premise]   scored", "batches"))
     print((result["paths"][1]).read_text(), end="")
     cli.done(args.output_dir or args.run_dir)
     return 0

@@ -3,7 +3,7 @@ captions (CHAIR, additions and substitutions, partner share) and yes/no answers 
 table (per layer, LIAE and image mass at hallucinated versus grounded object words) and a per-patch linear probe.
 
     python scripts/profile_organism.py                                  # 1,000 images per split, both models
-    python scripts/profile_organism.py --n_images 200 --output_dir runs/profile_small
+    python scripts/profile_organism.py --limit 200 --output_dir runs/profile_small
 
 Writes organism_profile.json, organism_profile.md and the premise figures to --output_dir.
 """
@@ -16,15 +16,17 @@ from dleaf import cli
 def build_parser():
     ap = cli.ArgumentParser(description=__doc__)
     cli.add_common_arguments(ap, output_dir="runs/profile", model=False, seed=0)
-    ap.add_argument("--organism", default="organism", help="the organism: a name or a checkpoint folder")
+    ap.add_argument("--model", default="organism", help="the organism: a name or a checkpoint folder")
     ap.add_argument("--control", default="organism_control", help="the control ('' to skip)")
-    ap.add_argument("--n_images", type=int, default=1000, help="images per held-out split")
+    ap.add_argument("--limit", type=int, default=1000, help="images per held-out split")
     ap.add_argument("--batch_size", type=int, default=100, help="prompts per generate call")
     ap.add_argument("--probe", action="store_true", default=True, help="also run the per-patch linear probe")
     ap.add_argument("--no_probe", dest="probe", action="store_false", help="skip the per-patch linear probe")
     ap.add_argument("--attention_regime", action="store_true",
                     help="also measure the attention regime (sinks, image-attention deficit, visual sinks, grounding "
                          "heads) on the premise splits' captions")
+    for old, new in (("--organism", "--model"), ("--n_images", "--limit")):
+        cli.add_old_spelling(ap, old, new)
     return ap
 
 
@@ -43,10 +45,10 @@ def main(argv=None):
     from dleaf.premise import PremiseRow, plot_premise
 
     try:
-        protocol = ProfileProtocol(n_images=args.n_images, batch_size=args.batch_size)
+        protocol = ProfileProtocol(n_images=args.limit, batch_size=args.batch_size)
     except ValueError as e:
         raise InputError(str(e)) from None
-    named = {"organism": args.organism, **({"control": args.control} if args.control else {})}
+    named = {"organism": args.model, **({"control": args.control} if args.control else {})}
     for path in named.values():
         models.check_model(path)
     cli.check_output_dir(args.output_dir)

@@ -5,8 +5,9 @@ summary for the methods that flag layers.
     python scripts/run_dleaf.py --method dleaf --knob gamma=0.8 --knob threshold=best --output_dir runs/one
     python scripts/run_dleaf.py --model llava-hf/llava-1.5-7b-hf --image photo.jpg --prompt "Describe the image."
 
-Methods and their knobs: python -m dleaf methods. With --output_dir, trace.json, trace.png and summary.txt are
-written there.
+Methods and their knobs: python -m dleaf methods. With --output_dir, result.json (the two replies, the setting) and
+summary.txt are written there, and for a method that flags layers (D-LEAF and its variants) trace.json and
+trace.png.
 """
 
 import sys
@@ -18,13 +19,16 @@ def build_parser():
     ap = cli.ArgumentParser(description=__doc__)
     cli.add_common_arguments(ap, method=True)
     ap.set_defaults(method="dleaf")
-    ap.add_argument("--output_dir", "--out", default=None, help="folder for trace.json, trace.png and summary.txt")
+    ap.add_argument("--output_dir", default=None,
+                    help="folder for result.json and summary.txt (and trace.json, trace.png for a method that flags "
+                         "layers)")
     ap.add_argument("--image", default=None, help="image file (default with the organism: an adversarial scene)")
     ap.add_argument("--scene", type=int, default=None,
                     help="which adversarial organism scene when --image is not given (default: the first of the "
                          "first 32 where greedy decoding hallucinates)")
     ap.add_argument("--prompt", default=None, help="the question (default: the benchmark's caption prompt)")
     ap.add_argument("--max_new_tokens", type=int, default=64, help="token limit of each reply")
+    cli.add_old_spelling(ap, "--out", "--output_dir")
     return ap
 
 
@@ -83,12 +87,17 @@ def main(argv=None):
 
         print("\n" + trace_report.trace_summary(result["trace"]))
     if args.output_dir:
-        where = args.image or f"adversarial scene {scene}"
-        paths = run.write_outputs(result, args.output_dir, title=f"{args.model}, {where}: {setting.label}")
-        if paths:
-            cli.done(args.output_dir)
-            return 0
-    print("no files written (pass --output_dir to write trace.json, trace.png and summary.txt)")
+        where = str(args.image) if args.image is not None else f"adversarial scene {scene}"
+        meta = {"model": args.model, "image": where, "prompt": prompt, "setting": setting.label,
+                "max_new_tokens": args.max_new_tokens}
+        if truth is not None:
+            meta["objects"] = sorted(truth)
+        run.write_outputs(result, args.output_dir, title=f"{args.model}, {where}: {setting.label}",
+                          method=args.method, meta=meta)
+        cli.done(args.output_dir)
+        return 0
+    print("no files written (pass --output_dir to write result.json and summary.txt, and for a method that flags "
+          "layers trace.json and trace.png)")
     return 0
 
 

@@ -5,7 +5,7 @@ measured numbers beside the paper's claims.
 On the organism (no downloads; 300 adversarial images per benchmark by default):
 
     python scripts/study.py                       # runs/study
-    python scripts/study.py --output_dir runs/study_1000 --n_images 1000 --no_correspondence
+    python scripts/study.py --output_dir runs/study_1000 --limit 1000 --no_correspondence
 
 On a real checkpoint, on GPUs (CHAIR on COCO val2014, the POPE question files, a DPO adapter trained with
 scripts/train_dpo.py, held-out preference pairs for the correspondence suite):
@@ -14,8 +14,8 @@ scripts/train_dpo.py, held-out preference pairs for the correspondence suite):
         --dtype bfloat16 --coco_images coco/val2014 --coco_instances coco/annotations/instances_val2014.json \\
         --coco_captions coco/annotations/captions_val2014.json --pope_images coco/val2014 \\
         --pope_files pope/coco_pope_random.json pope/coco_pope_popular.json pope/coco_pope_adversarial.json \\
-        --adapter runs/llava15_dpo --preference_data rlaif_v_heldout.parquet --column_map question=prompt,image=images \\
-        --output_dir runs/study_llava15
+        --adapter runs/llava15_dpo --preference_data rlaif_v_heldout.parquet \\
+        --column_map question=prompt --column_map image=images --output_dir runs/study_llava15
 
 An interrupted study resumes where it stopped (run the same command again).
 """
@@ -33,22 +33,22 @@ def correspondence_suite():
     except ImportError:
         return None
 
-    def step(out, cfg):
+    def step(out, cfg, say=None):
         return study_step(out, n_pairs=cfg.correspondence_pairs, model=cfg.model,
                           adapter=cfg.adapter_path, dataset=cfg.preference_data,
                           dataset_split=cfg.preference_split, column_map=cfg.column_map, dtype=cfg.dtype,
-                          seed=cfg.seed)
+                          seed=cfg.seed, progress=say)
 
     return step
 
 
 def build_parser():
     ap = cli.ArgumentParser(description=__doc__)
-    ap.add_argument("--output_dir", "--out", default="runs/study", help="the study's folder")
-    ap.add_argument("--n_images", type=int, default=None,
+    ap.add_argument("--output_dir", default="runs/study", help="the study's folder")
+    ap.add_argument("--limit", type=int, default=None,
                     help="images per benchmark (organism: 300 when not given; a real checkpoint: the first N COCO "
                          "images and the first N questions of each POPE file, all when not given)")
-    ap.add_argument("--pairs", type=int, default=100, help="preference pairs for the correspondence suite")
+    ap.add_argument("--n_pairs", type=int, default=100, help="preference pairs for the correspondence suite")
     ap.add_argument("--no_correspondence", action="store_true", help="skip the correspondence suite")
     ap.add_argument("--no_progress", dest="progress", action="store_false", help="hide the progress bars")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads torch may use")
@@ -66,13 +66,17 @@ def build_parser():
                       help="held-out preference pairs for the correspondence suite (save_to_disk folder, parquet or "
                            "JSON lines)")
     real.add_argument("--preference_split", default="test", help="split of --preference_data")
-    real.add_argument("--column_map", default=None, help="rename preference columns, old=new entries separated by commas")
+    real.add_argument("--column_map", action="extend", nargs="+", default=[], metavar="OLD=NEW",
+                      help="rename a column of --preference_data, repeated (--column_map question=prompt "
+                           "--column_map image=images)")
     real.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     real.add_argument("--attn_implementation", default=None,
                       help="attention implementation to load with (default: eager for the organism, the model's own "
                            "otherwise; D-LEAF switches the layers it watches itself)")
     real.add_argument("--batch_size", type=int, default=None,
                       help="prompts per generate call (default: 100 for the organism, else 8)")
+    for old, new in (("--out", "--output_dir"), ("--n_images", "--limit"), ("--pairs", "--n_pairs")):
+        cli.add_old_spelling(ap, old, new)
     return ap
 
 
@@ -81,13 +85,17 @@ def main(argv=None):
     from dleaf.io import InputError
     from dleaf.study import StudyConfig, run_study
 
+    for flag, value in (("--limit", args.limit), ("--n_pairs", args.n_pairs), ("--batch_size", args.batch_size)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be >= 1, got {value}")
+    column_map = cli.split_entries(args.column_map, "--column_map") or None
     try:
-        cfg = StudyConfig(n_images=args.n_images, correspondence=not args.no_correspondence,
-                          correspondence_pairs=args.pairs, model=args.model, adapter=args.adapter,
+        cfg = StudyConfig(n_images=args.limit, correspondence=not args.no_correspondence,
+                          correspondence_pairs=args.n_pairs, model=args.model, adapter=args.adapter,
                           coco_images=args.coco_images, coco_instances=args.coco_instances,
                           coco_captions=args.coco_captions, pope_files=tuple(args.pope_files),
                           pope_images=args.pope_images, preference_data=args.preference_data,
-                          preference_split=args.preference_split, column_map=args.column_map, dtype=args.dtype,
+                          preference_split=args.preference_split, column_map=column_map, dtype=args.dtype,
                           attn_implementation=args.attn_implementation, batch_size=args.batch_size, seed=args.seed)
     except ValueError as err:
         raise InputError(str(err)) from None
@@ -102,8 +110,17 @@ def main(argv=None):
             check_study_adapter = None
         if check_study_adapter is not None:
             check_study_adapter(cfg.model, cfg.adapter_path)
+    if cfg.preference_data and cfg.correspondence:  # the held-out pairs, their split and column map, up front
+        from dpo_link.data import check_dataset_path, parse_column_map
+
+        try:
+            check_dataset_path(cfg.preference_data, cfg.preference_split, "--preference_split")
+            parse_column_map(column_map)
+        except (OSError, ValueError) as e:
+            raise e if isinstance(e, InputError) else InputError(f"--preference_data: {e}") from None
     cli.set_threads(args.threads)
-    report = run_study(args.output_dir, cfg, progress=args.progress, correspondence=correspondence_suite())
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731  progress lines: stderr
+    report = run_study(args.output_dir, cfg, progress=args.progress, say=say, correspondence=correspondence_suite())
     if report is not None:  # process 0
         print((Path(args.output_dir) / "report.md").read_text())
         cli.done(args.output_dir)

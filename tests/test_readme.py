@@ -15,13 +15,13 @@ SCRIPT = re.compile(r"^    (?:bash scripts/setup\.sh && )?(?:HF_HUB_OFFLINE=1 )?
                     r"(?:\.venv/bin/)?(python|accelerate launch)( .*?)?(scripts/\w+\.py)(.*)$")
 # the smallest limits per script (appended to the README's command)
 SMALL = {
-    "study.py": ["--n_images", "2", "--pairs", "4", "--no_progress"],
+    "study.py": ["--limit", "2", "--n_pairs", "4", "--no_progress"],
     "run_dleaf.py": ["--max_new_tokens", "8"],
     "evaluate.py": ["--limit", "2", "--max_new_tokens", "4", "--no_progress"],
     "premise_check.py": ["--n_bootstrap", "20"],
-    "organism_grid.py": ["--n_images", "2", "--only", "dleaf", "--no_pope"],
+    "organism_grid.py": ["--limit", "2", "--only", "dleaf", "--no_pope"],
     "organism_demo.py": ["--scan", "2", "--n", "1"],
-    "profile_organism.py": ["--n_images", "2", "--no_probe"],
+    "profile_organism.py": ["--limit", "2", "--no_probe"],
     "train_dpo.py": ["--max_steps", "1"],
     "correspondence.py": ["--n_pairs", "4"],
     "fault_benchmark.py": ["--limit", "2", "--max_new_tokens", "4", "--faults", "1", "--splits", "adversarial",

@@ -142,7 +142,7 @@ def test_study_on_a_real_checkpoint_folder(tmp_path, real_target):
     import study as study_script
 
     out = tmp_path / "run"
-    argv = ["--out", str(out), "--no_progress", "--n_images", "2", "--pairs", "4", "--batch_size", "2",
+    argv = ["--output_dir", str(out), "--no_progress", "--limit", "2", "--n_pairs", "4", "--batch_size", "2",
             "--model", real_target["model"], "--adapter", real_target["adapter"],
             "--coco_images", real_target["coco_images"], "--coco_instances", real_target["coco_instances"],
             "--coco_captions", real_target["coco_captions"], "--pope_files", *real_target["pope_files"],
