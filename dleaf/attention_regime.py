@@ -239,7 +239,7 @@ def regime_records(model, processor, images: Sequence, prompts: Sequence[str], r
     ``(R, L, H)``, ``caption`` (sample index per row); ``consistency`` ``(C, L)`` per caption with at least two rows;
     ``grounding``: ``region`` ``(G, L, H)``, ``chance`` ``(G,)``, ``word`` and ``sample`` per grounded row."""
     from .models import teacher_forced_inputs
-    from .premise_check import mention_token_spans
+    from .premise_check import mention_token_offsets
 
     if not len(images) == len(prompts) == len(replies):
         raise ValueError(f"images, prompts and replies differ in length: {len(images)}, {len(prompts)}, "
@@ -258,7 +258,7 @@ def regime_records(model, processor, images: Sequence, prompts: Sequence[str], r
             grounded = []
             for i, r in enumerate(reply_ids):
                 truth, reg = set(truths[start + i]), regions[start + i]
-                hits = [(j, m.category) for j, _, m in mention_token_spans(tok, r, vocab)
+                hits = [(j, m.category) for j, m in mention_token_offsets(tok, r, vocab)
                         if m.category in truth and m.category in reg]
                 grounded.append([(j, reg[c]) for j, c in hits])
                 words.append([c for _, c in hits])

@@ -189,7 +189,7 @@ def test_regime_records_on_the_organism_match_its_own_attention(organism):
     from dleaf.organism import world
     from dleaf.organism.benchmarks import VOCAB
     from dleaf.organism.regime import scene_regions
-    from dleaf.premise_check import mention_token_spans
+    from dleaf.premise_check import mention_token_offsets
 
     model, processor = organism
     scenes = world.scenes("adversarial", 3)
@@ -224,7 +224,7 @@ def test_regime_records_on_the_organism_match_its_own_attention(organism):
     # the first grounded row: the mention's first token, its object's four patches
     s0 = scenes[0]
     obj = s0.objects[0]
-    spans = [(f, m) for f, _, m in mention_token_spans(processor.tokenizer, ids[0], VOCAB) if m.category in s0.objects]
+    spans = [(f, m) for f, m in mention_token_offsets(processor.tokenizer, ids[0], VOCAB) if m.category in s0.objects]
     first, m = spans[0]
     assert m.category == obj
     a = att[:, n - 1 + first, :]
