@@ -211,13 +211,13 @@ def _script_cases(tmp: Path):
         "run_dleaf": ("run_dleaf.py", "--max_new_tokens", "2", "--output_dir", out),
         "correspondence": ("correspondence.py", "--n_pairs", "3", "--output_dir", out),
         "premise_check": ("premise_check.py", "--run_dir", tmp / "run", "--output_dir", out),
-        "study": ("study.py", "--n_images", "1", "--no_correspondence", "--output_dir", out),
+        "study": ("study.py", "--limit", "1", "--no_correspondence", "--output_dir", out),
         "fault_benchmark": ("fault_benchmark.py", "--limit", "1", "--output_dir", out),
-        "organism_grid": ("organism_grid.py", "--n_images", "1", "--output_dir", out),
-        "profile_organism": ("profile_organism.py", "--n_images", "1", "--output_dir", out),
+        "organism_grid": ("organism_grid.py", "--limit", "1", "--output_dir", out),
+        "profile_organism": ("profile_organism.py", "--limit", "1", "--output_dir", out),
         "train_organism": ("train_organism.py", "--output_dir", out),
         "train_dpo": ("train_dpo.py", "--config", recipe, "--output_dir", out),
-        "bench_out": ("bench.py", "--out", out / "bench.json"),
+        "bench_out": ("bench.py", "--output_dir", out),
         "bench_markdown": ("bench.py", "--markdown", out / "bench.md"),
     }
 
