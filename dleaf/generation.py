@@ -75,7 +75,7 @@ def _flag_counts(intervention, n: int) -> list[list[int]] | None:
 
 def _flags_method(setting: Setting) -> bool:
     config = setting.config()
-    return config is not None and hasattr(config, "localization")
+    return config is not None and getattr(config, "traces_flags", False)  # methods whose traces hold flags
 
 
 def _extra_kwargs(intervention, inputs) -> dict:

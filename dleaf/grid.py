@@ -61,7 +61,7 @@ def _args(s: Setting, benchmark: str, out: Path, split: str, n_images: int, batc
     return harness.EvalArguments(benchmark=benchmark, output_dir=str(out), model=model, method=s.method,
                                  knobs=s.knob_args(),
                                  splits=[split], limit=n_images, batch_size=batch_size, progress=progress,
-                                 record_flags=s.config() is not None and hasattr(s.config(), "localization"),
+                                 record_flags=getattr(s.config(), "traces_flags", False),
                                  **extra)
 
 

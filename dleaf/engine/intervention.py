@@ -281,6 +281,12 @@ class Intervention:
             raise ValueError("the intervention passed to generation_kwargs is detached")
         return self.method.generation_kwargs(inputs)
 
+    def name_samples(self, keys) -> None:
+        """Name the rows of the next sequence (one key per batch row, in order) for a localizer that reads flags per
+        sample (``localization="oracle"``, :mod:`dleaf.methods.localizers.oracle`); without it the rows are
+        numbered in order from 0 since the method was attached."""
+        self.method.name_samples(keys)
+
     def flag_rate(self) -> float:
         """Fraction of (active position, watched layer) pairs flagged so far (needs ``trace=True``)."""
         if self.trace is None:

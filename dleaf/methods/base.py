@@ -63,8 +63,17 @@ class Method:
     #: whether teacher-forced scoring (response_logprobs, PromptCache) can apply the method
     scores_teacher_forced: ClassVar[bool] = True
 
+    #: the localizations the method computes itself (fused with its correction); any other value of its
+    #: ``localization`` knob runs through :mod:`dleaf.methods.localizers`
+    native_localizations: ClassVar[tuple] = ()
+
     def __init__(self, config, host):
+        from .localizers import make_localizer
+
         self.config, self.host = config, host
+        #: where the method acts (:mod:`dleaf.methods.localizers`), None for a configuration without a
+        #: ``localization`` knob or one the method computes natively
+        self.localizer = make_localizer(config, host, self.native_localizations)
 
     def watched_layers(self, num_layers: int) -> range:
         """The layers whose attention the method sees (default: the config's ``[layer_start, layer_end)``)."""
@@ -72,12 +81,31 @@ class Method:
 
     def begin(self, batch: int, device) -> None:
         """A sequence of ``batch`` rows starts (or starts over): reset the per-row state."""
+        if self.localizer is not None:
+            self.localizer.begin(batch, device)
 
     def before_forward(self, kwargs: dict, new_sequence: bool) -> None:
         """Before each forward call of the model (``kwargs``: its keyword arguments)."""
+        if self.localizer is not None:
+            self.localizer.before_forward(kwargs, new_sequence)
 
     def end_forward(self) -> None:
         """After each forward call of the model."""
+        if self.localizer is not None:
+            self.localizer.end_forward()
+
+    def rows_to_act(self, call, rows=None):
+        """(B, Qa) bool: the active-suffix rows of ``call`` the method acts on (its localizer's flags; every active
+        row without a localizer). ``rows``: the layer's plain post-softmax rows, for a localizer that needs them."""
+        if self.localizer is None:
+            return call.active
+        return self.localizer.flags(call, rows)
+
+    def name_samples(self, keys) -> None:
+        """Name the rows of the next sequence for the localizer (see :mod:`dleaf.methods.localizers.oracle`)."""
+        if self.localizer is None or not hasattr(self.localizer, "name_samples"):
+            raise ValueError(f"{type(self).__name__}: its localization does not read sample keys")
+        self.localizer.name_samples(keys)
 
     def attend(self, call):
         """A watched layer's attention (:class:`dleaf.engine.AttentionCall`): return ``(output (B, Q, H, D),
@@ -86,14 +114,18 @@ class Method:
 
     def reorder(self, index) -> None:
         """Row i of the batch becomes old row ``index[i]`` (beam search)."""
+        if self.localizer is not None:
+            self.localizer.reorder(index)
 
     def rollback(self, length: int) -> bool:
         """The cache was cropped to ``length`` tokens; return whether the state is now exactly what it was then
-        (the default: a method without running state)."""
-        return True
+        (the default: a method without running state, or its localizer's answer)."""
+        return True if self.localizer is None else self.localizer.rollback(length)
 
     def check_replay(self) -> None:
         """Raise if the state cannot be recomputed from scratch in one pass (``generate(use_cache=False)``)."""
+        if self.localizer is not None:
+            self.localizer.check_replay()
 
     def generation_kwargs(self, inputs: dict) -> dict:
         """Extra keyword arguments for ``model.generate(**inputs, ...)`` (default: none)."""

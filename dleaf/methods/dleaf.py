@@ -12,19 +12,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import ClassVar
 
 import torch
 
 from .. import attention_stats as stats
 from ..engine.kernels import softmax_scores
 from .base import Method, MethodConfig, choice, layer_range, register
+from .localizers import check_localization
 
 LAYER_SIGNALS = ("liae", "mass_deficit")
 LIAE_VARIANTS = ("mixed", "mean_head")
 IAF_VARIANTS = ("mass", "focus")
 THRESHOLDS = ("running", "best")
 HEAD_SELECTIONS = ("below_mean", "bottom_k", "all_but_best")
-LOCALIZATIONS = ("threshold", "everywhere", "random")
+LOCALIZATIONS = ("threshold", "everywhere", "random")  # computed natively; "oracle" and any other registered
+# localizer (dleaf.methods.localizers) run through the localizer protocol
 FUSION_TARGETS = ("best", "random")
 
 
@@ -45,7 +48,9 @@ class DLeafConfig(MethodConfig):
 
     ``localization``: ``"threshold"`` is D-LEAF; ``"everywhere"`` fuses in every eligible layer at every position
     (the no-localization ablation); ``"random"`` flags each eligible layer at each position with probability
-    ``random_rate`` (seeded by ``seed``), the random-layer ablation at D-LEAF's flag rate.
+    ``random_rate`` (seeded by ``seed``), the random-layer ablation at D-LEAF's flag rate; ``"oracle"`` flags the
+    (position, layer) cells named by ``flags`` (:mod:`dleaf.methods.localizers.oracle`), the prompt's last row
+    included; any other localizer registered in :mod:`dleaf.methods.localizers` is accepted.
 
     ``fusion_target``: ``"best"`` fuses toward h* (D-LEAF); ``"random"`` fuses each corrected row toward a head drawn
     uniformly among the heads other than h* (per sample, position and layer, seeded by ``seed``; a corrected head
@@ -70,11 +75,16 @@ class DLeafConfig(MethodConfig):
         layer_end: one past the last layer watched (None: the last layer)
         head_selection: "below_mean", "bottom_k" or "all_but_best"
         bottom_k: heads corrected with "bottom_k" (never h*)
-        localization: "threshold" (D-LEAF), "everywhere" or "random"
+        localization: "threshold" (D-LEAF), "everywhere", "random", "oracle" (the cells of flags) or another
+            registered localizer
         random_rate: flag probability with localization="random"
         fusion_target: "best" (h*) or "random" (a head other than h*)
         seed: seed of the random localization and target draws
+        flags: with localization="oracle", the flag provider (a FlagSet, a mapping, a callable or a JSON flag file)
     """
+
+    #: the method's trace holds per-layer flags (dleaf.generation counts them)
+    traces_flags: ClassVar[bool] = True
 
     gamma: float = 0.5
     layer_signal: str = "liae"
@@ -93,6 +103,7 @@ class DLeafConfig(MethodConfig):
     random_rate: float = 0.1
     fusion_target: str = "best"
     seed: int = 0
+    flags: object | None = None
 
     def __post_init__(self):
         owner = type(self).__name__
@@ -103,7 +114,7 @@ class DLeafConfig(MethodConfig):
         choice(owner, "iaf_variant", self.iaf_variant, IAF_VARIANTS)
         choice(owner, "threshold", self.threshold, THRESHOLDS)
         choice(owner, "head_selection", self.head_selection, HEAD_SELECTIONS)
-        choice(owner, "localization", self.localization, LOCALIZATIONS)
+        check_localization(owner, self)
         choice(owner, "fusion_target", self.fusion_target, FUSION_TARGETS)
         if self.kappa != self.kappa or self.margin != self.margin:
             raise ValueError(f"{owner}.kappa and margin must be numbers, got {self.kappa}, {self.margin}")
@@ -186,9 +197,9 @@ def flag_gate(active, ready, draw, cfg: DLeafConfig):
     ``active & (draw < random_rate)`` (``"random"``, ``draw`` uniform)."""
     if cfg.localization == "threshold":
         return active & ready
-    if cfg.localization == "everywhere":
-        return active
-    return active & (draw < cfg.random_rate)
+    if cfg.localization == "random":
+        return active & (draw < cfg.random_rate)
+    return active  # "everywhere"; a localizer of dleaf.methods.localizers then narrows it (DLeaf._gate)
 
 
 def layer_flags(signal, gate, tau, cfg: DLeafConfig):
@@ -283,9 +294,11 @@ class DLeaf(Method):
     threshold follows; they move with the batch under beam search."""
 
     config_class = DLeafConfig
+    native_localizations = LOCALIZATIONS
 
     def __init__(self, config: DLeafConfig, host):
         super().__init__(config, host)
+        self._call = None  # the attention call being computed (for a localizer of dleaf.methods.localizers)
         self.stats: torch.Tensor | None = None
         self.layer_stats: list = []
         self.row_context: dict | None = None
@@ -308,16 +321,24 @@ class DLeaf(Method):
         self.row_context = None
         if self.config.localization == "random" and self.generator is None:
             self.generator = torch.Generator(device=device).manual_seed(self.config.seed)
+        if self.localizer is not None:
+            self.localizer.begin(batch, device)
 
     def before_forward(self, kwargs: dict, new_sequence: bool) -> None:
         self.row_context = None
+        if self.localizer is not None:
+            self.localizer.before_forward(kwargs, new_sequence)
 
     def end_forward(self) -> None:
         self._flush_row_signals()
+        if self.localizer is not None:
+            self.localizer.end_forward()
 
     def reorder(self, index) -> None:
         self.stats.copy_(self.stats.index_select(2, index))  # in place: the per-layer views stay valid
         self.derived = {}
+        if self.localizer is not None:
+            self.localizer.reorder(index)
 
     def rollback(self, length: int) -> bool:
         return False  # the running statistics of the removed positions cannot be taken out again
@@ -328,6 +349,8 @@ class DLeaf(Method):
                 "generate(use_cache=False) recomputes every earlier position at each step, which would draw the "
                 "random layers or targets again; use the default cache with localization='random' or "
                 "fusion_target='random'")
+        if self.localizer is not None:
+            self.localizer.check_replay()
 
     def set_gamma(self, gamma) -> None:
         self.gamma_value = gamma
@@ -361,8 +384,9 @@ class DLeaf(Method):
     # ------------------------------------------------------------------ attention
     def attend(self, call):
         module, first, active = call.module, call.first, call.active
+        self._call = call
         if (self.host.compile and call.query.shape[2] == 1 and not (module.training and call.dropout)
-                and call.sinks is None):
+                and call.sinks is None and not (self.localizer is not None and self.localizer.needs_rows)):
             # decoding step (or the prefill's last row with unwatched="sdpa"): the products stay eager, the softmax
             # and D-LEAF between them run as one compiled region
             weights, record = self._one_row_compiled(call)
@@ -388,7 +412,7 @@ class DLeaf(Method):
         :func:`one_row_step`. The thresholds of every watched layer come from :meth:`_row_context`, made once per
         forward call, and the running statistics are updated for every layer at once after the forward call
         (:meth:`_flush_row_signals`)."""
-        *args, shift = self._one_row_inputs(layer, active, rows.shape[-1], rows.dtype)
+        *args, shift = self._one_row_inputs(layer, active, rows.shape[-1], rows.dtype, rows)
         out = one_row_step(rows, *args, self.config, inplace=not torch.is_grad_enabled(), target_shift=shift)
         return out[0], self._one_row_done(layer, *out[1:])
 
@@ -401,7 +425,7 @@ class DLeaf(Method):
                                            call.softcap)
         return out[0], self._one_row_done(call.layer, *out[1:])
 
-    def _one_row_inputs(self, layer, active, k_len, dtype):
+    def _one_row_inputs(self, layer, active, k_len, dtype, rows=None):
         """What :func:`one_row_step` needs besides the rows: image mask, gate, threshold, -1/log|I|, gamma and the
         random target's draw (None unless ``fusion_target="random"``)."""
         cfg = self.config
@@ -411,6 +435,8 @@ class DLeaf(Method):
         if cfg.localization == "random":
             draw = torch.rand(active.shape, generator=self.generator, device=active.device)
             gate = flag_gate(active, None, draw, cfg)[:, :, None]
+        elif self.localizer is not None:
+            gate = self._gate(active, rows)[:, :, None]
         return (self.host.image_row(k_len, dtype), gate, ctx["tau"][i], self._neg_inv_log_image(dtype), self.gamma(),
                 self._target_shift(active.shape[0], 1, active.device))
 
@@ -488,7 +514,8 @@ class DLeaf(Method):
         if cfg.localization == "random":
             draw = torch.rand(active.shape, generator=self.generator, device=active.device)
         tau, ready = causal_threshold(count, total, squares, best, cfg)
-        flag = layer_flags(signal, flag_gate(active, ready, draw, cfg), tau, cfg)
+        gate = flag_gate(active, ready, draw, cfg) if self.localizer is None else self._gate(active, rows)
+        flag = layer_flags(signal, gate, tau, cfg)
         tau = torch.where(ready, tau, torch.full_like(tau, math.nan))
 
         with torch.no_grad():  # the state only feeds comparisons: no gradient
@@ -505,6 +532,10 @@ class DLeaf(Method):
         new_rows = fuse_heads(rows, best_head, corrected, self.gamma())
         record = {"signal": signal, "tau": tau, "flag": flag, "iaf": iaf, "corrected": corrected}
         return new_rows, record
+
+    def _gate(self, active, rows):
+        """The rows a localizer of :mod:`dleaf.methods.localizers` flags in the current call's layer, (B, Qa)."""
+        return self.localizer.flags(self._call, rows) & active
 
     def _target_shift(self, b: int, q: int, device) -> torch.Tensor | None:
         """``fusion_target="random"``: a (B, 1, Q) draw uniform in [1, H) per sample, row and layer; else None."""

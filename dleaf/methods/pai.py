@@ -7,27 +7,42 @@ import dataclasses
 import torch
 
 from .base import Method, MethodConfig, layer_range, register
+from .localizers import check_localization
 
 
 @dataclasses.dataclass(frozen=True)
 class PAIConfig(MethodConfig):
     """PAI (Liu et al., ECCV 2024), attention part: in layers ``[layer_start, layer_end)``, the current query row's
     pre-softmax scores over image keys become ``w + alpha |w|``. PAI's classifier-free guidance step is not included.
+    ``localization`` restricts the boost to the rows a localizer flags (:mod:`dleaf.methods.localizers`; PAI itself:
+    ``"everywhere"``).
 
     Knobs:
         alpha: strength of the boost of image-key scores (0: plain decoding)
         layer_start: first layer boosted
         layer_end: one past the last layer boosted (None: the last layer)
+        localization: where to boost: "everywhere" (PAI), "random", "threshold" (D-LEAF's LIAE flags, its default
+            threshold knobs) or "oracle" (the cells of flags)
+        random_rate: flag probability with localization="random"
+        seed: seed of the random localization
+        flags: with localization="oracle", the flag provider (a FlagSet, a mapping, a callable or a JSON flag file)
     """
 
     alpha: float = 0.2
     layer_start: int = 2
     layer_end: int | None = None
+    localization: str = "everywhere"
+    random_rate: float = 0.1
+    seed: int = 0
+    flags: object | None = None
 
     def __post_init__(self):
         if self.alpha < 0:
             raise ValueError(f"PAIConfig.alpha must be >= 0, got {self.alpha}")
         layer_range("PAIConfig", self.layer_start, self.layer_end)
+        check_localization("PAIConfig", self)
+        if not 0.0 <= self.random_rate <= 1.0:
+            raise ValueError(f"PAIConfig.random_rate must lie in [0, 1], got {self.random_rate}")
 
 
 @register("pai", "PAI's attention part: the current row's pre-softmax scores over image keys become w + alpha |w|")
@@ -35,7 +50,9 @@ class PAI(Method):
     config_class = PAIConfig
 
     def attend(self, call):
-        first, active, image, alpha = call.first, call.active, call.image, self.config.alpha
+        first, image, alpha = call.first, call.image, self.config.alpha
+        plain = call.weights()[:, :, first:] if self.localizer is not None and self.localizer.needs_rows else None
+        active = self.rows_to_act(call, plain)  # every active row for PAI itself (localization="everywhere")
 
         def boost(scores):
             rows = scores[:, :, first:]
