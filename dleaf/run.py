@@ -63,26 +63,34 @@ def compare(model, processor, image, prompt: str, setting: Setting, max_new_toke
             "plain_marks": token_marks(tok, plain["token_ids"], vocab, truth)}
 
 
-def write_outputs(result: dict, out_dir: str | Path, title: str | None = None) -> list[Path]:
-    """Trace JSON, text summary and figure of a :func:`compare` result under ``out_dir``."""
+def write_outputs(result: dict, out_dir: str | Path, title: str | None = None, method: str | None = None,
+                  meta: dict | None = None) -> list[Path]:
+    """The files of a :func:`compare` result under ``out_dir``: ``result.json`` (the two replies, the method's
+    configuration and ``meta``, such as the model and the image), ``summary.txt`` (the replies, and for methods
+    that flag layers the trace summary) and, for those methods, ``trace.json`` and ``trace.png``. Every method
+    writes the first two (PAI, SPIN and VCD flag no layers, so they have no trace)."""
     from . import trace_report
-    from .io import write_text_atomic
+    from .io import write_json_atomic, write_text_atomic
 
     out_dir = Path(out_dir)
     trace = result["trace"]
+    config = dataclasses.asdict(result["config"]) if result["config"] is not None else None
+    label = method or "method"
+    record = {**(meta or {}), "method": method, "replies": {"plain": result["plain"], label: result["method"]},
+              "config": config}
+    paths = [write_json_atomic(record, out_dir / "result.json")]
+    head = "" if trace is None else trace_report.trace_summary(trace) + "\n\n"
+    paths.append(write_text_atomic(f"{head}plain   : {result['plain']}\n{label:<8}: {result['method']}\n"
+                                   + ("" if title is None else f"\n{title}\n"), out_dir / "summary.txt"))
     if trace is None:
-        return []
+        return paths
     n = trace.sample(0)["positions"].shape[0]
     plain = result.get("plain_trace")
     m = plain.sample(0)["positions"].shape[0] if plain is not None else 0
-    record = {"plain": result["plain"], "method": result["method"],
-              "config": dataclasses.asdict(result["config"]) if result["config"] is not None else None}
-    paths = [trace_report.write_trace_json(trace, out_dir / "trace.json", tokens=result["tokens"],
-                                           config=result["config"]),
-             trace_report.plot_trace(trace, out_dir / "trace.png", tokens=result["tokens"][0][:n],
-                                     config=result["config"], marks=result["marks"][:n], plain=plain,
-                                     plain_tokens=result["plain_tokens"][0][:m],
-                                     plain_marks=result["plain_marks"][:m], title=title),
-             write_text_atomic(trace_report.trace_summary(trace) + "\n\nplain   : " + record["plain"] +
-                               "\nmethod  : " + record["method"] + "\n", out_dir / "summary.txt")]
+    paths += [trace_report.write_trace_json(trace, out_dir / "trace.json", tokens=result["tokens"],
+                                            config=result["config"]),
+              trace_report.plot_trace(trace, out_dir / "trace.png", tokens=result["tokens"][0][:n],
+                                      config=result["config"], marks=result["marks"][:n], plain=plain,
+                                      plain_tokens=result["plain_tokens"][0][:m],
+                                      plain_marks=result["plain_marks"][:m], title=title)]
     return paths
