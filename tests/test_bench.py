@@ -12,6 +12,7 @@ import torch
 
 from dleaf import bench, engine
 from dleaf.organism import build, world
+from margins import GREEDY_GAP, assert_greedy_gap
 
 TINY_ORGANISM = dict(text_hidden=32, text_layers=3, text_heads=4, text_intermediate=64)
 TINY_LLAVA = bench.LlavaShape(image_size=56, text_hidden=32, text_layers=4, text_heads=4, text_intermediate=64)
@@ -97,7 +98,9 @@ def test_json_has_every_configuration_and_the_ratios(tmp_path):
 def test_manual_loop_equals_generate_for_plain_greedy(padded, attention):
     model, batch = padded
     bench.set_text_attention(model, attention)
-    ours, times = bench.greedy_loop(model, [batch], 5)
+    chosen_from = []
+    ours, times = bench.greedy_loop(model, [batch], 5, lambda logits: chosen_from.append(logits[0]) or logits[0])
+    assert_greedy_gap(chosen_from, GREEDY_GAP)  # generate computes the logits otherwise: no choice may be a tie
     assert torch.equal(ours, bench.generate_tokens(model, batch, 5))
     assert set(times) == {"prefill_s", "decode_s"}
 

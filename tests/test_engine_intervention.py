@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dleaf import engine
+from margins import FLAG_MARGIN, GREEDY_GAP, assert_greedy_gap, assert_margin, assert_same_decisions, decisions
 
 GEN = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
 STRONG = dict(gamma=1.0, warmup=1, kappa=0.0)  # flags often on an untrained model
@@ -16,6 +17,14 @@ STRONG = dict(gamma=1.0, warmup=1, kappa=0.0)  # flags often on an untrained mod
 def tiny(organism_batch):
     """The tiny organism (3 layers, 4 heads, eager) and a left-padded batch of three prompts."""
     return organism_batch
+
+
+@pytest.fixture()
+def sharp(sharp_organism_batch):
+    """The tiny organism with sharpened attention and the same batch: for the tests that compare D-LEAF's flags,
+    head choices and greedy tokens along two numerically different paths, each decided by a clear margin (the plain
+    organism's are decided by rounding; tests/margins.py)."""
+    return sharp_organism_batch
 
 
 def _same_logits(a, b):
@@ -41,33 +50,41 @@ def test_detach_leaves_the_model_exactly_as_it_was(tiny):
 
 
 @torch.no_grad()
-def test_batch_with_padding_equals_each_sample_alone(tiny, make_batch):
-    model, processor, scenes, prompts, batch = tiny
+def test_batch_with_padding_equals_each_sample_alone(sharp, make_batch):
+    model, processor, scenes, prompts, batch = sharp
     n = batch["input_ids"].shape[1]
-    with engine.attached(model, "dleaf", **STRONG):
+    with engine.attached(model, "dleaf", trace=True, **STRONG) as iv:
         together = model.generate(**batch, max_new_tokens=8, **GEN)
-        for i in range(len(scenes)):
-            one = make_batch(processor, scenes[i:i + 1], prompts[i:i + 1])
+    assert_greedy_gap(together.logits, GREEDY_GAP)
+    both = decisions(iv.trace)
+    assert assert_margin(both, FLAG_MARGIN) >= FLAG_MARGIN
+    for i in range(len(scenes)):
+        one = make_batch(processor, scenes[i:i + 1], prompts[i:i + 1])
+        with engine.attached(model, "dleaf", trace=True, **STRONG) as iv:
             alone = model.generate(**one, max_new_tokens=8, **GEN)
-            m = one["input_ids"].shape[1]
-            assert torch.equal(alone.sequences[0, m:], together.sequences[i, n:])
-            for a, b in zip(alone.logits, together.logits):
-                torch.testing.assert_close(a[0], b[i], atol=1e-5, rtol=1e-5)
+        m = one["input_ids"].shape[1]
+        assert assert_margin(decisions(iv.trace), FLAG_MARGIN) >= FLAG_MARGIN
+        assert_same_decisions({"together": {(0, k[1] - n, *k[2:]): v for k, v in both.items() if k[0] == i},
+                               "alone": {(0, k[1] - m, *k[2:]): v for k, v in decisions(iv.trace).items()}})
+        assert torch.equal(alone.sequences[0, m:], together.sequences[i, n:])
+        for a, b in zip(alone.logits, together.logits):
+            torch.testing.assert_close(a[0], b[i], atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()
-def test_state_follows_a_beam_style_cache_reordering(tiny, make_batch):
+def test_state_follows_a_beam_style_cache_reordering(sharp, make_batch):
     """Start with the batch in one order, swap the two cache rows before the first decoding step (as beam search
     reorders them): every later step must equal decoding the batch in the other order from the start."""
-    model, processor, scenes, prompts, _ = tiny
+    model, processor, scenes, prompts, _ = sharp
 
     def run(order, swap_after):
         batch = make_batch(processor, [scenes[i] for i in order], [prompts[i] for i in order])
         with engine.attached(model, "dleaf", trace=True, **STRONG) as iv:
             out = model(**batch, use_cache=True)
             cache, mask = out.cache, batch["attention_mask"]
-            logits = []
+            logits, chosen_from = [], []
             for step in range(6):
+                chosen_from.append(out.logits[:, -1])
                 nxt = out.logits[:, -1].argmax(-1)
                 if step == swap_after:
                     cache.reorder_cache(torch.tensor([1, 0]))
@@ -75,6 +92,8 @@ def test_state_follows_a_beam_style_cache_reordering(tiny, make_batch):
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
                 out = model(input_ids=nxt[:, None], attention_mask=mask, cache=cache, use_cache=True)
                 logits.append(out.logits[:, -1])
+        assert_greedy_gap(chosen_from, GREEDY_GAP)  # the tokens fed back are no near-tie
+        assert assert_margin(decisions(iv.trace), FLAG_MARGIN) >= FLAG_MARGIN
         return torch.stack(logits, 1), iv
 
     straight, iv_straight = run([0, 2], swap_after=None)
@@ -137,12 +156,19 @@ def test_a_decoding_step_never_waits_for_the_device(tiny, method, knobs):
 
 
 @torch.no_grad()
-def test_fast_unwatched_path_agrees_with_the_exact_one(tiny):
-    model, _, _, _, batch = tiny
-    with engine.attached(model, "dleaf", layer_start=1, layer_end=2, **STRONG):
+def test_fast_unwatched_path_agrees_with_the_exact_one(sharp):
+    model, _, _, _, batch = sharp
+    with engine.attached(model, "dleaf", layer_start=1, layer_end=2, trace=True, **STRONG) as iv:
         exact = model.generate(**batch, max_new_tokens=8, **GEN)
-    with engine.attached(model, "dleaf", layer_start=1, layer_end=2, unwatched="sdpa", **STRONG):
+        decided = {"exact": decisions(iv.trace)}
+    with engine.attached(model, "dleaf", layer_start=1, layer_end=2, unwatched="sdpa", trace=True, **STRONG) as iv:
         fast = model.generate(**batch, max_new_tokens=8, **GEN)
+        decided["fast"] = decisions(iv.trace)
+    # the flags, head choices and tokens compared decided by a clear margin (for the tokens: five times the 1e-4 to
+    # which the logits are required to agree)
+    assert min(assert_margin(d, FLAG_MARGIN) for d in decided.values()) >= FLAG_MARGIN
+    assert_same_decisions(decided)
+    assert_greedy_gap(exact.logits, 5e-4)
     assert torch.equal(exact.sequences, fast.sequences)
     for a, b in zip(exact.logits, fast.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

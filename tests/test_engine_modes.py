@@ -10,6 +10,8 @@ from transformers import AttentionInterface, GptOssConfig, GptOssForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from dleaf import engine
+from margins import (FLAG_MARGIN, GREEDY_GAP, assert_greedy_gap, assert_margin, assert_same_decisions, decisions,
+                     sharpen_attention, spin_selection_gap)
 from model_families import FAMILIES
 
 STRONG = dict(gamma=0.9, warmup=1, kappa=0.0)
@@ -31,12 +33,17 @@ def _reference(model, batch, **knobs):
 
 
 @torch.no_grad()
-def test_static_cache_with_a_batch_of_three_equals_the_dynamic_cache(organism_batch):
-    """A preallocated static cache: every row keeps its own image positions and running statistics."""
-    model, _, _, _, batch = organism_batch
+def test_static_cache_with_a_batch_of_three_equals_the_dynamic_cache(sharp_organism_batch):
+    """A preallocated static cache: every row keeps its own image positions and running statistics. (On the
+    sharpened organism: the flags, head choices and greedy tokens compared are each decided by a clear margin.)"""
+    model, _, _, _, batch = sharp_organism_batch
     ref, ref_trace = _reference(model, batch)
     with engine.attached(model, "dleaf", trace=True, **STRONG) as iv:
         static = model.generate(**batch, cache_implementation="static", **GEN)
+    decided = {"dynamic": decisions(ref_trace), "static": decisions(iv.trace)}
+    assert min(assert_margin(d, FLAG_MARGIN) for d in decided.values()) >= FLAG_MARGIN
+    assert_same_decisions(decided)
+    assert_greedy_gap(ref.logits, GREEDY_GAP)
     assert torch.equal(static.sequences, ref.sequences)
     _close(static.logits, ref.logits)
     for i in range(3):
@@ -46,15 +53,27 @@ def test_static_cache_with_a_batch_of_three_equals_the_dynamic_cache(organism_ba
 @torch.no_grad()
 @pytest.mark.parametrize("method,knobs", [("dleaf", STRONG), ("pai", {"alpha": 0.5, "layer_start": 0}),
                                           ("spin", {"keep_ratio": 0.5})])
-def test_generate_without_a_cache_equals_the_cached_run(organism_batch, method, knobs):
-    """generate(use_cache=False) runs the whole sequence at every step: the same logits as the cached run."""
-    model, _, _, _, batch = organism_batch
+def test_generate_without_a_cache_equals_the_cached_run(sharp_organism_batch, method, knobs):
+    """generate(use_cache=False) runs the whole sequence at every step: the same logits as the cached run. (On the
+    sharpened organism: the flags, kept heads and greedy tokens compared are each decided by a clear margin.)"""
+    model, _, _, _, batch = sharp_organism_batch
+    n = batch["input_ids"].shape[1]
     plain = model.generate(**batch, **GEN)
     with engine.attached(model, method, trace=method == "dleaf", **knobs) as iv:
         cached = model.generate(**batch, **GEN)
         cached_trace = iv.trace.sample(1) if iv.trace is not None else None
+        cached_decisions = decisions(iv.trace) if iv.trace is not None else None
     with engine.attached(model, method, trace=method == "dleaf", **knobs) as iv:
         uncached = model.generate(**batch, use_cache=False, **GEN)
+    assert_greedy_gap(cached.logits, GREEDY_GAP)
+    if cached_decisions is not None:
+        decided = {"cached": cached_decisions, "uncached": decisions(iv.trace)}
+        assert min(assert_margin(d, FLAG_MARGIN) for d in decided.values()) >= FLAG_MARGIN
+        assert_same_decisions(decided)
+    if method == "spin":
+        full = {**batch, "input_ids": cached.sequences[:, :-1],
+                "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(cached.sequences[:, n:-1])], 1)}
+        spin_selection_gap(model, full, knobs, n - 1)
     assert torch.equal(uncached.sequences, cached.sequences)
     _close(uncached.logits, cached.logits)
     assert not all(torch.equal(a, b) for a, b in zip(cached.logits, plain.logits))  # the method acted
@@ -176,7 +195,9 @@ class HandWrittenDLeaf:
     the mean + ``kappa`` std of the sample's earlier values in that layer (after ``warmup`` of them); in a flagged
     layer the heads whose image mass is below the heads' mean take ``(1 - gamma) a[h] + gamma a[h*]``, ``h*`` the
     head of largest image mass. Registered as an attention implementation of its own; ``fused`` counts the corrected
-    (sample, layer, row) sites."""
+    (sample, layer, row) sites; ``decided`` lists every decision, ``(where, value, threshold)`` (each flag's signal
+    and threshold; where flagged, the largest image mass and the next, each head's mass and the mean), for
+    :func:`margins.assert_margin`."""
 
     NAME = "dleaf_hand_written_reference"
 
@@ -184,6 +205,7 @@ class HandWrittenDLeaf:
         self.image, self.gamma, self.kappa, self.warmup = image, gamma, kappa, warmup
         self.history: dict[tuple[int, int], list[float]] = {}
         self.fused = 0
+        self.decided: list[tuple] = []
         AttentionInterface.register(self.NAME, self)
         AttentionMaskInterface.register(self.NAME, eager_mask)
 
@@ -204,9 +226,13 @@ class HandWrittenDLeaf:
                 mean = sum(earlier) / len(earlier)
                 std = math.sqrt(sum((x - mean) ** 2 for x in earlier) / len(earlier))
                 flagged = signal > mean + self.kappa * std
+                self.decided.append(((b, module.layer_idx, len(earlier), "flag"), signal, mean + self.kappa * std))
             earlier.append(signal)
             if flagged:
                 best = max(range(H), key=lambda h: (mass[h], -h))  # the first head of largest mass
+                top = sorted(mass, reverse=True)
+                self.decided.append(((b, module.layer_idx, len(earlier) - 1, "h*"), top[0], top[1]))
+                self.decided += [((b, module.layer_idx, len(earlier) - 1, h), mass[h], sum(mass) / H) for h in range(H)]
                 for h in range(H):
                     if mass[h] < sum(mass) / H:
                         weights[b, h, Q - 1] = ((1 - self.gamma) * row[h] + self.gamma * row[best]).to(weights.dtype)
@@ -230,7 +256,11 @@ def test_softcapped_and_sink_attention_under_dleaf_equal_a_hand_written_referenc
     GPT-OSS (attention sinks), cached greedy decoding: the logits equal :class:`HandWrittenDLeaf`, built on the model
     file's own attention function. (The engine before softcap and sinks were honoured dropped both, so the weights it
     fused were not the model's.)"""
-    model, inputs = FAMILIES["paligemma2"][1]() if feature == "softcap" else _gpt_oss()
+    if feature == "softcap":
+        model, inputs = FAMILIES["paligemma2"][1]()  # its queries and keys already scaled up to reach the cap
+    else:  # sharpened: the random GPT-OSS attends so evenly that a flag comes within 3e-6 of its threshold
+        model, inputs = _gpt_oss()
+        sharpen_attention(model, 4.0)
     image = inputs["input_ids"] == engine.image_token_id(model)
     plain = model.generate(**inputs, **GEN)
     with engine.attached(model, "dleaf", trace=True, **STRONG) as iv:
@@ -246,6 +276,9 @@ def test_softcapped_and_sink_attention_under_dleaf_equal_a_hand_written_referenc
     finally:
         _set_text_attention(model, "eager")
     assert zero.fused > 0 and reference.fused > 0
+    # every flag, head choice and greedy token compared decided by a clear margin, not by the two computations' rounding
+    assert assert_margin(reference.decided, FLAG_MARGIN, "the hand-written D-LEAF's decisions") >= FLAG_MARGIN
+    assert_greedy_gap(ours.logits, GREEDY_GAP)
     assert torch.equal(ours.sequences, ref.sequences)
     _close(ours.logits, ref.logits)
     assert any((a - b).abs().max() > 1e-3 for a, b in zip(ours.logits, plain.logits))  # D-LEAF acted

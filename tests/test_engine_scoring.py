@@ -6,6 +6,8 @@ import torch
 from dleaf import engine
 
 import model_families
+from margins import (FLAG_MARGIN, assert_margin, assert_same_decisions, decisions, sharpen_attention,
+                     spin_selection_gap)
 
 GEN = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
 STRONG = dict(gamma=1.0, warmup=1, kappa=0.0)  # flags often on an untrained model
@@ -17,21 +19,38 @@ def tiny(organism_batch):
     return organism_batch
 
 
+@pytest.fixture()
+def sharp(sharp_organism_batch):
+    """The tiny organism with sharpened attention and the same batch: the tests that compare the methods' discrete
+    decisions (D-LEAF's flags, SPIN's kept heads) along two paths need each decided by a clear margin, which the
+    plain one's near-uniform attention does not give (tests/margins.py)."""
+    return sharp_organism_batch
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("method,knobs", [("dleaf", STRONG), ("dleaf", dict(STRONG, layer_signal="mass_deficit",
                                                                             threshold="best", iaf_variant="focus")),
                                           ("pai", {"alpha": 0.5, "layer_start": 0}), ("spin", {"keep_ratio": 0.5})])
-def test_teacher_forced_scoring_equals_step_by_step_decoding(tiny, method, knobs):
-    model, _, _, _, batch = tiny
+def test_teacher_forced_scoring_equals_step_by_step_decoding(sharp, method, knobs):
+    model, _, _, _, batch = sharp
     n = batch["input_ids"].shape[1]
-    with engine.attached(model, method, **knobs) as iv:
+    with engine.attached(model, method, trace=method == "dleaf", **knobs) as iv:
         out = model.generate(**batch, max_new_tokens=10, **GEN)
+        steps = len(iv.trace.steps) if iv.trace is not None else 0
         full = {**batch, "input_ids": out.sequences,
                 "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(out.sequences[:, n:])], 1)}
         scored, mask = engine.response_logprobs(model, full, [n] * out.sequences.shape[0], iv)
     plain_scored, _ = engine.response_logprobs(model, full, [n] * out.sequences.shape[0])
     stepwise = torch.stack([torch.log_softmax(l.float(), -1).gather(-1, out.sequences[:, n + i, None])[:, 0]
                             for i, l in enumerate(out.logits)], 1)
+    if method == "dleaf":  # the same layers flagged and heads chosen along both paths, none by rounding
+        decisive = [set(range(n - 1, n + 9))] * 3  # the rows that predict the ten decoded tokens
+        flags = {"step by step": decisions(iv.trace.steps[:steps], decisive),
+                 "one pass": decisions(iv.trace.steps[steps:], decisive)}
+        assert_same_decisions(flags)
+        assert min(assert_margin(f, FLAG_MARGIN) for f in flags.values()) >= FLAG_MARGIN
+    if method == "spin":
+        spin_selection_gap(model, full, knobs, n - 1)
     assert mask[:, n:].all() and not mask[:, :n].any()
     torch.testing.assert_close(scored[:, n:], stepwise, atol=1e-5, rtol=1e-5)
     assert (scored - plain_scored).abs().max() > 1e-4  # the method did act in scoring
@@ -51,8 +70,8 @@ def test_scoring_rejects_mismatched_or_out_of_range_response_starts(tiny):
 
 
 def _responses(model, batch, length=9):
-    """Responses that D-LEAF itself decoded (random tokens can put a layer's signal on its running threshold to the
-    last float bit, where one-pass and step-by-step rounding may flag differently), one of them right-padded."""
+    """Responses that D-LEAF itself decoded, one of them right-padded (the tests that compare flags along two paths
+    check that each of them is decided by a clear margin)."""
     n = batch["input_ids"].shape[1]
     with engine.attached(model, "dleaf", **STRONG):
         response = model.generate(**batch, max_new_tokens=length, min_new_tokens=length, do_sample=False)[:, n:]
@@ -66,21 +85,32 @@ def _responses(model, batch, length=9):
 @torch.no_grad()
 @pytest.mark.parametrize("method,knobs", [("dleaf", STRONG), ("pai", {"alpha": 0.5, "layer_start": 0}),
                                           ("spin", {"keep_ratio": 0.5}), (None, {})])
-def test_prompt_cache_scoring_equals_one_pass_and_step_by_step_scoring(tiny, method, knobs):
-    model, _, _, _, batch = tiny
+def test_prompt_cache_scoring_equals_one_pass_and_step_by_step_scoring(sharp, method, knobs):
+    model, _, _, _, batch = sharp
     n = batch["input_ids"].shape[1]
     response, mask, full = _responses(model, batch)
+    decisive = [{n - 1 + j for j in range(mask.shape[1]) if mask[b, j]} for b in range(3)]  # rows predicting replies
     plain, _ = engine.response_logprobs(model, full, [n] * 3)
     with engine.attached(model, method, trace=method == "dleaf", **knobs) as iv:
         prompt = engine.PromptCache(model, batch)  # made with the intervention attached: it is set aside meanwhile
         assert prompt.cache.get_seq_length() == n - 1
         ref, ref_mask = engine.response_logprobs(model, full, [n] * 3, iv)
         ref_trace = iv.trace.sample(0) if iv is not None and iv.trace is not None else None
+        ref_flags = decisions(iv.trace, decisive) if ref_trace is not None else None
     with engine.attached(model, method, trace=method == "dleaf", **knobs) as iv:  # a fresh trace
         once = engine.cached_response_logprobs(prompt, response, mask, iv)
         once_trace = iv.trace.sample(0) if ref_trace is not None else None
+        once_steps = len(iv.trace.steps) if ref_trace is not None else 0
         again = engine.cached_response_logprobs(prompt, response, mask, iv)
+        steps_from = len(iv.trace.steps) if ref_trace is not None else 0
         steps = engine.cached_stepwise_logprobs(prompt, response, mask, iv)
+    if ref_flags is not None:  # every flag and head choice of the three scorers the same, none by rounding
+        flags = {"one pass": ref_flags, "cached": decisions(iv.trace.steps[:once_steps], decisive),
+                 "cached step by step": decisions(iv.trace.steps[steps_from:], decisive)}
+        assert_same_decisions(flags)
+        assert min(assert_margin(f, FLAG_MARGIN) for f in flags.values()) >= FLAG_MARGIN
+    if method == "spin":
+        spin_selection_gap(model, full, knobs, n - 1)
     assert prompt.cache.get_seq_length() == n - 1  # cropped back after every call
     assert torch.equal(ref_mask[:, n:], mask.bool())
     torch.testing.assert_close(once, ref[:, n:], atol=1e-5, rtol=1e-5)
@@ -96,17 +126,26 @@ def test_prompt_cache_scoring_equals_one_pass_and_step_by_step_scoring(tiny, met
 
 @torch.no_grad()
 def test_prompt_cache_on_llava_next_with_ragged_image_tokens():
+    # sharpened: the random model's flags lie within one float32 rounding step of their thresholds
     model, inputs = model_families.llava_next()
+    sharpen_attention(model, 8.0)
     n = inputs["input_ids"].shape[1]
     response = torch.randint(5, 40, (2, 6), generator=torch.Generator().manual_seed(0))
     full = {**inputs, "input_ids": torch.cat([inputs["input_ids"], response], 1),
             "attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(response)], 1)}
+    decisive = [set(range(n - 1, n + 5))] * 2
     prompt = engine.PromptCache(model, inputs)
-    with engine.attached(model, "dleaf", **STRONG) as iv:
+    with engine.attached(model, "dleaf", trace=True, **STRONG) as iv:
         ref, _ = engine.response_logprobs(model, full, [n, n], iv)
-    with engine.attached(model, "dleaf", **STRONG) as iv:
+    decided = {"one pass": decisions(iv.trace, decisive)}
+    with engine.attached(model, "dleaf", trace=True, **STRONG) as iv:
         once = engine.cached_response_logprobs(prompt, response, intervention=iv)
+        first = len(iv.trace.steps)
         steps = engine.cached_stepwise_logprobs(prompt, response, intervention=iv)
+    decided.update({"cached": decisions(iv.trace.steps[:first], decisive),
+                    "cached step by step": decisions(iv.trace.steps[first:], decisive)})
+    assert_same_decisions(decided)  # every flag and head choice the same, none decided by rounding
+    assert min(assert_margin(d, FLAG_MARGIN) for d in decided.values()) >= FLAG_MARGIN
     plain, _ = engine.response_logprobs(model, full, [n, n])
     torch.testing.assert_close(once, ref[:, n:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(steps, ref[:, n:], atol=1e-5, rtol=1e-5)

@@ -19,6 +19,7 @@ from dleaf import cli, generation
 from dleaf import eval as ev
 from dleaf.eval import coco, pope
 from dleaf.resources import data_root
+from margins import GREEDY_GAP, assert_greedy_gap
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +34,21 @@ def _args(tmp_path, name="run", **kw):
                 batch_size=2, progress=False, splits=["indist", "adversarial"])
     base.update(kw)
     return ev.EvalArguments(**base)
+
+
+@torch.no_grad()
+def _assert_clear_greedy_choices(model, processor, args):
+    """Runs that decode the same items in other batches (another process's shard, the rows a resumed run has left)
+    pad them otherwise, so their logits differ by rounding: the files come out the same only where no greedy choice
+    is within rounding of a tie. Each item of ``args``' benchmark, decoded alone, must choose every token by
+    GREEDY_GAP."""
+    from dleaf.models import model_inputs
+
+    for item in ev.build_benchmark(args).items:
+        inputs = model_inputs(processor, [item.prompt], [item.image()], model)
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        assert_greedy_gap(out.logits, GREEDY_GAP, what=f"greedy choices of {item.id}")
 
 
 def _files(run_dir):
@@ -330,6 +346,8 @@ def test_sampling_is_independent_of_batching(tmp_path, tiny):
 
 def test_two_process_accelerate_run_equals_one_process(tmp_path, tiny):
     model, processor = tiny
+    _assert_clear_greedy_choices(model, processor, ev.EvalArguments(benchmark="organism_caption", limit=3,
+                                                                     max_new_tokens=6))
     ckpt = tmp_path / "tiny"
     model.save_pretrained(ckpt)
     processor.save_pretrained(ckpt)
@@ -357,6 +375,7 @@ def test_two_process_accelerate_run_equals_one_process(tmp_path, tiny):
 
 def test_leftover_shards_are_merged_in_protocol_order(tmp_path, tiny):
     model, processor = tiny
+    _assert_clear_greedy_choices(model, processor, _args(tmp_path))
     ev.run_evaluation(_args(tmp_path, "ref"), model, processor)
     reference = _files(tmp_path / "ref")
     rows = reference[ev.GENERATIONS].decode().splitlines(keepends=True)

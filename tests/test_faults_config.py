@@ -11,6 +11,7 @@ import torch
 from dleaf import engine
 from dleaf.engine import kernels
 from dleaf.faults import FaultConfig, fault_config, faulted_cells
+from margins import FLAG_MARGIN, assert_margin, assert_same_decisions, decisions, head_cells
 
 GEN = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
 STRONG = dict(gamma=1.0, warmup=1, kappa=0.0)  # flags often on an untrained model
@@ -230,8 +231,11 @@ def test_the_fault_comes_first_then_dleaf(tiny):
     layer, gamma, heads = 1, 0.5, [0, 2]
     fault = FaultConfig("drift", [layer], heads=heads, strength=0.8)
     plain, _ = _attentions(model, full, n)
-    both, _ = _attentions(model, full, n, "no_localization", fault, gamma=gamma, layer_start=layer,
-                          layer_end=layer + 1)
+    both, iv = _attentions(model, full, n, "no_localization", fault, gamma=gamma, layer_start=layer,
+                           layer_end=layer + 1, trace=True)
+    # the hand fusion below chooses h* and the heads below the mean mass in float64: none of the engine's choices may
+    # be within rounding of a tie
+    assert assert_margin(head_cells(iv.trace), FLAG_MARGIN, "head choices") >= FLAG_MARGIN
 
     def fuse(rows, img):
         mass = np.array([sum(rows[h, i] for i in img) for h in range(rows.shape[0])])
@@ -336,22 +340,30 @@ def test_the_faulted_positions_are_the_stated_ones(tiny, spec):
 
 @torch.no_grad()
 @pytest.mark.parametrize("method,knobs", [("dleaf", STRONG), ("pai", dict(layer_start=0)), (None, {})])
-def test_generate_and_teacher_forced_scoring_agree_with_a_fault(tiny, method, knobs):
-    model, _, _, _, batch = tiny
+def test_generate_and_teacher_forced_scoring_agree_with_a_fault(sharp_organism_batch, method, knobs):
+    # the sharpened organism: D-LEAF's flags and head choices, compared along the two paths, are no near-ties there
+    model, _, _, _, batch = sharp_organism_batch
     fault = FaultConfig("drift", [0, 2], heads=0.5, strength=0.7, positions="random", fraction=0.5)
-    with engine.attached(model, method, fault=fault, **knobs):
+    with engine.attached(model, method, fault=fault, trace=method == "dleaf", **knobs) as iv:
         out = model.generate(**batch, max_new_tokens=7, **GEN)
     n = batch["input_ids"].shape[1]
     steps = torch.stack([torch.log_softmax(x.float(), -1) for x in out.logits], 1)  # (B, T, V)
     stepwise = steps.gather(-1, out.sequences[:, n:, None])[..., 0]
     full = {**batch, "input_ids": out.sequences,
             "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(out.sequences[:, n:])], 1)}
-    with engine.attached(model, method, fault=fault, **knobs) as iv:
+    decided = {"generate": decisions(iv.trace)} if method == "dleaf" else None
+    with engine.attached(model, method, fault=fault, trace=decided is not None, **knobs) as iv:
         logp, mask = engine.response_logprobs(model, full, [n] * out.sequences.shape[0], iv)
         torch.testing.assert_close(logp[:, n:], stepwise, atol=1e-5, rtol=1e-5)
         prompt = engine.PromptCache(model, batch)
         cached = engine.cached_response_logprobs(prompt, out.sequences[:, n:], intervention=iv)
         torch.testing.assert_close(cached, stepwise, atol=1e-5, rtol=1e-5)
+    if decided is not None:  # the same flags and head choices in the three computations, none by rounding
+        one, two = iv.trace.steps[0], iv.trace.steps[1]  # one pass, then the cached pass
+        decisive = [set(range(n - 1, n + 6))] * 3  # the rows that predict the seven decoded tokens
+        decided.update({"one pass": decisions([one], decisive), "cached": decisions([two], decisive)})
+        assert min(assert_margin(d, FLAG_MARGIN) for d in decided.values()) >= FLAG_MARGIN
+        assert_same_decisions(decided)
     with engine.attached(model, method, **knobs) as iv:
         unfaulted, _ = engine.response_logprobs(model, full, [n] * out.sequences.shape[0], iv)
     assert not torch.allclose(unfaulted[:, n:], stepwise, atol=1e-4)  # the fault is in the scoring too

@@ -9,6 +9,7 @@ from transformers import GenerationConfig
 
 from dleaf import bench, engine
 from dleaf.methods import vcd
+from margins import GREEDY_GAP, assert_greedy_gap
 
 
 def _no_eos(model, n):
@@ -44,8 +45,9 @@ def test_vcd_in_generate_equals_the_benchmark_loop_token_for_token(organism_batc
     bench.set_text_attention(model, "sdpa")
     try:
         # the reference: two explicit streams (image, noised image), one cached step of each per token, combined
+        contrast, chosen_from = bench.contrastive_logits(cfg.vcd_alpha, cfg.vcd_beta), []
         expected, _ = bench.greedy_loop(model, [batch, bench.noised_inputs(batch, cfg)], 8,
-                                        bench.contrastive_logits(cfg.vcd_alpha, cfg.vcd_beta))
+                                        lambda logits: chosen_from.append(contrast(logits)) or chosen_from[-1])
         timed, _ = bench.run_config(model, batch, "vcd", cfg, new_tokens=8)  # the benchmark's loop, through the engine
         with engine.attached(model, "vcd", alpha=cfg.vcd_alpha, beta=cfg.vcd_beta, noise_step=cfg.vcd_noise_step,
                              seed=cfg.seed) as iv:
@@ -54,6 +56,9 @@ def test_vcd_in_generate_equals_the_benchmark_loop_token_for_token(organism_batc
     finally:
         model.set_attn_implementation("eager")
     n = batch["input_ids"].shape[1]
+    # three computations of the contrast (two streams by hand, the benchmark's loop, the engine in generate): the
+    # same tokens only where no greedy choice between contrasted logits is a near-tie
+    assert_greedy_gap(chosen_from, GREEDY_GAP)
     assert torch.equal(out[:, n:], expected) and torch.equal(timed, expected)
     assert not torch.equal(out, plain)  # the contrast changed the greedy tokens
 

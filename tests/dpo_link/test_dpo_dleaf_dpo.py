@@ -1,10 +1,11 @@
 """dpo_link.dleaf_dpo: D-LEAF's DPO loss over gamma and its slope at gamma 0, each against an independent
 computation (plain forward passes with D-LEAF attached, float64 log-softmax, the loss written out by hand).
 
-The loss is discontinuous where a D-LEAF flag flips (a layer's signal crossing its running threshold), so each
-comparison first checks that every flag it relies on is decided the same way at each gamma it uses and along both
-paths (one-pass scoring, step-by-step decoding), each by a margin far above rounding (:mod:`margins`): the fixture is
-built away from the discontinuity, and a fixture on a tie fails as such (see the last test)."""
+The loss is discontinuous where a D-LEAF decision flips (a layer's signal crossing its running threshold, a head's
+IAF crossing the mean, two heads trading h*), so each comparison first checks that every decision it relies on is
+taken the same way at each gamma it uses and along both paths (one-pass scoring, step-by-step decoding), each by a
+margin far above rounding (:mod:`margins`): the fixture is built away from the discontinuities, and a fixture on a
+tie fails as such (see the last test)."""
 
 import math
 
@@ -18,14 +19,15 @@ from dleaf.config import DLeafConfig
 from dpo_link import dleaf_dpo
 from dpo_link.collate import pair_batches
 from dpo_link.rewards import score
-from margins import FLAG_MARGIN, MarginTooSmall, assert_margin, assert_same_flags, decided_flags
+from margins import FLAG_MARGIN, MarginTooSmall, assert_margin, assert_same_decisions, decisions, flags_of
 
 BETA = 0.5  # not 1, so that beta and beta squared differ
 H = 1e-2  # the finite-difference step
 #: the query and key projections of the language model are scaled by this on top of ``peaky``'s 4: attention this
-#: sharp spreads the layer signals, so that no flag the tests rely on lies within FLAG_MARGIN of its threshold at any
+#: sharp spreads the layer signals, so that no decision the tests rely on lies within FLAG_MARGIN of its tie at any
 #: gamma they use (with ``peaky`` alone the 388 decisive flags of a run have signals within 1e-3 of each other and
-#: the closest lies 2e-6 from its threshold; sharpened, 1.1e-4)
+#: the closest lies 2e-6 from its threshold; sharpened, the closest flag lies 1.1e-4 and the closest head choice
+#: 5e-5 from a tie)
 SHARPEN = 4.0
 
 
@@ -43,7 +45,8 @@ def sequence_logps(model, batch, config=None, gamma=None, flags=None):
     """Per row, sum over the reply's tokens of log p(y_t | x, y_<t) as step-by-step decoding sees them: each row
     alone, its reply forced one token at a time through ``generate``'s cache, with ``config`` attached (its strength
     replaced by the tensor ``gamma`` when given) or plain; float64 log-softmax of the raw logits. ``flags``, a dict,
-    receives the decided flags (:func:`margins.decided_flags`, keyed by row) at the reply's positions."""
+    receives D-LEAF's decisions (:func:`margins.decisions`: flags and head choices, keyed by row) at the
+    reply's positions."""
     out = []
     for b in range(batch["input_ids"].shape[0]):
         ids = batch["input_ids"][b]
@@ -64,7 +67,7 @@ def sequence_logps(model, batch, config=None, gamma=None, flags=None):
             if iv is not None:
                 iv.detach()
         if flags is not None:
-            flags.update(decided_flags(iv.trace, [set(range(start - 1, n - 1))], sample=[b]))
+            flags.update(decisions(iv.trace, [set(range(start - 1, n - 1))], sample=[b]))
         out.append(sum(float(torch.log_softmax(lg[0].double(), -1)[t]) for lg, t in zip(gen.logits, reply)))
     return torch.tensor(out, dtype=torch.float64)
 
@@ -74,7 +77,7 @@ _PLAIN = {}
 
 def hand_loss(model, batches, beta, config, gamma=None, flags=None):
     """mean over pairs of -log sigmoid(r_D(chosen) - r_D(rejected)), chosen rows first in each batch. ``flags``, a
-    dict, receives the step-by-step flags keyed by (batch, row, column, layer)."""
+    dict, receives the step-by-step decisions keyed by (batch, row, column, layer, ...)."""
     losses = []
     for i, b in enumerate(batches):
         key = (id(model), id(b))
@@ -90,10 +93,10 @@ def hand_loss(model, batches, beta, config, gamma=None, flags=None):
     return float(np.mean(losses))
 
 
-def one_pass_flags(base, batches, config, gamma=None):
-    """The flags that one-pass scoring (:func:`dpo_link.rewards.score`, as every function of dleaf_dpo scores)
-    decides at the reply's positions, keyed by (batch, row, column, layer); ``gamma`` replaces the configured
-    strength (as a float64 tensor) when given."""
+def one_pass_decisions(base, batches, config, gamma=None):
+    """The decisions (flags and head choices) that one-pass scoring (:func:`dpo_link.rewards.score`, as every
+    function of dleaf_dpo scores) takes at the reply's positions, keyed by (batch, row, column, layer, ...);
+    ``gamma`` replaces the configured strength (as a float64 tensor) when given."""
     flags = {}
     for i, b in enumerate(batches):
         ivs = []
@@ -105,17 +108,18 @@ def one_pass_flags(base, batches, config, gamma=None):
         with torch.no_grad():
             score(base, b, config, intervention_factory=traced,
                   gamma=None if gamma is None else torch.tensor(gamma, dtype=torch.float64))
-        flags.update({(i, *k): v for k, v in decided_flags(ivs[0].trace, decisive_columns(b)).items()})
+        flags.update({(i, *k): v for k, v in decisions(ivs[0].trace, decisive_columns(b)).items()})
     return flags
 
 
-def check_flags(runs: dict) -> float:
-    """Every flag of every run (name -> flags) decided by at least FLAG_MARGIN, and the same way in all of them,
-    some flagged and some not; the smallest margin."""
-    margin = min(assert_margin(flags, FLAG_MARGIN, f"flags of {name}") for name, flags in runs.items())
-    assert_same_flags(runs)
-    for name, flags in runs.items():
-        assert any(f for _, _, f in flags.values()) and not all(f for _, _, f in flags.values()), name
+def check_decisions(runs: dict) -> float:
+    """Every decision of every run (name -> :func:`one_pass_decisions` or step-by-step decisions) taken by at least
+    FLAG_MARGIN, and the same way in all of them, some layers flagged and some not; the smallest margin."""
+    margin = min(assert_margin(decided, FLAG_MARGIN, f"D-LEAF's decisions in {name}") for name, decided in runs.items())
+    assert_same_decisions(runs)
+    for name, decided in runs.items():
+        flags = [f for _, _, f in flags_of(decided).values()]
+        assert any(flags) and not all(flags), name
     return margin
 
 
@@ -154,8 +158,8 @@ def test_autograd_slope_against_an_independent_finite_difference(setup, kappa, f
                        - hand_loss(base, batches, BETA, cfg, -H, step[-H])) / (2 * H)
         # autograd differentiates with the flags of gamma 0 held fixed, the differences take each side's flags: they
         # compare only where those are the same flags, along both paths, and no rounding can flip one
-        check_flags({"one pass at 0": one_pass_flags(base, batches, cfg, 0.0),
-                     **{f"one pass at {g:+}": one_pass_flags(base, batches, cfg, g) for g in (H, -H)},
+        check_decisions({"one pass at 0": one_pass_decisions(base, batches, cfg, 0.0),
+                     **{f"one pass at {g:+}": one_pass_decisions(base, batches, cfg, g) for g in (H, -H)},
                      **{f"step by step at {g:+}": step[g] for g in (H, -H)}})
     assert abs(independent) > 1e-4
     assert slope["slope"] == pytest.approx(independent, rel=0.02)
@@ -177,9 +181,9 @@ def test_loss_curve_against_an_independent_loss(setup, float64_logprobs):
                     1.0: hand_loss(base, batches, BETA, DLeafConfig(kappa=0.0, gamma=1.0), flags=step[1.0]),
                     -0.1: hand_loss(base, batches, BETA, cfg, -0.1, step[-0.1])}
         for g in (0.3, 1.0, -0.1):  # the same flags along both paths, none of them on a tie
-            one = one_pass_flags(base, batches, DLeafConfig(kappa=0.0, gamma=g) if g >= 0 else cfg,
+            one = one_pass_decisions(base, batches, DLeafConfig(kappa=0.0, gamma=g) if g >= 0 else cfg,
                                  None if g >= 0 else g)
-            check_flags({f"one pass at {g}": one, f"step by step at {g}": step[g]})
+            check_decisions({f"one pass at {g}": one, f"step by step at {g}": step[g]})
     for c in curve:
         if c["gamma"] != 0.0:
             # float64 throughout but for eager attention's float32 softmax, whose rounding differs between the two
@@ -207,20 +211,20 @@ def test_the_flag_check_fails_on_a_threshold_tie(setup):
     model, batches = setup
     with model.disable_adapter():
         base = model.get_base_model()
-        flags = one_pass_flags(base, batches[1:], DLeafConfig(kappa=1.0), 0.0)
-        assert check_flags({"kappa 1": flags}) >= FLAG_MARGIN
+        flags = one_pass_decisions(base, batches[1:], DLeafConfig(kappa=1.0), 0.0)
+        assert check_decisions({"kappa 1": flags}) >= FLAG_MARGIN
         ivs = []
         with torch.no_grad():
             score(base, batches[1], DLeafConfig(kappa=1.0), gamma=torch.zeros((), dtype=torch.float64),
                   intervention_factory=lambda m, c, t: ivs.append(engine.attach(m, c, trace=True)) or ivs[-1])
-        row, column, layer = next((b, c, l) for (_, b, c, l), (_, _, f) in sorted(flags.items()) if f)
+        row, column, layer = next((b, c, l) for (_, b, c, l), (_, _, f) in sorted(flags_of(flags).items()) if f)
         step, = ivs[0].trace.steps  # one pass: one record, every column; its signals in float64
         active = step["active"][row] & (step["columns"] < column)
         earlier = step["layers"][layer]["signal"][row][active].double()
         assert len(earlier) >= 2
         tie = float((flags[(0, row, column, layer)][0] - earlier.mean()) / earlier.std(unbiased=False))
-        tied = one_pass_flags(base, batches[1:], DLeafConfig(kappa=tie), 0.0)
+        tied = one_pass_decisions(base, batches[1:], DLeafConfig(kappa=tie), 0.0)
     margin = abs(tied[(0, row, column, layer)][0] - tied[(0, row, column, layer)][1])
     assert margin < 1e-12  # on the tie, to float64 rounding
     with pytest.raises(MarginTooSmall, match="threshold tie"):
-        check_flags({"kappa on a tie": tied})
+        check_decisions({"kappa on a tie": tied})

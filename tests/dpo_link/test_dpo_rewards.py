@@ -13,6 +13,7 @@ from dleaf.organism import build, world
 from dpo_link import rewards
 from dpo_link.collate import VisionPreferenceCollator, pair_batches, response_rows
 from dpo_link.data import preference_dataset
+from margins import FLAG_MARGIN, assert_margin, head_cells
 
 
 def brute_force_rewards(peft_model, batch, beta):
@@ -108,6 +109,14 @@ def test_dleaf_rewards_equal_a_step_by_step_decoding_score(processor, rows, make
                                  prefix_allowed_tokens_fn=lambda b, sofar: [int(reply[sofar.shape[0] - start])])
         return np.array([float(torch.log_softmax(lg[0].double(), -1)[t]) for lg, t in zip(out.logits, reply)])
 
+    # fusing everywhere, D-LEAF's only decisions are its head choices (h*, the heads below the mean IAF): none of
+    # those at the reply's positions may be within rounding of a tie, or the two paths could choose differently
+    ivs = []
+    with torch.no_grad():
+        rewards.score(model, batch, cfg, intervention_factory=lambda m, c, t: ivs.append(
+            engine.attach(m, c, trace=True)) or ivs[-1])
+    decisive = [set(range(start - 1, n - 1)), set()]  # row 0, the chosen reply, is the one compared
+    assert assert_margin(head_cells(ivs[0].trace, decisive), FLAG_MARGIN, "head choices") >= FLAG_MARGIN
     np.testing.assert_allclose(rr.token_rewards("dleaf")[0], stepwise("dleaf") - stepwise(None), atol=2e-5)
     assert np.abs(rr.token_rewards("dleaf")[0]).max() > 1e-3
 

@@ -148,6 +148,8 @@ def test_logged_rewards_equal_an_independent_computation(tmp_path, tiny_dir, sma
     assert logged["eval_rewards/chosen"] == pytest.approx(float(chosen.mean()), abs=2e-6)
     assert logged["eval_rewards/rejected"] == pytest.approx(float(rejected.mean()), abs=2e-6)
     assert logged["eval_rewards/margins"] == pytest.approx(float((chosen - rejected).mean()), abs=2e-6)
+    # the accuracy counts chosen > rejected, computed here and by TRL 2e-6 apart: no pair may be within 1e-4 of a tie
+    assert float((chosen - rejected).abs().min()) > 1e-4
     assert logged["eval_rewards/accuracies"] == pytest.approx(float((chosen > rejected).double().mean()))
     loss = float(torch.nn.functional.softplus(-(chosen - rejected)).mean())
     assert logged["eval_loss"] == pytest.approx(loss, abs=2e-6)
