@@ -15,6 +15,9 @@ layer how well each signal separates hallucinated from grounded mentions:
 Signals must be oriented so that LARGER means MORE anomalous (e.g. the layer
 image-attention entropy, or the image-mass deficit ``-mass``); an AUROC above
 0.5 then means the signal points the way the premise says.
+
+What a flagging method sees, at every reply row rather than at object words
+only, is measured by :mod:`dleaf.actionability`.
 """
 
 from __future__ import annotations

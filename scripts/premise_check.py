@@ -1,15 +1,20 @@
 """The premise check on a greedy caption run of the evaluation harness: does any layer's image attention (LIAE,
-image mass) separate the model's hallucinated object words from its grounded ones?
+image mass) separate the model's hallucinated object words from its grounded ones, and, as a flagging method sees
+it, the rows that predict hallucinated object words from every other reply row (AUROC with intervals over captions,
+recall and precision of percentile flags, with position held fixed)? On a greedy yes/no run: wrong against right
+answers at the row that predicts the first token.
 
     python scripts/evaluate.py --benchmark organism_caption --splits adversarial --output_dir runs/greedy
     python scripts/premise_check.py --run_dir runs/greedy
+    python scripts/evaluate.py --benchmark organism_pope --splits adversarial --output_dir runs/pope
+    python scripts/premise_check.py --run_dir runs/pope
     python scripts/premise_check.py --run_dir runs/llava_greedy --coco_images val2014/ \\
         --coco_instances instances_val2014.json --coco_captions captions_val2014.json
 
 The run's config.json names the benchmark, the model, the adapter and the decoding; only greedy runs are accepted
 (the replies are re-scored with nothing attached). COCO runs need the COCO files again (their paths are not
-recorded with a run). Writes premise.json, premise.md and one figure per section (premise.png for a one-section
-run) to --output_dir (default: the run folder).
+recorded with a run). Writes premise.json, premise.md and one figure per caption section (premise.png for a
+one-section run) to --output_dir (default: the run folder).
 """
 
 import sys
@@ -19,7 +24,7 @@ from dleaf import cli
 
 def build_parser():
     ap = cli.ArgumentParser(description=__doc__)
-    ap.add_argument("--run_dir", required=True, help="a finished greedy caption run of scripts/evaluate.py")
+    ap.add_argument("--run_dir", required=True, help="a finished greedy caption or yes/no run of scripts/evaluate.py")
     ap.add_argument("--output_dir", default=None, help="where the outputs go (default: --run_dir)")
     ap.add_argument("--model", default=None, help="must be the run's own model if given (default: the run's)")
     ap.add_argument("--protocol", default=None, help="the run's protocol file, when it is not a shipped one")

@@ -1,6 +1,8 @@
 """Measure the hallucination profile of the organism and its no-prior control through the evaluation harness:
 captions (CHAIR, additions and substitutions, partner share) and yes/no answers on the held-out splits, the premise
-table (per layer, LIAE and image mass at hallucinated versus grounded object words) and a per-patch linear probe.
+tables (per layer, LIAE and image mass at hallucinated versus grounded object words; at every reply row, the rows
+that predict hallucinated object words against the other rows, with position held fixed; wrong against right yes/no
+answers at their first token) and a per-patch linear probe.
 
     python scripts/profile_organism.py                                  # 1,000 images per split, both models
     python scripts/profile_organism.py --limit 200 --output_dir runs/profile_small

@@ -29,8 +29,19 @@ def test_profile_runs_end_to_end_through_the_harness(organism, tmp_path):
     assert set(res["pope"]) == set(world.POPE_NEGATIVES)
     assert res["pope"]["random"]["n"] == 8
     assert set(res["premise"]) == {"adversarial", "replication"} and len(res["image_share"]["adversarial"]) == 6
-    md = profile_markdown({"protocol": {"n_images": 4}, "models": {"organism": res}})
+    assert set(res["row_tables"]) == {"adversarial", "replication"}
+    tables = res["row_tables"]["adversarial"]
+    assert set(tables) == {"row_counts", "actionability", "position", "by_error"}
+    assert set(tables["by_error"]) == {"addition", "substitution"}
+    assert set(res["first_token"]) == set(world.POPE_NEGATIVES)
+    assert {r["subset"] for r in res["first_token"]["random"]} <= {"all", "absent", "present"}
+    md = profile_markdown({"protocol": {"n_images": 4, "pope_split": "adversarial"}, "models": {"organism": res}})
     assert "| organism | adversarial |" in md and "organism_caption v1" in md
+    assert "### organism, adversarial: what a flag sees" in md and "#### Position held fixed" in md
+    assert "#### Additions alone" in md
+    assert "**What a flag sees.**" in md and "## Yes/no answers at their first token (adversarial scenes)" in md
+    old = {k: v for k, v in res.items() if k not in ("row_tables", "first_token")}
+    assert "what a flag sees" not in profile_markdown({"models": {"organism": old}})  # a profile written before
     # the same numbers as a harness run of the same benchmark
     run = harness.run_evaluation(harness.EvalArguments(
         benchmark="organism_caption", splits=["adversarial"], limit=4, batch_size=4, progress=False,

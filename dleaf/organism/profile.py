@@ -1,7 +1,9 @@
 """The organism's hallucination profile: greedy captions and yes/no answers on held-out splits through the
 evaluation harness (the organism's two benchmarks and their protocols, the one generation loop, the trailing-sentence
-rule, the metric core), and the premise table (per layer, LIAE and image mass at hallucinated versus grounded object
-words, from :func:`dleaf.premise_check.attention_records`).
+rule, the metric core), and the premise tables (from :mod:`dleaf.premise_check`): per layer, LIAE and image mass at
+hallucinated versus grounded object words; at every reply row, the rows that predict hallucinated object words
+against the other rows (actionability, percentile flags), with position held fixed; and at the first token of the
+yes/no answers, wrong against right.
 
 The premise statistics are read at the query row that *predicts* each object word (the position just before it), in
 one teacher-forced eager forward pass over the prompt and the generated reply, which reproduces the attention the
@@ -16,8 +18,9 @@ from collections.abc import Sequence
 import torch
 
 from .. import eval as harness
-from .. import premise
-from ..premise_check import ERROR_KINDS, attention_records, premise_rows
+from .. import actionability, premise
+from ..premise_check import (ERROR_KINDS, FIRST_TOKEN_INTRO, POSITION_INTRO, ROWS_INTRO, first_token_records,
+                             first_token_rows, premise_rows, reply_records, row_tables, row_tables_markdown)
 from ..settings import Setting
 from . import regime, world
 from .benchmarks import VOCAB
@@ -59,7 +62,7 @@ def profile_model(model, processor, protocol: ProfileProtocol = ProfileProtocol(
     (:mod:`dleaf.organism.regime`, under ``attention_regime``)."""
     say = progress or (lambda msg: None)
     result: dict = {"captions": {}, "pope": {}, "premise": {}, "premise_by_error": {}, "premise_counts": {},
-                    "image_share": {}, "examples": {}, "protocols": {}}
+                    "image_share": {}, "row_tables": {}, "first_token": {}, "examples": {}, "protocols": {}}
     for split in protocol.caption_splits:
         bench = _benchmark("organism_caption", protocol.n_images, splits=[split])
         result["protocols"]["organism_caption"] = bench.protocol.record()
@@ -74,10 +77,12 @@ def profile_model(model, processor, protocol: ProfileProtocol = ProfileProtocol(
                 model, processor, bench, run["rows"], split, int(bench.protocol["world_seed"]), protocol.batch_size)
         if split in protocol.premise_splits:
             say(f"premise on {split}")
-            records, share = attention_records(
+            res = reply_records(
                 model, processor, [it.image() for it in bench.items], [it.prompt for it in bench.items],
                 [r["raw"] for r in run["rows"]], [sorted(it.truth) for it in bench.items], VOCAB,
                 batch_size=protocol.batch_size)
+            records, share = res["mentions"], res["share"]
+            result["row_tables"][split] = row_tables(res["rows"], len(bench.items), protocol.n_bootstrap)
             result["premise"][split] = [dataclasses.asdict(r) for r in premise_rows(records, protocol.n_bootstrap)]
             result["premise_by_error"][split] = {
                 kind: [dataclasses.asdict(r) for r in premise_rows(records, protocol.n_bootstrap, error=kind)]
@@ -92,6 +97,10 @@ def profile_model(model, processor, protocol: ProfileProtocol = ProfileProtocol(
         say(f"yes/no questions, {neg} negatives ({len(bench.items)} questions)")
         run = harness.evaluate(model, processor, bench, Setting(), protocol.batch_size)
         result["pope"][neg] = run["sections"][f"{protocol.pope_split}/{neg}"]
+        records = first_token_records(model, processor, [it.image() for it in bench.items],
+                                      [it.prompt for it in bench.items], [r["raw"] for r in run["rows"]],
+                                      [bool(it.truth) for it in bench.items], batch_size=protocol.batch_size)
+        result["first_token"][neg] = first_token_rows(records, protocol.n_bootstrap)
     return result
 
 
@@ -220,6 +229,8 @@ def profile_markdown(profile: dict) -> str:
     lines += ["", "## The premise: image attention at hallucinated vs grounded object words", "",
               "AUROC > 0.5 means the signal is larger (more anomalous) at hallucinated words; `image_mass_deficit` is "
               "minus the head-mean image mass of the row that predicts the word.", ""]
+    if any(res.get("row_tables") for res in profile["models"].values()):
+        lines += [ROWS_INTRO, "", POSITION_INTRO.format(bin=actionability.POSITION_BIN), ""]
     for name, res in profile["models"].items():
         for split, rows in res["premise"].items():
             counts = res.get("premise_counts", {}).get(split)
@@ -233,10 +244,20 @@ def profile_markdown(profile: dict) -> str:
                 lines += [f"### {name}, {split}: {kind}s against grounded mentions", ""]
                 lines += [premise.premise_markdown([premise.PremiseRow(**r) for r in kind_rows])
                           if kind_rows else "(none)", ""]
+        for split, tables in res.get("row_tables", {}).items():
+            lines += [f"### {name}, {split}: what a flag sees", "", row_tables_markdown(tables, heading="####")]
         for split, share in res["image_share"].items():
             lines.append(f"Image share of attention per layer ({name}, {split}, mean over generated positions): "
                          + ", ".join(f"L{i} {s:.2f}" for i, s in enumerate(share)))
         lines.append("")
+    first = {name: res["first_token"] for name, res in profile["models"].items() if res.get("first_token")}
+    if first:
+        lines += [f"## Yes/no answers at their first token ({proto.get('pope_split', '')} scenes)", "",
+                  FIRST_TOKEN_INTRO, ""]
+        for name, by_neg in first.items():
+            for neg, rows in by_neg.items():
+                lines += [f"### {name}, {neg} negatives", "",
+                          actionability.first_token_markdown(rows) if rows else "No parsed answers.", ""]
     lines += regime.regime_section(profile)
     lines += design_targets(profile)
     probes = {name: res["patch_probe"] for name, res in profile["models"].items() if "patch_probe" in res}
