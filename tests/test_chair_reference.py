@@ -181,9 +181,9 @@ def test_the_strict_rule_reads_the_first_sentence_only(text, expected):
 
 def test_part_of_speech_mapping_is_the_reference_one():
     """J* adjective, V* verb, N* noun, R* adverb, anything else (DT, IN, CD, PRP...) a noun, as the reference maps."""
-    from dleaf.eval.chair_reference import _wordnet_pos
+    from dleaf.eval.chair_reference import wordnet_pos
 
-    assert [_wordnet_pos(t) for t in ("JJ", "JJS", "VBZ", "VBG", "NN", "NNS", "RB", "DT", "IN", "CD", "PRP", ".")] \
+    assert [wordnet_pos(t) for t in ("JJ", "JJS", "VBZ", "VBG", "NN", "NNS", "RB", "DT", "IN", "CD", "PRP", ".")] \
         == ["a", "a", "v", "v", "n", "n", "r", "n", "n", "n", "n", "n"]
     from dleaf.eval.chair_reference import lemmas
 

@@ -75,7 +75,9 @@ def _nltk_models():
     return sentences, NLTKWordTokenizer(), tagger, wordnet
 
 
-def _wordnet_pos(tag: str) -> str:
+def wordnet_pos(tag: str) -> str:
+    """The WordNet part of speech the reference lemmatizes a tagged word as: ``J*`` adjective (``a``), ``V*`` verb
+    (``v``), ``N*`` noun (``n``), ``R*`` adverb (``r``), anything else noun."""
     return {"J": "a", "V": "v", "N": "n", "R": "r"}.get(tag[:1], "n")
 
 
@@ -85,7 +87,7 @@ def lemmas(caption: str) -> list[str]:
     tokens = [t for s in sentences.tokenize(caption.lower()) for t in words.tokenize(s)]
     out = []
     for token, tag in tagger.tag(tokens):
-        found = wordnet._morphy(token, _wordnet_pos(tag))  # what WordNetLemmatizer.lemmatize reads
+        found = wordnet._morphy(token, wordnet_pos(tag))  # what WordNetLemmatizer.lemmatize reads
         out.append(min(found, key=len) if found else token)
     return out
 
