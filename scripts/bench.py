@@ -4,6 +4,7 @@ SPIN and a VCD-style two-pass contrastive baseline, and teacher-forced scoring i
     python scripts/bench.py --output_dir runs/bench                     # the full benchmark (tens of minutes on CPU)
     python scripts/bench.py --models llava_shaped --batch_sizes 1 --repeats 3 --no_memory
     python scripts/bench.py --llava_shape text_layers=8 --llava_shape text_hidden=256 --output_dir runs/bench_small
+    python scripts/bench.py --preset llava7b --device cuda --dtype bfloat16 --output_dir runs/gpu  # LLaVA-7B shape
 
 With --output_dir, the results go to bench.json (written atomically) and the tables to bench.md there.
 
@@ -76,7 +77,18 @@ def build_parser():
     ap.add_argument("--organism_shape", action="append", default=[], metavar="NAME=INT",
                     help="use a random organism with these OrganismShape fields instead of the checkpoint")
     ap.add_argument("--random_organism", action="store_true", help="a random organism even if a checkpoint exists")
-    ap.add_argument("--device", default=d.device)
+    ap.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
+    ap.add_argument("--dtype", default=d.dtype, choices=bench.DTYPES, help="the model's weights and pixel values")
+    ap.add_argument("--preset", default=None, choices=tuple(bench.PRESETS),
+                    help="a named run (llava7b: the GPU measurement; tiny: its rehearsal on a CPU); the other flags "
+                         "given override its fields")
+    ap.add_argument("--no_checks", action="store_true",
+                    help="skip the equivalence checks at the start (gamma 0 = plain; compiled step = eager step)")
+    ap.add_argument("--check_steps", type=int, default=d.check_steps, help="decoding steps each check compares")
+    ap.add_argument("--check_tokens", type=int, default=d.check_tokens,
+                    help="new tokens of the check that the loop equals generate")
+    ap.add_argument("--bootstrap", type=int, default=d.bootstrap,
+                    help="bootstrap resamples for the paired ratios' 95%% intervals (0: none)")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     ap.add_argument("--output_dir", default=None,
@@ -89,6 +101,7 @@ def build_parser():
 
 def main(argv=None) -> dict:
     ap = build_parser()
+    bench.apply_preset_defaults(ap, argv)  # --preset NAME: its fields become the defaults of the other flags
     args = ap.parse_args(argv)
     from dleaf import models
 
@@ -103,9 +116,12 @@ def main(argv=None) -> dict:
             repeats=args.repeats, warmup=args.warmup, memory=not args.no_memory, memory_models=args.memory_models,
             score_models=args.score_models, score_batch_sizes=args.score_batch_sizes, score_tokens=args.score_tokens,
             score_repeats=args.score_repeats, paired_steps=args.paired_steps, paired_warmup=args.paired_warmup,
-            llava_shape=bench.LlavaShape(**_shape_knobs(args.llava_shape, bench.LlavaShape)),
+            llava_shape=dataclasses.replace(bench.preset_llava_shape(args.preset),
+                                            **_shape_knobs(args.llava_shape, bench.LlavaShape)),
             organism_shape=_shape_knobs(args.organism_shape, models.family("organism").shape()) or None,
-            use_checkpoint=not args.random_organism, device=args.device, seed=args.seed)
+            use_checkpoint=not args.random_organism, device=args.device, seed=args.seed, dtype=args.dtype,
+            checks=not args.no_checks, check_steps=args.check_steps, check_tokens=args.check_tokens,
+            bootstrap=args.bootstrap)
     except ValueError as err:
         ap.error(str(err))
     if args.output_dir:

@@ -1,7 +1,9 @@
 """Performance benchmark: D-LEAF against plain decoding and its peers, measured side by side.
 
 The package: :mod:`~dleaf.bench.config` (what a run measures, what each configuration decodes with),
-:mod:`~dleaf.bench.models`, :mod:`~dleaf.bench.loop` (the decoding loop), :mod:`~dleaf.bench.scoring`,
+:mod:`~dleaf.bench.presets` (named runs: ``llava7b`` on a GPU, ``tiny`` its CPU rehearsal),
+:mod:`~dleaf.bench.models`, :mod:`~dleaf.bench.loop` (the decoding loop), :mod:`~dleaf.bench.checks` (gamma 0
+equals plain decoding, the compiled step equals the eager one), :mod:`~dleaf.bench.scoring`,
 :mod:`~dleaf.bench.memory`, :mod:`~dleaf.bench.measure` (the benchmark) and :mod:`~dleaf.bench.report`.
 
 Every configuration decodes with one manual greedy loop (:func:`greedy_loop`): a prefill, then one cached forward per
@@ -49,13 +51,16 @@ the prompt and one cached step per response token) with D-LEAF attached; and the
 :func:`dleaf.engine.cached_stepwise_logprobs`), which times the response's own cost.
 """
 
-from .config import (BASELINES, CONFIGS, MODELS, SPECIAL, BenchConfig, LlavaShape, Plan, config_names, method_of,
+from .checks import TOLERANCE, compare, equivalence_checks, forced_logits, with_knobs
+from .config import (BASELINES, CONFIGS, DTYPES, MODELS, SPECIAL, BenchConfig, LlavaShape, Plan, config_names, method_of,
                      plan_of)
 from .loop import (Stream, contrastive_logits, generate_tokens, greedy_loop, noised_inputs, noised_pixels, run_config,
                    sync)
-from .measure import (Stepper, bench_decoding, bench_memory, bench_paired, bench_scoring, check_loop_equals_generate,
+from .measure import (Stepper, bench_decoding, bootstrap_ratio, bench_memory, bench_paired, bench_scoring, check_loop_equals_generate,
                       count_step_ops, environment, run_benchmark, run_memory_only)
 from .memory import measure_memory_cpu, measure_memory_cuda, memory_child, memory_ratios
 from .models import build_llava_shaped, build_model_and_inputs, build_organism, set_text_attention
+from .presets import (GPU_CONFIGS, LLAVA7B_SHAPE, PRESETS, TINY_SHAPE, apply_preset_defaults, preset,
+                      preset_flag_defaults, preset_llava_shape)
 from .report import LLAVA15_7B, PASSES_PER_HEAD_KEY, cost_model, format_report, markdown_tables
 from .scoring import SCORING_MODES, random_response, score_once, stepwise_logprobs

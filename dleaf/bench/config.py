@@ -13,6 +13,8 @@ from ..settings import GREEDY, Setting
 CONFIGS = ("plain_sdpa", "plain_eager", "dleaf", "dleaf_range", "dleaf_sdpa", "dleaf_compiled", "pai", "spin", "vcd")
 MODELS = ("organism", "llava_shaped")
 BASELINES = ("plain_eager", "plain_sdpa")
+#: Floating-point types a run can load its model in (``BenchConfig.dtype``).
+DTYPES = ("float32", "bfloat16", "float16")
 #: Configurations that are not a method name: plain decoding on either kernel and D-LEAF's speed variants. Every
 #: registered method name (``python -m dleaf methods``) is a configuration too, with its default knobs.
 SPECIAL = ("plain_sdpa", "plain_eager", "dleaf_range", "dleaf_sdpa", "dleaf_compiled")
@@ -39,11 +41,12 @@ class LlavaShape:
     text_heads: int = 16
     text_intermediate: int = 1376
     max_positions: int = 2048
+    vocab_size: int = 0  # 0: the tokenizer's (89 words); larger pads the embedding and LM head (LLaVA-1.5: 32000)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if not isinstance(v, int) or v <= 0:
+            if not isinstance(v, int) or v < 0 or (v == 0 and f.name != "vocab_size"):
                 raise ValueError(f"LlavaShape.{f.name} must be a positive int, got {v!r}")
         if self.image_size % self.patch:
             raise ValueError(f"LlavaShape.patch {self.patch} must divide image_size {self.image_size}")
@@ -89,6 +92,10 @@ class BenchConfig:
     organism_shape: dict | None = None  # OrganismShape fields for a random organism (tests); None: the default
     use_checkpoint: bool = True  # the committed organism when present
     device: str = "cpu"
+    dtype: str = "float32"  # the model's weights and the pixel values (DTYPES)
+    checks: bool = True  # the equivalence checks at the start (gamma 0 = plain; the compiled step = the eager one)
+    check_steps: int = 8  # decoding steps each equivalence check compares
+    bootstrap: int = 2000  # bootstrap resamples of the paired steps (0: no interval)
     seed: int = 0
 
     def __post_init__(self):
@@ -115,11 +122,21 @@ class BenchConfig:
         a, b = self.dleaf_range
         if not 0.0 <= a < b <= 1.0:
             raise ValueError(f"dleaf_range must be fractions 0 <= a < b <= 1, got {self.dleaf_range}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
+        if self.check_steps < 2 or self.bootstrap < 0:
+            raise ValueError(f"check_steps must be >= 2 and bootstrap >= 0, got {self.check_steps}, {self.bootstrap}")
         if self.vcd_alpha < 0 or not 0.0 <= self.vcd_beta < 1.0 or not 0 <= self.vcd_noise_step < 1000:
             raise ValueError("vcd_alpha must be >= 0, vcd_beta in [0, 1), vcd_noise_step in [0, 1000)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
 
     @classmethod
     def from_dict(cls, d: dict) -> "BenchConfig":

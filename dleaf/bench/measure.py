@@ -15,6 +15,7 @@ import torch
 
 from .. import engine
 from ..io import write_json_atomic
+from .checks import equivalence_checks
 from .config import BASELINES, BenchConfig, plan_of
 from .loop import Stream, generate_tokens, greedy_loop, run_config, sync
 from .memory import measure_memory_cpu, measure_memory_cuda, memory_ratios
@@ -25,6 +26,23 @@ from .scoring import SCORING_MODES, random_response, score_once
 # ---------------------------------------------------------------------------------------------------- the benchmark
 def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
+
+
+def bootstrap_ratio(config_s: Sequence[float], base_s: Sequence[float], resamples: int, seed: int = 0,
+                    level: float = 0.95) -> list[float] | None:
+    """A percentile bootstrap interval of ``median(base_s) / median(config_s)`` over paired steps: each resample draws
+    step indices with replacement and takes both medians over the same indices (the pairing is kept). None when
+    ``resamples`` is 0 or there are fewer than two steps."""
+    n = len(config_s)
+    if resamples == 0 or n < 2:
+        return None
+    t = torch.tensor([list(config_s), list(base_s)], dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(n, (resamples, n), generator=g)
+    med = torch.quantile(t[:, idx], 0.5, dim=-1)  # (2, resamples); interpolating, as statistics.median
+    ratio = med[1] / med[0]
+    lo, hi = torch.quantile(ratio, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return [lo, hi]
 
 
 def summarise(runs: dict[str, list[dict]], batch: int, new_tokens: int) -> dict[str, dict]:
@@ -189,6 +207,7 @@ def bench_paired(model, inputs_by_batch: dict, cfg: BenchConfig, log=print) -> d
             for base in BASELINES:
                 row[f"{base}_step_ms"] = 1000 * median(times[base])
                 row[f"ratio_to_{base}"] = median(times[base]) / median(times[config])
+                row[f"ratio_ci_to_{base}"] = bootstrap_ratio(times[config], times[base], cfg.bootstrap, cfg.seed)
                 row[f"median_diff_ms_to_{base}"] = 1000 * median([a - b for a, b in zip(times[config], times[base])])
             rows[config] = row
             del steppers
@@ -259,6 +278,7 @@ def environment() -> dict:
         pass
     if torch.cuda.is_available():
         env["cuda_device"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
     return env
 
 
@@ -291,29 +311,44 @@ def run_memory_only(cfg: BenchConfig, out: str | Path, log=print) -> dict:
 
 
 def run_benchmark(cfg: BenchConfig, out: str | Path | None = None, log=print) -> dict:
-    """Run the whole benchmark; write the JSON atomically to ``out`` after each model (when given)."""
+    """Run the whole benchmark; write the JSON atomically to ``out`` after each phase of each model (when given), so
+    that a run stopped by a time limit keeps what it measured. Per model: the checks (the loop equals ``generate``;
+    :func:`dleaf.bench.checks.equivalence_checks`), the operator counts, the paired steps, the whole-run timing, peak
+    memory and scoring."""
     result = {"bench_config": cfg.to_dict(), "environment": environment(), "models": {},
               "reference_cost_model": {"description": LLAVA15_7B, "cost_model": cost_model(LLAVA15_7B, cfg.new_tokens)}}
     torch.manual_seed(cfg.seed)
+
+    def save():
+        if out is not None:
+            write_json_atomic(result, out, indent=1)
+
     for name in cfg.models:
         log(f"model {name}")
         batches = sorted(set(cfg.batch_sizes) | set(cfg.score_batch_sizes if name in cfg.score_models else ()))
         model, inputs, desc = build_model_and_inputs(name, cfg, batches)
-        entry = {"description": desc, "cost_model": cost_model(desc, cfg.new_tokens)}
+        entry = result["models"][name] = {"description": desc, "cost_model": cost_model(desc, cfg.new_tokens)}
         entry["loop_equals_generate"] = check_loop_equals_generate(model, inputs[min(batches)], cfg)
         log(f"  {desc}; loop equals generate: {entry['loop_equals_generate']}")
+        if cfg.checks:
+            entry["checks"] = equivalence_checks(model, inputs[min(batches)], cfg, log)
+        save()
         entry["ops_per_step"] = count_step_ops(model, inputs[min(batches)], cfg)
-        entry["decoding"] = bench_decoding(model, {b: inputs[b] for b in cfg.batch_sizes}, cfg, log)
+        save()
+        timed = {b: inputs[b] for b in cfg.batch_sizes}
         if cfg.paired_steps:
-            entry["paired"] = bench_paired(model, {b: inputs[b] for b in cfg.batch_sizes}, cfg, log)
-        if name in cfg.score_models:
-            entry["scoring"] = bench_scoring(model, {b: inputs[b] for b in cfg.score_batch_sizes}, cfg, log)
+            entry["paired"] = bench_paired(model, timed, cfg, log)
+            save()
+        entry["decoding"] = bench_decoding(model, timed, cfg, log)
+        save()
         if cfg.memory and name in cfg.memory_models:
             entry["memory"] = bench_memory(name, model, inputs, cfg, log)
-        result["models"][name] = entry
-        if out is not None:
-            write_json_atomic(result, out, indent=1)
+            save()
+        if name in cfg.score_models:
+            entry["scoring"] = bench_scoring(model, {b: inputs[b] for b in cfg.score_batch_sizes}, cfg, log)
+            save()
         del model, inputs
         gc.collect()
+        if torch.device(cfg.device).type == "cuda":
+            torch.cuda.empty_cache()
     return result
-

@@ -11,8 +11,10 @@ from .. import engine, models
 from .config import MODELS, BenchConfig, LlavaShape
 
 # ---------------------------------------------------------------------------------------------------- models
-def build_llava_shaped(shape: LlavaShape = LlavaShape(), seed: int = 0):
-    """A randomly initialised LLaVA-1.5-shaped ``LlavaForConditionalGeneration`` and its processor, offline."""
+def build_llava_shaped(shape: LlavaShape = LlavaShape(), seed: int = 0, device="cpu", dtype=None):
+    """A randomly initialised LLaVA-1.5-shaped ``LlavaForConditionalGeneration`` and its processor, offline. The
+    weights are made on ``device`` in ``dtype`` (default float32) directly, so that a 7B shape never passes through
+    host memory in float32."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, \
         LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -28,7 +30,7 @@ def build_llava_shaped(shape: LlavaShape = LlavaShape(), seed: int = 0):
     vision = CLIPVisionConfig(hidden_size=shape.vision_hidden, intermediate_size=4 * shape.vision_hidden,
                               num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
                               image_size=shape.image_size, patch_size=shape.patch, projection_dim=shape.vision_hidden)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=shape.text_hidden, intermediate_size=shape.text_intermediate,
+    text = LlamaConfig(vocab_size=max(len(tok), shape.vocab_size), hidden_size=shape.text_hidden, intermediate_size=shape.text_intermediate,
                        num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads,
                        num_key_value_heads=shape.text_heads, max_position_embeddings=shape.max_positions,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
@@ -37,7 +39,8 @@ def build_llava_shaped(shape: LlavaShape = LlavaShape(), seed: int = 0):
                          projector_hidden_act="gelu", vision_feature_select_strategy="default",
                          vision_feature_layer=-1, image_seq_length=shape.image_tokens, tie_word_embeddings=False)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype or torch.float32).eval()
     gen = model.generation_config
     gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = tok.eos_token_id, tok.pad_token_id, tok.bos_token_id
     gen.do_sample = False
@@ -70,15 +73,16 @@ def build_model_and_inputs(name: str, cfg: BenchConfig, batch_sizes: Sequence[in
     if name == "organism":
         model, processor, source = build_organism(cfg)
     elif name == "llava_shaped":
-        model, processor = build_llava_shaped(cfg.llava_shape, seed=cfg.seed)
+        model, processor = build_llava_shaped(cfg.llava_shape, seed=cfg.seed, device=cfg.device,
+                                              dtype=cfg.torch_dtype)
         source = "random"
     else:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
-    model.to(cfg.device)
+    model.to(device=cfg.device, dtype=cfg.torch_dtype)
     n = max(batch_sizes)
     items = harness.load_benchmark("organism_caption", limit=n, splits=["adversarial"]).items
     batch = caption_batch(processor, [it.image() for it in items], items[0].prompt)
-    inputs = {b: {k: v[:b].to(cfg.device) for k, v in batch.items()} for b in batch_sizes}
+    inputs = {b: {k: _to(v[:b], cfg) for k, v in batch.items()} for b in batch_sizes}
     tc = model.config.text_config
     image_id = engine.image_token_id(model)
     desc = {
@@ -89,8 +93,16 @@ def build_model_and_inputs(name: str, cfg: BenchConfig, batch_sizes: Sequence[in
         "prompt_tokens": int(batch["input_ids"].shape[1]),
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "device": str(next(model.parameters()).device),
     }
     return model, inputs, desc
+
+
+def _to(tensor: torch.Tensor, cfg: BenchConfig) -> torch.Tensor:
+    """An input tensor on the run's device; floating ones (the pixel values) in the run's dtype."""
+    if tensor.is_floating_point():
+        return tensor.to(device=cfg.device, dtype=cfg.torch_dtype)
+    return tensor.to(cfg.device)
 
 
 def set_text_attention(model, name: str) -> None:

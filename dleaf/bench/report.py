@@ -50,6 +50,18 @@ def _nan_for_null(x):
     return math.nan if x is None else x
 
 
+def _ci(interval) -> str:
+    """A bootstrap interval as text ("-" where there is none)."""
+    if not interval or any(x is None or not math.isfinite(x) for x in interval):
+        return "-"
+    return f"{interval[0]:.3f}-{interval[1]:.3f}"
+
+
+def _where(d: dict) -> str:
+    """The device and dtype of a model's description, when recorded."""
+    return f", {d['dtype']} on {d['device']}" if "device" in d else ""
+
+
 def format_report(result: dict) -> str:
     """The results as text tables: per model and batch size, medians and ratios; memory; scoring."""
     result = _nan_for_null(result)
@@ -57,12 +69,17 @@ def format_report(result: dict) -> str:
     for name, entry in result["models"].items():
         d = entry["description"]
         lines.append(f"\n== {name} ({d['source']}): {d['layers']} layers x {d['heads']} heads, hidden {d['hidden']}, "
-                     f"{d['image_tokens']} image tokens, prompt {d['prompt_tokens']} tokens; loop equals generate: "
+                     f"{d['image_tokens']} image tokens, prompt {d['prompt_tokens']} tokens{_where(d)}; loop equals generate: "
                      f"{entry['loop_equals_generate']}")
         ops = entry.get("ops_per_step", {})
         if ops:
             lines.append("operators per decoding step: " + ", ".join(f"{k} {v}" for k, v in ops.items()))
-        for batch, dec in entry["decoding"].items():
+        for check, row in entry.get("checks", {}).items():
+            if check != "all_passed":
+                lines.append(f"check {check}: {'passed' if row['passed'] else 'FAILED'} (max |logit diff| "
+                             f"{row['max_abs_logit_diff']:.3g} <= {row['tolerance']:.3g}; bit exact {row['bit_exact']}; "
+                             f"argmax agreement {row['argmax_agreement']:.3f})")
+        for batch, dec in entry.get("decoding", {}).items():
             lines.append(f"-- batch {batch}")
             lines.append(f"{'config':<13}{'prefill s':>10}{'step ms':>9}{'dec tok/s':>11}{'/eager':>8}{'/sdpa':>7}"
                          f"{'e2e tok/s':>11}{'/eager':>8}{'/sdpa':>7}")
@@ -73,12 +90,13 @@ def format_report(result: dict) -> str:
                              f"{r['e2e_ratio_to_plain_sdpa']:>7.3f}")
         for batch, rows in entry.get("paired", {}).items():
             lines.append(f"-- paired steps, batch {batch} (turns of one step with plain eager and plain sdpa)")
-            lines.append(f"{'config':<15}{'step ms':>9}{'eager ms':>10}{'sdpa ms':>9}{'/eager':>8}{'/sdpa':>7}"
-                         f"{'+ms vs eager':>14}")
+            lines.append(f"{'config':<15}{'step ms':>9}{'eager ms':>10}{'sdpa ms':>9}{'/eager':>8}{'95% CI':>15}"
+                         f"{'/sdpa':>7}{'95% CI':>15}{'+ms vs eager':>14}")
             for config, r in rows.items():
                 lines.append(f"{config:<15}{r['step_ms']:>9.2f}{r['plain_eager_step_ms']:>10.2f}"
                              f"{r['plain_sdpa_step_ms']:>9.2f}{r['ratio_to_plain_eager']:>8.3f}"
-                             f"{r['ratio_to_plain_sdpa']:>7.3f}{r['median_diff_ms_to_plain_eager']:>14.2f}")
+                             f"{_ci(r.get('ratio_ci_to_plain_eager')):>15}{r['ratio_to_plain_sdpa']:>7.3f}"
+                             f"{_ci(r.get('ratio_ci_to_plain_sdpa')):>15}{r['median_diff_ms_to_plain_eager']:>14.2f}")
         for batch, mem in entry.get("memory", {}).items():
             lines.append(f"-- peak memory, batch {batch} (MB; extra = above the loaded model)")
             lines.append(f"{'config':<13}{'peak':>9}{'extra':>9}{'peak/eager':>11}{'peak/sdpa':>10}"
@@ -108,8 +126,18 @@ def markdown_tables(result: dict) -> str:
     for name, entry in result["models"].items():
         d = entry["description"]
         out.append(f"### {name} ({d['source']} weights): {d['layers']} layers, {d['heads']} heads, hidden {d['hidden']}, "
-                   f"{d['image_tokens']} image tokens, {d['prompt_tokens']}-token prompt\n")
-        for batch, dec in entry["decoding"].items():
+                   f"{d['image_tokens']} image tokens, {d['prompt_tokens']}-token prompt{_where(d)}\n")
+        checks = {k: v for k, v in entry.get("checks", {}).items() if k != "all_passed"}
+        if checks:
+            out.append("Equivalence checks (teacher-forced on plain eager greedy decoding's tokens):\n")
+            out.append("| check | steps | max abs logit diff | tolerance | bit exact | argmax agreement | passed |")
+            out.append("|---|---:|---:|---:|---|---:|---|")
+            for check, r in checks.items():
+                out.append(f"| {check} | {r['steps']} | {r['max_abs_logit_diff']:.3g} | {r['tolerance']:.3g} | "
+                           f"{'yes' if r['bit_exact'] else 'no'} | {r['argmax_agreement']:.3f} | "
+                           f"{'yes' if r['passed'] else '**no**'} |")
+            out.append("")
+        for batch, dec in entry.get("decoding", {}).items():
             rows = dec["configs"]
             out.append(f"Batch {batch}, {next(iter(rows.values()))['repeats']} interleaved repeats, medians:\n")
             out.append("| configuration | prefill s | ms / step | decode tok/s | / eager | / sdpa | end-to-end tok/s "
@@ -125,13 +153,14 @@ def markdown_tables(result: dict) -> str:
             steps = next(iter(rows.values()))["steps"] if rows else 0
             out.append(f"Paired steps, batch {batch}: each configuration takes turns with plain eager and plain sdpa, "
                        f"one cached step at a time, {steps} steps, medians:\n")
-            out.append("| configuration | ms / step | plain eager ms | plain sdpa ms | / eager | / sdpa | "
-                       "median extra ms vs eager |")
-            out.append("|---|---:|---:|---:|---:|---:|---:|")
+            out.append("| configuration | ms / step | plain eager ms | plain sdpa ms | / eager | 95% CI | / sdpa | "
+                       "95% CI | median extra ms vs eager |")
+            out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
             for config, r in rows.items():
-                out.append(f"| {config} | {r['step_ms']:.1f} | {r['plain_eager_step_ms']:.1f} | "
-                           f"{r['plain_sdpa_step_ms']:.1f} | {r['ratio_to_plain_eager']:.3f} | "
-                           f"{r['ratio_to_plain_sdpa']:.3f} | {r['median_diff_ms_to_plain_eager']:.2f} |")
+                out.append(f"| {config} | {r['step_ms']:.2f} | {r['plain_eager_step_ms']:.2f} | "
+                           f"{r['plain_sdpa_step_ms']:.2f} | {r['ratio_to_plain_eager']:.3f} | "
+                           f"{_ci(r.get('ratio_ci_to_plain_eager'))} | {r['ratio_to_plain_sdpa']:.3f} | "
+                           f"{_ci(r.get('ratio_ci_to_plain_sdpa'))} | {r['median_diff_ms_to_plain_eager']:.2f} |")
             out.append("")
         for batch, mem in entry.get("memory", {}).items():
             out.append(f"Peak memory, batch {batch} (MB; extra = above the loaded model and inputs):\n")
