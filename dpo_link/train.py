@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from trl import ModelConfig
 
+from .card import ORGANISM, REWARD_KEYS, model_card
+from .card import portable as _portable
 from .collate import VisionPreferenceCollator, pair_batches
 from .data import check_dataset_path, load_preference_dataset, parse_column_map, preference_dataset
 from .rewards import adapter_rewards, checkpoint_fingerprint, dpo_loss
@@ -35,7 +37,6 @@ from .validate import validate_preference_dataset
 
 logger = logging.getLogger(__name__)
 
-ORGANISM = "organism"
 LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -202,15 +203,6 @@ def build_datasets(args: ScriptArguments, model=None, processor=None, seed: int 
     return train, eval_ds, info
 
 
-def _portable(path: str) -> str:
-    """A path as recorded in a card: relative to the working directory when inside it, else its last parts."""
-    p = Path(path)
-    try:
-        return str(p.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(Path(*p.parts[-2:])) if p.is_absolute() else str(p)
-
-
 def lora_config(model_args, language_model_only: bool = True):
     """A PEFT ``LoraConfig`` from TRL's ``ModelConfig``; by default on the language model's attention and MLP
     projections only (a regex, since the vision tower has modules with the same names)."""
@@ -343,7 +335,6 @@ def check_output_dir(output_dir: str | Path, recipe: dict, resume_from_checkpoin
 
 
 # ---------------------------------------------------------------------------------------------------- training
-REWARD_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 
 
 def _eval_summary(metrics: dict) -> dict:
@@ -579,80 +570,3 @@ def _environment() -> dict:
             "trl": trl.__version__, "peft": peft.__version__,
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "command": " ".join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv))}
-
-
-# --------------------------------------------------------------------------------------------------- the card
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.4f}"
-    return str(v)
-
-
-def model_card(record: dict) -> str:
-    """The adapter's model card (``README.md``): data, recipe, held-out metrics and how to load it."""
-    cfg = record["config"]
-    name = cfg["model"].get("model_name_or_path")
-    base = _portable(name) if name not in (None, ORGANISM) else "data/organism"
-    lines = ["---", "library_name: peft", "tags: [dpo, trl, lora, vision-language, hallucination]",
-             f"base_model: {base}", "---", "",
-             "# DPO LoRA adapter against object hallucination", "",
-             f"A LoRA adapter on the language model of {base}, trained with TRL's `DPOTrainer` "
-             "(`dpo_link.train`, `scripts/train_dpo.py`) on vision preference pairs: the preferred reply describes "
-             "the image faithfully, the dispreferred one names objects the image lacks (or gives the wrong yes/no "
-             "answer).", "", "## Data", ""]
-    for split, info in record["data"].items():
-        lines.append(f"- **{split}**: " + ", ".join(f"{k}: `{v}`" for k, v in info.items() if k != "config"))
-        if "config" in info:
-            lines.append("  - " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
-    lines += ["", "Sequence lengths (tokens, as the collator builds them): " + "; ".join(
-        f"{k}: longest {v['max_total']}, prompt {v['max_prompt']}, {v['image_tokens_per_image']} image tokens"
-        for k, v in record["lengths"].items()), "", "## Recipe", "", "| option | value |", "|---|---|"]
-    for k, v in cfg["dpo"].items():
-        lines.append(f"| {k} | {_fmt(v)} |")
-    m = cfg["model"]
-    for k in ("lora_r", "lora_alpha", "lora_dropout"):
-        lines.append(f"| {k} | {_fmt(m.get(k))} |")
-    lines.append(f"| LoRA target modules | `{cfg['lora_target_modules']}` |")
-    lines.append(f"| processes | {cfg['processes']} |")
-    t = record["train"]
-    lines += ["", f"Trained {t['global_step']} steps (training loss {_fmt(t['training_loss'])})"
-              + (f", resumed from {t['resumed_from']}" if t.get("resumed_from") else "") + ".", ""]
-    if "eval_after" in record:
-        lines += ["## Held-out DPO metrics", "",
-                  "Rewards are beta * (log pi_adapter - log pi_base) summed over the reply's tokens; the loss of the "
-                  f"untrained adapter is log 2 = {math.log(2):.4f}."
-                  + (f" TRL's `loss` here is the weighted sum of the {' + '.join(cfg['dpo']['loss_type'])} terms; "
-                     "the DPO (sigmoid) loss alone is the `loss` of the per-task table below."
-                     if len(cfg["dpo"].get("loss_type") or []) > 1 else ""), "",
-                  "| | " + " | ".join(REWARD_KEYS) + " |", "|---|" + "---|" * len(REWARD_KEYS)]
-        for when in ("eval_before", "eval_after"):
-            if when in record:
-                lines.append(f"| {when.replace('eval_', '')} training | "
-                             + " | ".join(_fmt(record[when][k]) for k in REWARD_KEYS) + " |")
-        lines.append("")
-    if "eval_by_task" in record:
-        lines += ["Per task, recomputed from plain logits (`dpo_link.rewards`), every pair weighted equally (TRL "
-                  "averages its logged reward metrics over evaluation batches, so its row above can differ slightly "
-                  "when the last batch is smaller):", "",
-                  "| task | pairs | " + " | ".join(REWARD_KEYS) + " |", "|---|---|" + "---|" * len(REWARD_KEYS)]
-        for task, m in record["eval_by_task"].items():
-            lines.append(f"| {task} | {m['n']} | " + " | ".join(_fmt(m[k]) for k in REWARD_KEYS) + " |")
-        lines.append("")
-    train_logs = [h for h in record.get("log_history", []) if "rewards/chosen" in h and "loss" in h]
-    if train_logs:
-        stride = max(1, math.ceil(len(train_logs) / 15))
-        shown = train_logs[::stride] + ([train_logs[-1]] if (len(train_logs) - 1) % stride else [])
-        lines += ["## Training log (TRL's logged metrics)", "",
-                  "| step | " + " | ".join(REWARD_KEYS) + " |", "|---|" + "---|" * len(REWARD_KEYS)]
-        for h in shown:
-            lines.append(f"| {h.get('step', '-')} | " + " | ".join(_fmt(h.get(k)) for k in REWARD_KEYS) + " |")
-        lines.append("")
-    lines += ["## Use", "", "```python", "from peft import PeftModel",
-              "from dleaf import models", "",
-              f"model, processor = models.load({'organism' if base == 'data/organism' else base!r})",
-              "model = PeftModel.from_pretrained(model, 'path/to/this/folder')", "```", "",
-              "Everything above is also in `dpo_run.json` next to this card.", "",
-              "## Environment", "", ", ".join(f"{k} {v}" for k, v in record["environment"].items()), ""]
-    return "\n".join(lines)
