@@ -44,7 +44,7 @@ def mention_token_offsets(tokenizer, response_ids: Sequence[int], vocab: metrics
     mentions = vocab.extract(text)
     if not mentions:
         return []
-    counts = [len(metrics.tokenize(tokenizer.decode(list(response_ids[:j + 1]), skip_special_tokens=True)))
+    counts = [len(vocab.words(tokenizer.decode(list(response_ids[:j + 1]), skip_special_tokens=True)))
               for j in range(len(response_ids))]
     out = []
     for m in mentions:
@@ -68,7 +68,7 @@ def mention_token_spans(tokenizer, response_ids: Sequence[int], vocab: metrics.O
     mentions = vocab.extract(text)
     if not mentions:
         return []
-    words = [metrics.tokenize(tokenizer.decode(ids[:j + 1], skip_special_tokens=True)) for j in range(len(ids))]
+    words = [vocab.words(tokenizer.decode(ids[:j + 1], skip_special_tokens=True)) for j in range(len(ids))]
     touched = []  # per token, the word indices it starts or lengthens
     prev: list[str] = []
     for now in words:
@@ -80,7 +80,7 @@ def mention_token_spans(tokenizer, response_ids: Sequence[int], vocab: metrics.O
         prev = now
     out = []
     for m in mentions:
-        span = set(range(m.word_index, m.word_index + len(m.surface.split())))
+        span = set(range(m.word_index, m.word_index + vocab.mention_span(m)))
         js = [j for j, t in enumerate(touched) if t & span]
         if js:
             out.append((js[0], js[-1], m))

@@ -201,6 +201,14 @@ class ObjectVocabulary:
         """The caption length CHAIR reports: ``len(tokenize(text))``."""
         return len(tokenize(text))
 
+    def words(self, text: str) -> list[str]:
+        """The words a :class:`Mention`'s ``word_index`` indexes: :func:`tokenize` output."""
+        return tokenize(text)
+
+    def mention_span(self, mention: Mention) -> int:
+        """How many of :meth:`words` a mention covers (its phrase's words)."""
+        return len(mention.surface.split())
+
     @property
     def categories(self) -> frozenset[str]:
         """The set of canonical categories: ``set(synonyms.values())``."""

@@ -50,6 +50,23 @@ def test_mention_spans_cover_every_token_of_a_split_word():
     assert [j for j, _ in premise_check.mention_token_offsets(tok, ids, vocab)] == [1, 3, 8]
 
 
+class _CocoPieces(_PieceTokenizer):
+    pieces = ["two", " hot", " do", "gs", " and", " a", " te", "ddy", " bear", " on", " a", " bus", " ."]
+
+
+def test_mention_spans_under_chair_reference_rules_follow_its_merged_words():
+    """The reference rules merge double words ("hot dogs" -> one word "hot dog") and lemmatize ("dogs" -> "dog"):
+    a mention's span is the tokens of that one merged word, whatever the tokenizer's pieces."""
+    from dleaf.eval.chair_reference import reference_vocabulary
+
+    tok = _CocoPieces()
+    ids = list(range(len(tok.pieces)))
+    got = [(first, last, m.category) for first, last, m in
+           premise_check.mention_token_spans(tok, ids, reference_vocabulary())]
+    assert got == [(1, 3, "hot dog"), (6, 8, "teddy bear"), (11, 11, "bus")]
+    assert [j for j, _ in premise_check.mention_token_offsets(tok, ids, reference_vocabulary())] == [1, 6, 11]
+
+
 @torch.no_grad()
 def test_records_equal_explicit_loops_over_attention_weights(tiny):
     model, processor = tiny

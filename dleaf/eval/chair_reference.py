@@ -165,6 +165,16 @@ class ReferenceChairVocabulary(ObjectVocabulary):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         return len(reference_words(text, self.table)[0])
 
+    def words(self, text: str) -> list[str]:
+        """The caption's words after double-word merging (a mention's ``word_index`` indexes them)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return reference_words(text, self.table)[0]
+
+    def mention_span(self, mention: Mention) -> int:
+        """One word: a double word ("hot dog") was merged into one."""
+        return 1
+
     def __hash__(self) -> int:
         return hash((type(self), self.table))
 
