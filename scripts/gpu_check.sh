@@ -11,14 +11,15 @@
 # whatever bench.json holds (also when the time limit cut the run short) and prints the checks.
 #
 # Output: --output_dir if given, else $OUT when set, else runs/gpu_check. Time limit of the benchmark itself:
-# $GPU_CHECK_LIMIT_S seconds (default 450). Python: $PYTHON, else .venv/bin/python, else python (it needs a CUDA
-# build of torch for --device cuda). Exit status 0 only when the run finished and every check passed.
+# $GPU_CHECK_LIMIT_S seconds (default 450). Python: $PYTHON, else .venv/bin/python, else python3 (it needs a CUDA
+# build of torch for --device cuda, and the project's dependencies; the project itself is imported from this
+# checkout, installed or not). Exit status 0 only when the run finished and every check passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
-    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 OUTDIR="${OUT:-runs/gpu_check}"
 args=("$@")
@@ -29,6 +30,8 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     esac
 done
 export HF_HUB_OFFLINE=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's dleaf, installed or not
+export PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
 
 start=$(date +%s)
