@@ -110,6 +110,44 @@ def word_changes(greedy: Sequence[dict], corrected: Sequence[dict], flags: FlagS
             "same_before_first_flag": same}
 
 
+def threshold_hits(model, processor, items, flagsets: dict, batch_size: int = 100, knobs: dict | None = None,
+                   max_new_tokens: int = 64, sentence_rule: str = "keep") -> dict:
+    """Where D-LEAF's own localization flags, at the oracle's rows: D-LEAF watching at zero strength (which decodes
+    exactly as greedy) with a trace, per target of ``flagsets`` the share of the target rows' watched (position,
+    layer) cells it flags and the share of target rows with at least one flagged layer, beside the same shares over
+    every active row of the greedy replies (up to and including their end-of-sequence row)."""
+    from .generation import generate
+    from .settings import Setting
+
+    setting = Setting("dleaf", {**(knobs or {}), "gamma": 0.0})
+    per_sample = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        with setting.attached(model, trace=True) as iv:
+            rows = list(generate(model, processor, chunk, setting, max_new_tokens, batch_size, sentence_rule,
+                                 intervention=iv, token_ids=True))
+            watched = sorted(iv.watched)
+            for b, row in enumerate(rows):
+                flag = iv.trace.sample(b)["flag"][:, watched]  # (T, Lw): position t = generated position t
+                per_sample.append(flag[:len(row["token_ids"])])
+    out = {"all rows": _hit_shares(per_sample, None)}
+    for target, flags in flagsets.items():
+        out[target] = _hit_shares(per_sample, [sorted(flags.lookup(str(k))["rows"]) for k in range(len(items))])
+    return out
+
+
+def _hit_shares(per_sample, positions) -> dict:
+    cells = flagged = rows = hit = 0
+    for k, flag in enumerate(per_sample):
+        chosen = range(flag.shape[0]) if positions is None else [p for p in positions[k] if p < flag.shape[0]]
+        for p in chosen:
+            cells += flag.shape[1]
+            flagged += int(flag[p].sum())
+            rows += 1
+            hit += bool(flag[p].any())
+    return {"n_rows": rows, "cell_share": flagged / cells if cells else None, "row_share": hit / rows if rows else None}
+
+
 # ---------------------------------------------------------------------------------------------------- measurement
 def operators() -> list[tuple[str, str, dict]]:
     """``(label, method, knobs)`` of every correction measured at the oracle rows."""
@@ -186,8 +224,12 @@ def measure(model, processor, split: str = "adversarial", n_images: int = 200, o
     say(f"[{split}] greedy: {secs:.0f} s")
     report = {"split": split, "n_images": len(items), "max_new_tokens": max_new, "greedy": _row_stats(g_scores),
               "targets": {}}
+    flagsets = {t: organism_flags(greedy, truths, tok, world.OBJECTS, t) for t in targets}
+    report["dleaf_threshold_hits"] = threshold_hits(model, processor, items, flagsets, batch_size,
+                                                    max_new_tokens=max_new, sentence_rule=rule)
+    say(f"[{split}] D-LEAF's own flags at the oracle rows: {report['dleaf_threshold_hits']}")
     for target in targets:
-        flags = organism_flags(greedy, truths, tok, world.OBJECTS, target)
+        flags = flagsets[target]
         path = flags.save(out_dir / f"flags_{split}_{target}.json")
         n_words = sum(len(e["rows"]) for e in flags.samples.values())
         n_caps = sum(bool(e["rows"]) for e in flags.samples.values())
@@ -220,6 +262,14 @@ def markdown(report: dict) -> str:
     lines = [f"### {report['split']} split, {report['n_images']} images (greedy: CHAIR_s {100 * g['chair_s']:.1f}%, "
              f"CHAIR_i {100 * g['chair_i']:.1f}%, recall {100 * g['recall']:.1f}%, additions {g['n_additions']}, "
              f"substitutions {g['n_substitutions']})", ""]
+    hits = report.get("dleaf_threshold_hits")
+    if hits:
+        lines += ["#### Where D-LEAF's own localization flags (defaults, at zero strength)", "",
+                  "| rows | n rows | flagged cells % | rows with a flagged layer % |", "|---|---|---|---|"]
+        for name, h in hits.items():
+            pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
+            lines.append(f"| {name} | {h['n_rows']} | {pct(h['cell_share'])} | {pct(h['row_share'])} |")
+        lines.append("")
     for target, sec in report["targets"].items():
         lines += [f"#### Oracle rows: {target} object words ({sec['n_flagged_words']} words in "
                   f"{sec['n_flagged_captions']} captions)", "",

@@ -271,3 +271,58 @@ def test_the_organism_flag_builder_on_a_hand_made_case():
     assert out["outcomes"]["other absent object"] == 1 and out["outcomes"]["not reached"] == 1
 # PAI's alpha stays below 1 here: its boost w + alpha |w| * [image key] overflows to inf at the masked keys of a
 # left-padded batch for alpha > 1 (inf * 0 = nan), a behaviour of PAI itself that these tests leave as it is.
+
+
+@torch.no_grad()
+def test_the_threshold_localizer_flags_where_dleaf_flags(tiny):
+    """PAI and SPIN with localization="threshold" flag exactly the cells D-LEAF's own trace flags (all at zero
+    strength, so every decoding is plain greedy), at D-LEAF's default threshold knobs (PAI and SPIN have none)."""
+    model, _, _, _, batch = tiny
+    with engine.attached(model, "dleaf", gamma=0.0, trace=True) as iv:
+        model.generate(**batch, **GREEDY)
+    ref = torch.stack([iv.trace.sample(b)["flag"] for b in range(batch["input_ids"].shape[0])])  # (B, T, L)
+    assert ref.any() and not ref.all()
+    for method, zero in (("pai", dict(alpha=0.0, layer_start=0)), ("spin", dict(scale=1.0))):
+        with engine.attached(model, method, localization="threshold", **zero) as iv:
+            seen = {}
+            flags = iv.method.localizer.flags
+
+            def spy(call, rows=None, flags=flags):
+                out = flags(call, rows)
+                pos = call.positions()
+                for b in range(out.shape[0]):
+                    for q in range(out.shape[1]):
+                        if pos[b, q] >= 0:
+                            seen[(b, int(pos[b, q]), call.layer)] = bool(out[b, q])
+                return out
+
+            iv.method.localizer.flags = spy
+            model.generate(**batch, **GREEDY)
+        got = torch.zeros_like(ref)
+        for (b, p, layer), v in seen.items():
+            got[b, p, layer] = v
+        assert torch.equal(got, ref), method
+
+
+@torch.no_grad()
+def test_the_threshold_localizer_flags_where_dleaf_flags_in_teacher_forced_scoring(tiny):
+    model, _, _, _, batch = tiny
+    full, start = _teacher_forced(model, batch, n_new=6)
+    with engine.attached(model, "dleaf", gamma=0.0, trace=True) as iv:
+        with iv.scoring(response_start=torch.tensor([start])):
+            model(**full)
+    ref = iv.trace.sample(0)["flag"]  # (T, L) over the active rows
+    assert ref.any()
+    with engine.attached(model, "spin", scale=1.0, localization="threshold") as iv:
+        got = {}
+        flags = iv.method.localizer.flags
+
+        def spy(call, rows=None):
+            out = flags(call, rows)
+            got[call.layer] = out[0][call.positions()[0] >= 0]
+            return out
+
+        iv.method.localizer.flags = spy
+        with iv.scoring(response_start=torch.tensor([start])):
+            model(**full)
+    assert torch.equal(torch.stack([got[layer] for layer in sorted(got)], 1), ref)
