@@ -239,3 +239,29 @@ def test_gpu_check_rehearsal(tmp_path):
     assert entry["checks"]["compiled_vs_eager_step_fusing"]["corrections_made"]  # the fusion was compared
     assert entry["checks"]["gamma0_dleaf_vs_plain_eager"]["bit_exact"]
     assert set(entry["paired"]) == {"1", "8"} and "dleaf_compiled" in entry["paired"]["8"]
+
+
+def test_loop_against_generate_reports_where_they_part(monkeypatch):
+    """A difference from generate is reported with the step and the loop's top-2 gap there; the summary accepts it
+    only as a tie within the dtype's rounding."""
+    cfg = bench.preset("tiny", new_tokens=3)
+    model, inputs, _ = bench.build_model_and_inputs("llava_shaped", cfg, [1])
+    row = bench.loop_vs_generate(model, inputs[1], cfg)
+    assert row == {"equal": True, "first_difference": None, "gap_at_difference": None, "tie": False}
+    real = bench.measure.generate_tokens
+
+    def off_by_one(model, inputs, n):
+        tokens = real(model, inputs, n).clone()
+        tokens[:, 2] = (tokens[:, 2] + 1) % 256
+        return tokens
+
+    monkeypatch.setattr(bench.measure, "generate_tokens", off_by_one)
+    row = bench.loop_vs_generate(model, inputs[1], cfg)
+    assert not row["equal"] and row["first_difference"] == 2 and row["gap_at_difference"] >= 0
+    assert isinstance(row["tie"], bool)
+    result = _partial_result()
+    result["models"]["llava_shaped"].update(loop_equals_generate=False, loop_vs_generate={**row, "tie": False})
+    (name, check, passed, detail), = [r for r in summary.check_rows(result) if r[1] == "loop_equals_generate"]
+    assert not passed and "part at step 2" in detail and "no tie" in detail
+    result["models"]["llava_shaped"]["loop_vs_generate"]["tie"] = True
+    assert [r for r in summary.check_rows(result) if r[1] == "loop_equals_generate"][0][2]

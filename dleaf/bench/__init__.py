@@ -52,12 +52,13 @@ the prompt and one cached step per response token) with D-LEAF attached; and the
 """
 
 from .checks import TOLERANCE, compare, equivalence_checks, forced_logits, with_knobs
-from .config import (BASELINES, CONFIGS, DTYPES, MODELS, SPECIAL, BenchConfig, LlavaShape, Plan, config_names, method_of,
-                     plan_of)
+from .config import (BASELINES, CONFIGS, DTYPES, MODELS, SPECIAL, BenchConfig, LlavaShape, Plan, config_names,
+                     method_of, plan_of)
 from .loop import (Stream, contrastive_logits, generate_tokens, greedy_loop, noised_inputs, noised_pixels, run_config,
                    sync)
-from .measure import (Stepper, bench_decoding, bootstrap_ratio, bench_memory, bench_paired, bench_scoring, check_loop_equals_generate,
-                      count_step_ops, environment, run_benchmark, run_memory_only)
+from .measure import (Stepper, bench_decoding, bench_memory, bench_paired, bench_scoring, bootstrap_ratio,
+                      check_loop_equals_generate, count_step_ops, environment, loop_vs_generate, run_benchmark,
+                      run_memory_only)
 from .memory import measure_memory_cpu, measure_memory_cuda, memory_child, memory_ratios
 from .models import build_llava_shaped, build_model_and_inputs, build_organism, set_text_attention
 from .presets import (GPU_CONFIGS, LLAVA7B_SHAPE, PRESETS, TINY_SHAPE, apply_preset_defaults, preset,

@@ -103,11 +103,34 @@ def count_step_ops(model, inputs: dict, cfg: BenchConfig) -> dict[str, int]:
     return counts
 
 
+def loop_vs_generate(model, inputs: dict, cfg: BenchConfig) -> dict:
+    """Whether the manual greedy loop's tokens equal ``model.generate``'s (plain greedy, eager text attention), and,
+    where they part, whether that is a tie: ``generate`` computes the same logits along another route, so where the
+    loop's two best logits lie within the dtype's rounding (:data:`dleaf.bench.checks.TOLERANCE`, relative to the
+    largest logit) the two may pick different tokens without either being wrong. Returns ``equal``,
+    ``first_difference`` (the step, or None), ``gap_at_difference`` and ``tie``."""
+    from .checks import TOLERANCE
+
+    set_text_attention(model, "eager")
+    seen = []
+    ours, _ = greedy_loop(model, [inputs], cfg.check_tokens, lambda logits: seen.append(logits[0]) or logits[0])
+    theirs = generate_tokens(model, inputs, cfg.check_tokens)
+    row = {"equal": bool(torch.equal(ours, theirs)), "first_difference": None, "gap_at_difference": None,
+           "tie": False}
+    if not row["equal"] and ours.shape == theirs.shape:
+        step = int((ours != theirs).any(dim=0).nonzero()[0])
+        logits = seen[step].float()
+        top = logits.topk(2, dim=-1).values  # (B, 2)
+        sample = int((ours[:, step] != theirs[:, step]).nonzero()[0])
+        gap = float(top[sample, 0] - top[sample, 1])
+        scale = max(1.0, float(logits[sample].abs().max()))
+        row.update(first_difference=step, gap_at_difference=gap, tie=gap <= TOLERANCE[cfg.dtype] * scale)
+    return row
+
+
 def check_loop_equals_generate(model, inputs: dict, cfg: BenchConfig) -> bool:
     """The manual greedy loop's tokens equal ``model.generate``'s (plain greedy, eager text attention)."""
-    set_text_attention(model, "eager")
-    ours, _ = greedy_loop(model, [inputs], cfg.check_tokens)
-    return bool(torch.equal(ours, generate_tokens(model, inputs, cfg.check_tokens)))
+    return loop_vs_generate(model, inputs, cfg)["equal"]
 
 
 def bench_decoding(model, inputs_by_batch: dict, cfg: BenchConfig, log=print) -> dict:
@@ -312,14 +335,17 @@ def run_memory_only(cfg: BenchConfig, out: str | Path, log=print) -> dict:
 
 def run_benchmark(cfg: BenchConfig, out: str | Path | None = None, log=print) -> dict:
     """Run the whole benchmark; write the JSON atomically to ``out`` after each phase of each model (when given), so
-    that a run stopped by a time limit keeps what it measured. Per model: the checks (the loop equals ``generate``;
-    :func:`dleaf.bench.checks.equivalence_checks`), the operator counts, the paired steps, the whole-run timing, peak
-    memory and scoring."""
+    that a run stopped by a time limit keeps what it measured. Per model, most telling first: the checks (the loop
+    equals ``generate``; :func:`dleaf.bench.checks.equivalence_checks`), the operator counts, the paired steps, peak
+    memory, the whole-run timing and scoring."""
     result = {"bench_config": cfg.to_dict(), "environment": environment(), "models": {},
               "reference_cost_model": {"description": LLAVA15_7B, "cost_model": cost_model(LLAVA15_7B, cfg.new_tokens)}}
     torch.manual_seed(cfg.seed)
 
-    def save():
+    t0 = time.perf_counter()
+
+    def save(phase: str):
+        log(f"  {phase} done, {time.perf_counter() - t0:.0f} s into the run")
         if out is not None:
             write_json_atomic(result, out, indent=1)
 
@@ -328,25 +354,26 @@ def run_benchmark(cfg: BenchConfig, out: str | Path | None = None, log=print) ->
         batches = sorted(set(cfg.batch_sizes) | set(cfg.score_batch_sizes if name in cfg.score_models else ()))
         model, inputs, desc = build_model_and_inputs(name, cfg, batches)
         entry = result["models"][name] = {"description": desc, "cost_model": cost_model(desc, cfg.new_tokens)}
-        entry["loop_equals_generate"] = check_loop_equals_generate(model, inputs[min(batches)], cfg)
-        log(f"  {desc}; loop equals generate: {entry['loop_equals_generate']}")
+        entry["loop_vs_generate"] = loop_vs_generate(model, inputs[min(batches)], cfg)
+        entry["loop_equals_generate"] = entry["loop_vs_generate"]["equal"]
+        log(f"  {desc}; loop equals generate: {entry['loop_vs_generate']}")
         if cfg.checks:
             entry["checks"] = equivalence_checks(model, inputs[min(batches)], cfg, log)
-        save()
+        save("checks")
         entry["ops_per_step"] = count_step_ops(model, inputs[min(batches)], cfg)
-        save()
+        save("operator counts")
         timed = {b: inputs[b] for b in cfg.batch_sizes}
         if cfg.paired_steps:
             entry["paired"] = bench_paired(model, timed, cfg, log)
-            save()
-        entry["decoding"] = bench_decoding(model, timed, cfg, log)
-        save()
+            save("paired steps")
         if cfg.memory and name in cfg.memory_models:
             entry["memory"] = bench_memory(name, model, inputs, cfg, log)
-            save()
+            save("peak memory")
+        entry["decoding"] = bench_decoding(model, timed, cfg, log)
+        save("whole-run timing")
         if name in cfg.score_models:
             entry["scoring"] = bench_scoring(model, {b: inputs[b] for b in cfg.score_batch_sizes}, cfg, log)
-            save()
+            save("scoring")
         del model, inputs
         gc.collect()
         if torch.device(cfg.device).type == "cuda":

@@ -69,7 +69,8 @@ def format_report(result: dict) -> str:
     for name, entry in result["models"].items():
         d = entry["description"]
         lines.append(f"\n== {name} ({d['source']}): {d['layers']} layers x {d['heads']} heads, hidden {d['hidden']}, "
-                     f"{d['image_tokens']} image tokens, prompt {d['prompt_tokens']} tokens{_where(d)}; loop equals generate: "
+                     f"{d['image_tokens']} image tokens, prompt {d['prompt_tokens']} tokens{_where(d)}; "
+                     f"loop equals generate: "
                      f"{entry['loop_equals_generate']}")
         ops = entry.get("ops_per_step", {})
         if ops:

@@ -16,7 +16,7 @@ from ..io import write_text_atomic
 from .report import markdown_tables
 
 #: The phases of one model's entry, in the order :func:`dleaf.bench.run_benchmark` writes them.
-PHASES = ("checks", "ops_per_step", "paired", "decoding", "memory", "scoring")
+PHASES = ("checks", "ops_per_step", "paired", "memory", "decoding", "scoring")
 
 
 def check_rows(result: dict) -> list[tuple[str, str, bool, str]]:
@@ -24,13 +24,20 @@ def check_rows(result: dict) -> list[tuple[str, str, bool, str]]:
     rows = []
     for name, entry in result.get("models", {}).items():
         if "loop_equals_generate" in entry:
-            rows.append((name, "loop_equals_generate", bool(entry["loop_equals_generate"]),
-                         "the benchmark's greedy loop against model.generate"))
+            lvg = entry.get("loop_vs_generate", {})
+            detail = "the benchmark's greedy loop against model.generate"
+            if lvg.get("first_difference") is not None:
+                tie = "a tie within rounding" if lvg["tie"] else "no tie"
+                detail += (f": they part at step {lvg['first_difference']}, where the loop's two best logits lie "
+                           f"{lvg['gap_at_difference']:.3g} apart ({tie})")
+            rows.append((name, "loop_equals_generate", bool(entry["loop_equals_generate"]) or bool(lvg.get("tie")),
+                         detail))
         for check, row in entry.get("checks", {}).items():
             if check == "all_passed":
                 continue
-            detail = (f"max abs logit diff {row['max_abs_logit_diff']:.3g} (tolerance {row['tolerance']:.3g}), bit exact "
-                      f"{row['bit_exact']}, argmax agreement {row['argmax_agreement']:.3f} over {row['steps']} steps")
+            detail = (f"max abs logit diff {row['max_abs_logit_diff']:.3g} (tolerance {row['tolerance']:.3g}), "
+                      f"bit exact {row['bit_exact']}, argmax agreement {row['argmax_agreement']:.3f} over "
+                      f"{row['steps']} steps")
             if "corrections_made" in row:
                 detail += f", D-LEAF changed the logits: {row['corrections_made']}"
             rows.append((name, check, bool(row["passed"]), detail))
