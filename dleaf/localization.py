@@ -25,7 +25,7 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,16 +38,25 @@ OUTCOMES = ("unchanged", "grounded object, new", "grounded object, named before"
             "non-object word", "end of caption", "not reached")
 
 
-def object_words(token_ids: Sequence[int], tokenizer, truth, objects: Sequence[str]) -> list[dict]:
-    """``[{"position", "word", "hallucinated"}]`` for every generated token of ``token_ids`` that is an object name
-    (``objects``; the organism's tokenizer has one token per word); ``truth``: the scene's objects."""
-    names = set(objects)
+def _categories(objects) -> dict:
+    """``{one-word name: category}`` from a mapping (a vocabulary's ``synonyms``) or a list of names."""
+    if isinstance(objects, Mapping):
+        return {w: c for w, c in objects.items() if " " not in w}
+    return {w: w for w in objects}
+
+
+def object_words(token_ids: Sequence[int], tokenizer, truth, objects) -> list[dict]:
+    """``[{"position", "word", "category", "hallucinated"}]`` for every generated token of ``token_ids`` that is an
+    object name: ``objects`` maps one-word names to categories (a caption benchmark's vocabulary ``synonyms``; a
+    list of names maps each to itself; the organism's tokenizer has one token per word); ``truth``: the image's
+    categories."""
+    names = _categories(objects)
     words = tokenizer.convert_ids_to_tokens(list(token_ids))
-    return [{"position": j, "word": w, "hallucinated": w not in truth}
+    return [{"position": j, "word": w, "category": names[w], "hallucinated": names[w] not in truth}
             for j, w in enumerate(words) if w in names]
 
 
-def organism_flags(rows: Sequence[dict], truths: Sequence, tokenizer, objects: Sequence[str],
+def organism_flags(rows: Sequence[dict], truths: Sequence, tokenizer, objects,
                    target: str = "hallucinated", layers="all") -> FlagSet:
     """Oracle flags from greedy generation rows (each with ``token_ids``, the reply's generated tokens up to and
     including its end-of-sequence token), keyed ``"0", "1", ...`` in row order: the positions of the object words of
@@ -63,7 +72,7 @@ def organism_flags(rows: Sequence[dict], truths: Sequence, tokenizer, objects: S
 
 
 def word_changes(greedy: Sequence[dict], corrected: Sequence[dict], flags: FlagSet, truths: Sequence, tokenizer,
-                 objects: Sequence[str], eos_ids: set) -> dict:
+                 objects, eos_ids: set) -> dict:
     """Per flagged word (every flagged position of :func:`organism_flags`), what the corrected reply holds at its
     position: ``unchanged``; a grounded object the caption had not named before that position (``grounded object,
     new``) or had (``grounded object, named before``); an ``other absent object``; a ``non-object word``; the ``end of
@@ -72,19 +81,19 @@ def word_changes(greedy: Sequence[dict], corrected: Sequence[dict], flags: FlagS
     anywhere (``still_named``), the words changed into (``into``), and the number of flagged captions whose corrected
     tokens equal the greedy ones before their first flagged position (``same_before_first_flag``, of
     ``flagged_captions``)."""
-    names = set(objects)
+    names = _categories(objects)
     counts, into, still, same, flagged = Counter(), Counter(), 0, 0, 0
     for k, (g, c, truth) in enumerate(zip(greedy, corrected, truths)):
         entry = flags.lookup(str(k))
         gi, ci = list(g["token_ids"]), list(c["token_ids"])
-        c_tokens = tokenizer.convert_ids_to_tokens(ci)
-        c_words = set(c_tokens)
+        c_cats = [names.get(w) for w in tokenizer.convert_ids_to_tokens(ci)]
+        c_words = set(c_cats) - {None}
         if entry["rows"]:
             flagged += 1
             first = min(entry["rows"])
             same += ci[:first] == gi[:first]
         for p in sorted(entry["rows"]):
-            word = tokenizer.convert_ids_to_tokens([gi[p]])[0]
+            word = names.get(tokenizer.convert_ids_to_tokens([gi[p]])[0])
             if ci[:p] != gi[:p]:
                 counts["not reached"] += 1
                 continue
@@ -98,9 +107,10 @@ def word_changes(greedy: Sequence[dict], corrected: Sequence[dict], flags: FlagS
                 continue
             new = tokenizer.convert_ids_to_tokens([ci[p]])[0]
             into[new] += 1
-            if new in names and new in truth:
-                counts["grounded object, named before" if new in c_tokens[:p] else "grounded object, new"] += 1
-            elif new in names:
+            cat = names.get(new)
+            if cat is not None and cat in truth:
+                counts["grounded object, named before" if cat in c_cats[:p] else "grounded object, new"] += 1
+            elif cat is not None:
                 counts["other absent object"] += 1
             else:
                 counts["non-object word"] += 1
@@ -199,13 +209,13 @@ def measure(model, processor, split: str = "adversarial", n_images: int = 200, o
     at them; returns the report (also written to ``out_dir/localization.json``)."""
     from . import eval as harness
     from .generation import generate
-    from .organism import world
     from .settings import Setting
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bench = harness.load_benchmark("organism_caption", limit=n_images, splits=[split])
     items = bench.items
+    objects = bench.vocab.synonyms  # the organism's 24 object names, one word each
     truths = [set(it.truth) for it in items]
     tok = processor.tokenizer
     eos = model.generation_config.eos_token_id
@@ -224,7 +234,7 @@ def measure(model, processor, split: str = "adversarial", n_images: int = 200, o
     say(f"[{split}] greedy: {secs:.0f} s")
     report = {"split": split, "n_images": len(items), "max_new_tokens": max_new, "greedy": _row_stats(g_scores),
               "targets": {}}
-    flagsets = {t: organism_flags(greedy, truths, tok, world.OBJECTS, t) for t in targets}
+    flagsets = {t: organism_flags(greedy, truths, tok, objects, t) for t in targets}
     report["dleaf_threshold_hits"] = threshold_hits(model, processor, items, flagsets, batch_size,
                                                     max_new_tokens=max_new, sentence_rule=rule)
     say(f"[{split}] D-LEAF's own flags at the oracle rows: {report['dleaf_threshold_hits']}")
@@ -240,7 +250,7 @@ def measure(model, processor, split: str = "adversarial", n_images: int = 200, o
             section["operators"][label] = {
                 "method": method, "knobs": knobs, **_row_stats(scores),
                 "vs_greedy": compare_scores(g_scores, scores, n_resamples),
-                "words": word_changes(greedy, rows, flags, truths, tok, world.OBJECTS, eos_ids),
+                "words": word_changes(greedy, rows, flags, truths, tok, objects, eos_ids),
                 "captions_changed": sum(g["token_ids"] != r["token_ids"] for g, r in zip(greedy, rows))}
             o = section["operators"][label]["words"]["outcomes"]
             say(f"[{split}] {target} {label}: {secs:.0f} s, {o}")
