@@ -326,3 +326,49 @@ def test_the_threshold_localizer_flags_where_dleaf_flags_in_teacher_forced_scori
         with iv.scoring(response_start=torch.tensor([start])):
             model(**full)
     assert torch.equal(torch.stack([got[layer] for layer in sorted(got)], 1), ref)
+
+
+def test_a_localizer_is_added_by_one_new_file(tmp_path):
+    """Copy the package, add one localizer file and nothing else: every correction runs with it by name."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "dleaf", tmp_path / "dleaf", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "dleaf" / "methods" / "localizers" / "last_layer.py").write_text('''
+from . import Localizer, register_localizer
+
+
+@register_localizer("last_layer")
+class LastLayer(Localizer):
+    """Every active row of the last watched layer only."""
+
+    def flags(self, call, rows=None):
+        return call.active & (call.layer == max(self.host.watched))
+''')
+    script = '''
+import torch
+from dleaf import engine
+from dleaf.methods.localizers import localizer_names
+from dleaf.organism import build
+assert "last_layer" in localizer_names()
+shape = build.OrganismShape(text_hidden=32, text_layers=2, text_heads=4, text_intermediate=64)
+model = build.build_model(build.build_processor(shape).tokenizer, shape, seed=0).eval()
+model.set_attn_implementation("eager")
+ids = torch.tensor([[1, model.config.image_token_id, model.config.image_token_id, 5, 6]])
+with torch.no_grad():
+    plain = model(input_ids=ids, output_hidden_states=True).hidden_states
+    for method, knobs in (("dleaf", dict(gamma=1.0, head_selection="all_but_best")), ("pai", dict(alpha=0.9, layer_start=0)),
+                          ("spin", dict(keep_ratio=0.5, scale=0.0))):
+        with engine.attached(model, method, localization="last_layer", **knobs):
+            out = model(input_ids=ids, output_hidden_states=True).hidden_states
+        assert torch.equal(out[1], plain[1]), method  # the first layer is left alone
+        assert not torch.equal(out[2], plain[2]), method  # the last layer acts at the prompt's last row
+print("ok")
+'''
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
