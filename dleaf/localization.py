@@ -32,7 +32,7 @@ import numpy as np
 
 from .methods.localizers.oracle import FlagSet
 
-TARGETS = ("hallucinated", "grounded")
+TARGETS = ("hallucinated", "grounded", "random")
 #: what a flagged word became at its position in the corrected caption
 OUTCOMES = ("unchanged", "grounded object, new", "grounded object, named before", "other absent object",
             "non-object word", "end of caption", "not reached")
@@ -57,16 +57,24 @@ def object_words(token_ids: Sequence[int], tokenizer, truth, objects) -> list[di
 
 
 def organism_flags(rows: Sequence[dict], truths: Sequence, tokenizer, objects,
-                   target: str = "hallucinated", layers="all") -> FlagSet:
+                   target: str = "hallucinated", layers="all", seed: int = 0) -> FlagSet:
     """Oracle flags from greedy generation rows (each with ``token_ids``, the reply's generated tokens up to and
     including its end-of-sequence token), keyed ``"0", "1", ...`` in row order: the positions of the object words of
-    ``target`` kind, in ``layers`` (``"all"``: every watched layer), with the reply's tokens."""
+    ``target`` kind (``"hallucinated"``, ``"grounded"``), or (``"random"``) as many positions as the reply has
+    hallucinated words drawn uniformly without replacement among its positions that hold no object word (seeded by
+    ``seed`` and the row's index); in ``layers`` (``"all"``: every watched layer), with the reply's tokens."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     samples = {}
     for k, (row, truth) in enumerate(zip(rows, truths)):
         found = object_words(row["token_ids"], tokenizer, set(truth), objects)
-        chosen = [w["position"] for w in found if w["hallucinated"] == (target == "hallucinated")]
+        if target == "random":
+            taken = {w["position"] for w in found}
+            free = [p for p in range(len(row["token_ids"])) if p not in taken]
+            n = min(len(free), sum(w["hallucinated"] for w in found))
+            chosen = sorted(int(p) for p in np.random.default_rng([seed, k]).choice(free, n, replace=False)) if n else []
+        else:
+            chosen = [w["position"] for w in found if w["hallucinated"] == (target == "hallucinated")]
         samples[str(k)] = {"rows": {p: layers for p in chosen}, "tokens": list(row["token_ids"])}
     return FlagSet(samples, meta={"target": target})
 
@@ -235,7 +243,8 @@ def measure(model, processor, split: str = "adversarial", n_images: int = 200, o
     report = {"split": split, "n_images": len(items), "max_new_tokens": max_new, "greedy": _row_stats(g_scores),
               "targets": {}}
     flagsets = {t: organism_flags(greedy, truths, tok, objects, t) for t in targets}
-    report["dleaf_threshold_hits"] = threshold_hits(model, processor, items, flagsets, batch_size,
+    report["dleaf_threshold_hits"] = threshold_hits(model, processor, items,
+                                                    {t: f for t, f in flagsets.items() if t != "random"}, batch_size,
                                                     max_new_tokens=max_new, sentence_rule=rule)
     say(f"[{split}] D-LEAF's own flags at the oracle rows: {report['dleaf_threshold_hits']}")
     for target in targets:
@@ -281,21 +290,28 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | {h['n_rows']} | {pct(h['cell_share'])} | {pct(h['row_share'])} |")
         lines.append("")
     for target, sec in report["targets"].items():
-        lines += [f"#### Oracle rows: {target} object words ({sec['n_flagged_words']} words in "
-                  f"{sec['n_flagged_captions']} captions)", "",
-                  "| operator | " + " | ".join(OUTCOMES) + " | object still named | captions changed |",
-                  "|" + "---|" * (len(OUTCOMES) + 3)]
-        for label, op in sec["operators"].items():
-            w = op["words"]
-            lines.append(f"| {label} | " + " | ".join(str(w["outcomes"][o]) for o in OUTCOMES)
-                         + f" | {w['still_named']} | {op['captions_changed']} |")
-        lines += ["", "| operator | CHAIR_s % | CHAIR_i % | recall % | additions | substitutions |", "|---|---|---|---|---|---|"]
+        if target == "random":
+            lines += [f"#### Control rows: random non-object positions, as many per caption as it has hallucinated "
+                      f"words ({sec['n_flagged_words']} rows in {sec['n_flagged_captions']} captions)", ""]
+        else:
+            lines += [f"#### Oracle rows: {target} object words ({sec['n_flagged_words']} words in "
+                      f"{sec['n_flagged_captions']} captions)", "",
+                      "| operator | " + " | ".join(OUTCOMES) + " | object still named | captions changed |",
+                      "|" + "---|" * (len(OUTCOMES) + 3)]
+            for label, op in sec["operators"].items():
+                w = op["words"]
+                lines.append(f"| {label} | " + " | ".join(str(w["outcomes"][o]) for o in OUTCOMES)
+                             + f" | {w['still_named']} | {op['captions_changed']} |")
+            lines.append("")
+        lines += ["| operator | CHAIR_s % | CHAIR_i % | recall % | additions | substitutions | captions changed |",
+                  "|---|---|---|---|---|---|---|"]
         for label, op in sec["operators"].items():
             d = op["vs_greedy"]
             lines.append(
                 f"| {label} | {100 * op['chair_s']:.1f} ({_iv(d['chair_s'])}) | {100 * op['chair_i']:.1f} "
                 f"({_iv(d['chair_i'])}) | {100 * op['recall']:.1f} ({_iv(d['recall'])}) | {op['n_additions']} "
-                f"({_iv(d['n_additions'], 1, 0)}) | {op['n_substitutions']} ({_iv(d['n_substitutions'], 1, 0)}) |")
+                f"({_iv(d['n_additions'], 1, 0)}) | {op['n_substitutions']} ({_iv(d['n_substitutions'], 1, 0)}) | "
+                f"{op['captions_changed']} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -309,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch_size", "--batch-size", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", nargs="*", default=None, help="operator labels to run (default: all)")
+    p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS, help="which rows to flag")
     args = p.parse_args(argv)
     import torch
 
@@ -320,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     texts = []
     with torch.no_grad():
         for split in args.splits:
-            rep = measure(model, processor, split, args.n_images, args.output_dir, ops=ops,
+            rep = measure(model, processor, split, args.n_images, args.output_dir, targets=args.targets, ops=ops,
                           batch_size=args.batch_size, say=lambda m: print(m, flush=True))
             texts.append(markdown(rep))
     out = Path(args.output_dir) / "localization.md"

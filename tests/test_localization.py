@@ -260,6 +260,10 @@ def test_the_organism_flag_builder_on_a_hand_made_case():
     assert hall.lookup("1")["rows"] == {}
     grounded = organism_flags(greedy, truths, tok, objects, "grounded", layers=[1, 2])
     assert grounded.lookup("0")["rows"] == {3: (1, 2), 11: (1, 2)}
+    rand = organism_flags(greedy, truths, tok, objects, "random", seed=3)
+    assert len(rand.lookup("0")["rows"]) == 1 and not set(rand.lookup("0")["rows"]) & {3, 8, 11}
+    assert rand.lookup("1")["rows"] == {}  # no hallucinated word, no random row
+    assert organism_flags(greedy, truths, tok, objects, "random", seed=3).to_json() == rand.to_json()
     # corrected: "knife" became "cup" at position 8 (a grounded object not yet named); the second caption unchanged
     corrected = [{"token_ids": ids("there is a fork . there is a cup . <eos>")}, greedy[1]]
     out = word_changes(greedy, corrected, hall, truths, tok, objects, {0})
