@@ -376,3 +376,44 @@ print("ok")
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+@torch.no_grad()
+def test_oracle_follows_beam_search_and_teacher_forced_scoring(tiny):
+    """Beam search: the flag table moves with the beams (flags at every row of every beam reproduce
+    no_localization's beam search bit for bit; flags at one sample's rows only leave the other samples' beams
+    plain). Teacher-forced scoring of a reply equals its step-by-step decoding under the same oracle flags."""
+    model, _, _, _, batch = tiny
+    b = batch["input_ids"].shape[0]
+    beam = dict(max_new_tokens=5, do_sample=False, num_beams=2, output_scores=True, return_dict_in_generate=True)
+    knobs = STRONG["dleaf"]
+    with engine.attached(model, "no_localization", **knobs):
+        ref = model.generate(**batch, **beam)
+    every = {str(k): {p: "all" for p in range(5)} for k in range(2 * b)}  # rows are the 2 b beams
+    with engine.attached(model, "dleaf", localization="oracle", flags=every, **knobs):
+        out = model.generate(**batch, **beam)
+    assert torch.equal(out.sequences, ref.sequences)
+    plain = model.generate(**batch, **beam)
+    with engine.attached(model, "dleaf", localization="oracle", flags={"2": every["2"], "3": every["3"]},
+                         **knobs):  # sample 1's two beams
+        one = model.generate(**batch, **beam)
+    assert torch.equal(one.sequences[[0, 2]], plain.sequences[[0, 2]])  # one reply per sample is returned
+    # teacher-forced scoring against step-by-step decoding, with a flag at position 0 and one later
+    full, start = _teacher_forced(model, batch)
+    flags = {"0": {0: "all", 2: [1]}}
+    with engine.attached(model, "dleaf", localization="oracle", flags=flags, **knobs) as iv:
+        scored, mask = engine.response_logprobs(model, full, torch.tensor([start]), iv)
+    reply = full["input_ids"][0, start:]
+    with engine.attached(model, "dleaf", localization="oracle", flags=flags, **knobs):  # raw logits, not scores
+        one_in = {k: v for k, v in full.items() if k not in ("input_ids", "attention_mask")}
+        gen = model.generate(input_ids=full["input_ids"][:, :start], attention_mask=full["attention_mask"][:, :start],
+                             **one_in, max_new_tokens=reply.shape[0], do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, min_new_tokens=reply.shape[0])
+    if torch.equal(gen.sequences[0, start:], reply):
+        steps = torch.stack([torch.log_softmax(s[0], -1)[t] for s, t in zip(gen.logits, reply)])
+        torch.testing.assert_close(scored[0, start:], steps, rtol=1e-4, atol=1e-5)
+    else:  # the flags changed the reply: compare up to the first changed token
+        n = int((gen.sequences[0, start:] != reply).int().argmax())
+        steps = torch.stack([torch.log_softmax(s[0], -1)[t] for s, t in zip(gen.logits[:n], reply[:n])])
+        torch.testing.assert_close(scored[0, start:start + n], steps, rtol=1e-4, atol=1e-5)
+    assert mask[0, start:].all()
