@@ -56,8 +56,10 @@ class PAI(Method):
 
         def boost(scores):
             rows = scores[:, :, first:]
-            sel = (active[:, None, :, None] & image[:, None, None, :]).to(rows.dtype)
-            rows = rows + alpha * rows.abs() * sel
+            sel = active[:, None, :, None] & image[:, None, None, :]
+            # where, not a product with a 0/1 mask: a masked key's score (the dtype's minimum) times alpha > 1
+            # overflows to -inf, and inf * 0 would be NaN
+            rows = torch.where(sel, rows + alpha * rows.abs(), rows)
             return torch.cat([scores[:, :, :first], rows], dim=2)
 
         weights = call.weights(pre_softmax=boost)
