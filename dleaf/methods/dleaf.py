@@ -191,6 +191,27 @@ def causal_threshold(count, total, squares, best, cfg: DLeafConfig):
     return tau, count >= cfg.warmup
 
 
+def prefix_statistics(signal, active, count0, total0, squares0, best0):
+    """Multi-row path: for each of a call's rows (``signal``, ``active``: (B, Qa), float64 signal), the running
+    statistics of the same sample's earlier active rows (``count``, ``total``, ``squares``, ``best``, each (B, Qa)),
+    starting from the state before the call (``count0`` ... ``best0``, (B, 1) views), which is then advanced in place
+    past the call's active rows. Shared by D-LEAF and the ``threshold`` localizer."""
+    act = active.to(torch.float64)
+    s_act = torch.where(active, signal, torch.zeros_like(signal))
+    count = count0 + torch.cumsum(act, 1) - act
+    total = total0 + torch.cumsum(s_act, 1) - s_act
+    squares = squares0 + torch.cumsum(s_act * s_act, 1) - s_act * s_act
+    s_inf = torch.where(active, signal, torch.full_like(signal, math.inf))
+    prev_best = torch.cat([torch.full_like(s_inf[:, :1], math.inf), torch.cummin(s_inf, 1).values[:, :-1]], 1)
+    best = torch.minimum(best0, prev_best)
+    with torch.no_grad():  # the state only feeds comparisons: no gradient
+        count0 += act.sum(1, keepdim=True)
+        total0 += s_act.sum(1, keepdim=True)
+        squares0 += (s_act * s_act).sum(1, keepdim=True)
+        torch.minimum(best0, s_inf.min(1, keepdim=True).values, out=best0)
+    return count, total, squares, best
+
+
 def flag_gate(active, ready, draw, cfg: DLeafConfig):
     """Where a layer may be flagged, before its signal is known: by ``cfg.localization``, ``active & ready``
     (``"threshold"``: flagged where the signal also exceeds ``tau``), ``active`` (``"everywhere"``) or
@@ -501,15 +522,8 @@ class DLeaf(Method):
         iaf = stats.head_focus(rows, image, cfg.iaf_variant, check=False)  # (B, H, Qa)
         signal = signal.to(torch.float64)  # (B, Qa)
 
-        act = active.to(torch.float64)
-        s_act = torch.where(active, signal, torch.zeros_like(signal))
-        count0, total0, squares0, best0 = self.layer_stats[layer]  # (B, 1) views of the running state
-        count = count0 + torch.cumsum(act, 1) - act
-        total = total0 + torch.cumsum(s_act, 1) - s_act
-        squares = squares0 + torch.cumsum(s_act * s_act, 1) - s_act * s_act
-        s_inf = torch.where(active, signal, torch.full_like(signal, math.inf))
-        prev_best = torch.cat([torch.full_like(s_inf[:, :1], math.inf), torch.cummin(s_inf, 1).values[:, :-1]], 1)
-        best = torch.minimum(best0, prev_best)
+        # the running statistics of each row's earlier rows; the state advances past this call's rows
+        count, total, squares, best = prefix_statistics(signal, active, *self.layer_stats[layer])
         draw = None
         if cfg.localization == "random":
             draw = torch.rand(active.shape, generator=self.generator, device=active.device)
@@ -517,12 +531,6 @@ class DLeaf(Method):
         gate = flag_gate(active, ready, draw, cfg) if self.localizer is None else self._gate(active, rows)
         flag = layer_flags(signal, gate, tau, cfg)
         tau = torch.where(ready, tau, torch.full_like(tau, math.nan))
-
-        with torch.no_grad():  # the state only feeds comparisons: no gradient
-            count0 += act.sum(1, keepdim=True)
-            total0 += s_act.sum(1, keepdim=True)
-            squares0 += (s_act * s_act).sum(1, keepdim=True)
-            torch.minimum(best0, s_inf.min(1, keepdim=True).values, out=best0)
 
         best_head, selected = select_heads(iaf, cfg.head_selection, cfg.bottom_k)
         corrected = selected & flag[:, None, :]

@@ -46,7 +46,7 @@ class Threshold(Localizer):
         return False  # the running statistics of the removed positions cannot be taken out again
 
     def flags(self, call, rows=None):
-        from ..dleaf import causal_threshold
+        from ..dleaf import causal_threshold, prefix_statistics
 
         if rows is None:
             raise ValueError("the threshold localizer needs the layer's attention rows")
@@ -58,21 +58,8 @@ class Threshold(Localizer):
         else:
             signal = -stats.image_mass(rows, call.image, check=False).mean(dim=1)
         signal = signal.to(torch.float64)  # (B, Qa)
-        act = active.to(torch.float64)
-        s_act = torch.where(active, signal, torch.zeros_like(signal))
-        count0, total0, squares0, best0 = self.stats[:, call.layer].unbind(0)  # (B, 1) views
-        count = count0 + torch.cumsum(act, 1) - act
-        total = total0 + torch.cumsum(s_act, 1) - s_act
-        squares = squares0 + torch.cumsum(s_act * s_act, 1) - s_act * s_act
-        s_inf = torch.where(active, signal, torch.full_like(signal, math.inf))
-        prev_best = torch.cat([torch.full_like(s_inf[:, :1], math.inf), torch.cummin(s_inf, 1).values[:, :-1]], 1)
-        best = torch.minimum(best0, prev_best)
+        count, total, squares, best = prefix_statistics(signal, active, *self.stats[:, call.layer].unbind(0))
         tau, ready = causal_threshold(count, total, squares, best, cfg)
-        with torch.no_grad():
-            count0 += act.sum(1, keepdim=True)
-            total0 += s_act.sum(1, keepdim=True)
-            squares0 += (s_act * s_act).sum(1, keepdim=True)
-            torch.minimum(best0, s_inf.min(1, keepdim=True).values, out=best0)
         return active & ready & (signal > tau)
 
     def _one_row(self, call, rows):
