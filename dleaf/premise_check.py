@@ -54,6 +54,21 @@ def mention_token_offsets(tokenizer, response_ids: Sequence[int], vocab: metrics
     return out
 
 
+def _traced_batches(model, processor, images, prompts, replies, batch_size: int, progress=None):
+    """Teacher-forced batches of replies under D-LEAF's trace at zero strength (head-mixed LIAE in nats, head-mean
+    image mass): ``(start, n, reply_ids, intervention)`` per batch, ``n`` the prompt length (the row ``n - 1``
+    predicts the reply's first token), the intervention holding the batch's trace."""
+    config = DLeafConfig(gamma=0.0, layer_signal="liae", liae_variant="mixed", liae_normalize=False,
+                         iaf_variant="mass")
+    steps = range(0, len(images), batch_size)
+    for start in (progress(steps) if progress else steps):
+        sl = slice(start, start + batch_size)
+        full, n, reply_ids = teacher_forced_inputs(processor, prompts[sl], images[sl], replies[sl], model)
+        with engine.attached(model, config, trace=True) as iv:
+            engine.response_logprobs(model, full, [n] * len(reply_ids), iv)
+        yield start, n, reply_ids, iv
+
+
 ERROR_KINDS = ("addition", "substitution", "mixed")
 
 
@@ -126,17 +141,10 @@ def reply_records(model, processor, images: Sequence, prompts: Sequence[str], re
         raise ValueError(f"images, prompts, replies and truths differ in length: {len(images)}, {len(prompts)}, "
                          f"{len(replies)}, {len(truths)}")
     tok = processor.tokenizer
-    config = DLeafConfig(gamma=0.0, layer_signal="liae", liae_variant="mixed", liae_normalize=False,
-                         iaf_variant="mass")
     records: list[dict] = []
     rows: dict[str, list] = {k: [] for k in ROW_FIELDS}
     share_sum, share_n = None, 0
-    steps = range(0, len(images), batch_size)
-    for start in (progress(steps) if progress else steps):
-        sl = slice(start, start + batch_size)
-        full, n, reply_ids = teacher_forced_inputs(processor, prompts[sl], images[sl], replies[sl], model)
-        with engine.attached(model, config, trace=True) as iv:
-            engine.response_logprobs(model, full, [n] * len(reply_ids), iv)
+    for start, n, reply_ids, iv in _traced_batches(model, processor, images, prompts, replies, batch_size, progress):
         for i, r in enumerate(reply_ids):
             tr = iv.trace.sample(i)
             row_of = {int(p): k for k, p in enumerate(tr["positions"])}
@@ -286,15 +294,8 @@ def first_token_records(model, processor, images: Sequence, prompts: Sequence[st
         raise ValueError(f"images, prompts, replies and labels differ in length: {len(images)}, {len(prompts)}, "
                          f"{len(replies)}, {len(labels)}")
     tok = processor.tokenizer
-    config = DLeafConfig(gamma=0.0, layer_signal="liae", liae_variant="mixed", liae_normalize=False,
-                         iaf_variant="mass")
     out: list[dict] = []
-    steps = range(0, len(images), batch_size)
-    for start in (progress(steps) if progress else steps):
-        sl = slice(start, start + batch_size)
-        full, n, reply_ids = teacher_forced_inputs(processor, prompts[sl], images[sl], replies[sl], model)
-        with engine.attached(model, config, trace=True) as iv:
-            engine.response_logprobs(model, full, [n] * len(reply_ids), iv)
+    for start, n, reply_ids, iv in _traced_batches(model, processor, images, prompts, replies, batch_size, progress):
         for i, r in enumerate(reply_ids):
             tr = iv.trace.sample(i)
             row_of = {int(p): k for k, p in enumerate(tr["positions"])}
