@@ -81,6 +81,10 @@ class DLeafConfig(MethodConfig):
         fusion_target: "best" (h*) or "random" (a head other than h*)
         seed: seed of the random localization and target draws
         flags: with localization="oracle", the flag provider (a FlagSet, a mapping, a callable or a JSON flag file)
+        calibration: with localization="calibrated", the calibration file (its path or mapping) of
+            scripts/calibrate_localizer.py
+        percentile: with localization="calibrated", the per-layer percentile of the calibration above which a row
+            is flagged
     """
 
     #: the method's trace holds per-layer flags (dleaf.generation counts them)
@@ -104,6 +108,8 @@ class DLeafConfig(MethodConfig):
     fusion_target: str = "best"
     seed: int = 0
     flags: object | None = None
+    calibration: object | None = None
+    percentile: float = 95.0
 
     def __post_init__(self):
         owner = type(self).__name__

@@ -26,6 +26,10 @@ class PAIConfig(MethodConfig):
         random_rate: flag probability with localization="random"
         seed: seed of the random localization
         flags: with localization="oracle", the flag provider (a FlagSet, a mapping, a callable or a JSON flag file)
+        calibration: with localization="calibrated", the calibration file (its path or mapping) of
+            scripts/calibrate_localizer.py
+        percentile: with localization="calibrated", the per-layer percentile of the calibration above which a row
+            is flagged
     """
 
     alpha: float = 0.2
@@ -35,6 +39,8 @@ class PAIConfig(MethodConfig):
     random_rate: float = 0.1
     seed: int = 0
     flags: object | None = None
+    calibration: object | None = None
+    percentile: float = 95.0
 
     def __post_init__(self):
         if self.alpha < 0:

@@ -29,6 +29,10 @@ class SPINConfig(MethodConfig):
         random_rate: flag probability with localization="random"
         seed: seed of the random localization
         flags: with localization="oracle", the flag provider (a FlagSet, a mapping, a callable or a JSON flag file)
+        calibration: with localization="calibrated", the calibration file (its path or mapping) of
+            scripts/calibrate_localizer.py
+        percentile: with localization="calibrated", the per-layer percentile of the calibration above which a row
+            is flagged
     """
 
     keep_ratio: float = 0.95
@@ -39,6 +43,8 @@ class SPINConfig(MethodConfig):
     random_rate: float = 0.1
     seed: int = 0
     flags: object | None = None
+    calibration: object | None = None
+    percentile: float = 95.0
 
     def __post_init__(self):
         if not 0.0 < self.keep_ratio <= 1.0:
