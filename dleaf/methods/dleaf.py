@@ -85,6 +85,8 @@ class DLeafConfig(MethodConfig):
             scripts/calibrate_localizer.py
         percentile: with localization="calibrated", the per-layer percentile of the calibration above which a row
             is flagged
+        detector: with localization="learned", a fitted detector or its JSON file (dleaf.detect)
+        detector_threshold: with localization="learned", the detector probability above which a row is flagged
     """
 
     #: the method's trace holds per-layer flags (dleaf.generation counts them)
@@ -110,6 +112,8 @@ class DLeafConfig(MethodConfig):
     flags: object | None = None
     calibration: object | None = None
     percentile: float = 95.0
+    detector: object | None = None
+    detector_threshold: float = 0.5
 
     def __post_init__(self):
         owner = type(self).__name__
