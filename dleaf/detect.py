@@ -229,8 +229,94 @@ def score(model, processor, image, caption: str, detector, prompt: str | None = 
 
 DEFAULT_PROMPT = "describe the image in detail ."
 
-__all__ = ["DETECTOR_VERSION", "Detector", "as_detector", "feature_names", "features_from_values", "fit",
-           "grouped_bootstrap", "model_identity", "reliability", "row_features", "score"]
+
+
+# ------------------------------------------------------------------------------------------------- the command
+SCORE_DOC = """Score a caption token by token with the learned hallucination detector: at every token, the probability that
+it is a hallucinated object word, from the model's own attention at the row that predicts it (LIAE, image mass,
+per-head image mass and focus of the detector's layers; dleaf.detect).
+
+    python scripts/detect.py --item adversarial/3 --caption "a red cube and a blue ball ."
+    python scripts/detect.py --model organism --image scene.png --caption "..." --output_dir runs/detect_score
+
+The detector file names the model it was fitted on; scoring another model with it is refused. Writes
+detect.json (one record per token: token, id, probability) to --output_dir.
+"""
+
+
+def score_parser():
+    from . import cli
+
+    ap = cli.ArgumentParser(description=SCORE_DOC)
+    ap.add_argument("--model", default="organism", help="a registered model name, a checkpoint folder or a hub id")
+    ap.add_argument("--detector", default=None, help="a detector file (default: the shipped organism detector, "
+                    "data/detectors/organism_detector.json)")
+    ap.add_argument("--caption", required=True, help="the caption to score")
+    ap.add_argument("--image", default=None, help="an image file")
+    ap.add_argument("--item", default=None, help="an organism caption item instead of --image, e.g. adversarial/3")
+    ap.add_argument("--prompt", default=None, help="the prompt the caption answers (default: the organism's)")
+    ap.add_argument("--output_dir", default="runs/detect_score", help="where detect.json goes")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads torch may use")
+    return ap
+
+
+def _score_run(argv=None):
+    from . import cli
+
+    args = score_parser().parse_args(argv)
+    import json
+    from pathlib import Path
+
+    from . import detect, models
+    from .io import InputError, write_json_atomic
+
+    if (args.image is None) == (args.item is None):
+        raise InputError("give exactly one of --image and --item")
+    shown = args.detector or "the shipped organism detector"
+    if args.detector is None:
+        from .resources import data_path
+
+        args.detector = data_path("detectors", "organism_detector.json")
+    try:
+        det = detect.Detector.load(args.detector)
+    except ValueError as e:
+        raise InputError(str(e)) from e
+    out = cli.check_output_dir(args.output_dir)
+    cli.set_threads(args.threads)
+    if args.item is not None:
+        from . import eval as harness
+
+        split, _, index = args.item.partition("/")
+        if not index.isdigit():
+            raise InputError(f"--item must be split/index, e.g. adversarial/3; got {args.item!r}")
+        bench = harness.load_benchmark("organism_caption", limit=int(index) + 1, splits=[split])
+        item = bench.items[int(index)]
+        image, prompt = item.image(), args.prompt or item.prompt
+    else:
+        from PIL import Image
+
+        if not Path(args.image).is_file():
+            raise InputError(f"--image {args.image}: no such file")
+        image, prompt = Image.open(args.image).convert("RGB"), args.prompt
+    model, processor = models.load(args.model, attn_implementation="eager")
+    try:
+        det.check_model(model)
+    except ValueError as e:
+        raise InputError(str(e)) from e
+    tokens = detect.score(model, processor, image, args.caption, det, prompt)
+    for t in tokens:
+        print(f"{t['token']}\t{t['probability']:.4f}")
+    path = write_json_atomic({"model": args.model, "detector": str(shown), "caption": args.caption,
+                              "tokens": tokens}, Path(out) / "detect.json")
+    cli.done(path)
+    return 0
+
+
+def score_main(argv=None) -> int:
+    """``dleaf detect`` / ``scripts/detect.py``: score a caption token by token (``error:`` lines, exit 2)."""
+    from . import cli
+
+    return cli.main(_score_run, argv, resumable=False)
 
 
 # ------------------------------------------------------------------------------------------------- the organism study
@@ -281,13 +367,13 @@ def caption_rows(model, processor, split, lo, hi, batch_size: int = 100) -> dict
             "split": split, "range": [lo, hi]}
 
 
-def _auc(y, s):
+def auroc(y, s):
     from sklearn.metrics import roc_auc_score
 
     return roc_auc_score(y, s)
 
 
-def _ap(y, s):
+def auprc(y, s):
     from sklearn.metrics import average_precision_score
 
     return average_precision_score(y, s)
@@ -305,8 +391,8 @@ def _position_features(pos):
 
 
 def evaluate(det_scores: dict, y, caption, n_resamples=2000) -> dict:
-    return {name: {"auroc": grouped_bootstrap(y, s, caption, _auc, n_resamples),
-                   "auprc": grouped_bootstrap(y, s, caption, _ap, n_resamples)} for name, s in det_scores.items()}
+    return {name: {"auroc": grouped_bootstrap(y, s, caption, auroc, n_resamples),
+                   "auprc": grouped_bootstrap(y, s, caption, auprc, n_resamples)} for name, s in det_scores.items()}
 
 
 def flag_stats(p, y, threshold) -> dict:
@@ -413,7 +499,51 @@ def study(model, processor, out_dir, detector_path, n_resamples: int = 2000, gam
     return report
 
 
+def _ci(d, scale=1.0, digits=3, sign=False):
+    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    return f"{f.format(scale * d['value'])} [{f.format(scale * d['low'])}, {f.format(scale * d['high'])}]"
+
+
+def markdown(report: dict) -> str:
+    """The study's tables: held-out detection, reliability, flags at the chosen threshold, and D-LEAF's fusion with
+    the learned localization against greedy, per split."""
+    from .localization import _iv
+
+    lines = []
+    for name, part in report["splits"].items():
+        title = {"dev": "Dev (adversarial split, items 0-199)", "replication": "Replication split, items 0-199"}[name]
+        g = part["greedy"]
+        lines += [f"#### {title}: {part['n_captions']} captions, {part['n_rows']} rows, {part['n_positive']} "
+                  f"hallucinated rows (greedy CHAIR_s {100 * g['chair_s']:.1f}%, recall {100 * g['recall']:.1f}%, "
+                  f"additions {g['n_additions']})", "",
+                  "| scores | AUROC [95% CI] | AUPRC [95% CI] |", "|---|---|---|"]
+        for k, v in part["detection"].items():
+            lines.append(f"| {k} | {_ci(v['auroc'])} | {_ci(v['auprc'])} |")
+        lines += ["", "| detector | mean predicted | observed rate | ECE | Brier | top tenth: predicted / observed |",
+                  "|---|---|---|---|---|---|"]
+        for k, v in part["reliability"].items():
+            top = v["bins"][-1]
+            lines.append(f"| {k} | {v['mean_predicted']:.4f} | {v['observed_rate']:.4f} | {v['ece']:.4f} | "
+                         f"{v['brier']:.4f} | {top['predicted']:.3f} / {top['observed']:.3f} |")
+        f = part["flags"]
+        lines += ["", f"Flags of the layer-0 detector at probability > {f['threshold']:g}: {f['n_flagged']} rows "
+                  f"({100 * f['flagged_share']:.1f}% of the rows), precision {100 * f['precision']:.1f}%, recall "
+                  f"{100 * f['recall']:.1f}%.", "",
+                  "| operator | CHAIR_s % | CHAIR_i % | recall % | additions | substitutions | captions changed |",
+                  "|---|---|---|---|---|---|---|"]
+        for label, op in part["operators"].items():
+            d = op["vs_greedy"]
+            lines.append(
+                f"| {label} | {100 * op['chair_s']:.1f} ({_iv(d['chair_s'])}) | {100 * op['chair_i']:.1f} "
+                f"({_iv(d['chair_i'])}) | {100 * op['recall']:.1f} ({_iv(d['recall'])}) | {op['n_additions']} "
+                f"({_iv(d['n_additions'], 1, 0)}) | {op['n_substitutions']} ({_iv(d['n_substitutions'], 1, 0)}) | "
+                f"{op['captions_changed']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
+    """``python -m dleaf.detect``: the organism study (fit, held-out detection, the learned localization)."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m dleaf.detect", description="the learned detector's organism study")
@@ -431,9 +561,15 @@ def main(argv=None) -> int:
     with torch.no_grad():
         study(model, processor, args.output_dir, args.detector, args.n_bootstrap,
               say=lambda m: print(m, flush=True), replication=not args.no_replication)
+        report = json.loads((Path(args.output_dir) / "detect_study.json").read_text())
+    (Path(args.output_dir) / "detect_study.md").write_text(markdown(report))
     print(json.dumps({"written": str(Path(args.output_dir) / "detect_study.json")}))
     return 0
 
+
+__all__ = ["DETECTOR_VERSION", "Detector", "as_detector", "auprc", "auroc", "caption_rows", "feature_names",
+           "features_from_values", "fit", "grouped_bootstrap", "markdown", "model_identity", "reliability",
+           "row_features", "score", "score_main", "score_parser", "study"]
 
 if __name__ == "__main__":
     import sys

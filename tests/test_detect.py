@@ -236,5 +236,23 @@ def test_reliability_and_grouped_bootstrap_on_a_hand_made_case():
     y = np.array([0, 0, 1, 1])
     r = detect.reliability(p, y, n_bins=2)
     assert r["ece"] == pytest.approx(0.1) and r["brier"] == pytest.approx(0.01)
-    s = detect.grouped_bootstrap(y, p, [0, 0, 1, 1] and [0, 1, 0, 1], detect._auc, n_resamples=50)
+    s = detect.grouped_bootstrap(y, p, [0, 0, 1, 1] and [0, 1, 0, 1], detect.auroc, n_resamples=50)
     assert s["value"] == 1.0 and s["low"] == 1.0
+
+
+def test_the_command_scores_a_caption_and_refuses_another_model(tmp_path, capsys):
+    from dleaf.resources import data_path
+
+    if not data_path("detectors", "organism_detector.json").is_file():
+        pytest.skip("no shipped detector")
+    code = detect.score_main(["--item", "adversarial/1", "--caption", "there is a fork .", "--output_dir",
+                              str(tmp_path / "a"), "--threads", "1"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and out[-1] == f"outputs: {tmp_path / 'a' / 'detect.json'}"
+    rec = json.loads((tmp_path / "a" / "detect.json").read_text())
+    assert [t["token"] for t in rec["tokens"]] == ["there", "is", "a", "fork", "."]
+    assert all(0 <= t["probability"] <= 1 for t in rec["tokens"])
+    code = detect.score_main(["--model", "organism_control", "--item", "adversarial/1", "--caption", "a fork .",
+                              "--output_dir", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert code == 2 and "error:" in err and "fitted on model" in err
