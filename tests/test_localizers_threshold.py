@@ -268,3 +268,26 @@ def test_both_localizers_are_registered_and_run_under_beam_search_and_without_ca
     for method in ("pai", "spin"):  # PAI and SPIN take both (prompt_threshold at D-LEAF's default kappa, 1)
         for knobs in (dict(localization="prompt_threshold"), dict(localization="calibrated", calibration=cal)):
             assert _generate(model, batch, method, **STRONG[method], **knobs).sequences.shape[0] == 3
+
+
+def test_the_calibration_script_writes_a_file_that_another_model_refuses(tiny, tmp_path):
+    """scripts/calibrate_localizer.py on the committed organism (6 layers, 6 heads): the file records the model and
+    per-layer percentiles of every reply row's signal; attached to the tiny organism (3 layers) it is refused."""
+    import runpy
+    from pathlib import Path
+
+    from dleaf.methods.localizers.calibrated import PERCENTILES
+
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "calibrate_localizer.py"),
+                            run_name="script")
+    assert script["main"](["--n_images", "3", "--signal", "mass_deficit", "--output_dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "calibration.json").read_text())
+    assert data["model"]["num_layers"] == 6 and data["model"]["num_heads"] == 6
+    assert data["signal"]["layer_signal"] == "mass_deficit" and data["percentiles"] == list(PERCENTILES)
+    assert len(set(data["n_rows"])) == 1 and data["n_rows"][0] > 3  # every reply row, in every layer
+    for values in data["values"]:
+        assert values == sorted(values) and -1 <= values[0] <= values[-1] <= 0
+    model = tiny[0]
+    with pytest.raises(InputError, match=r"calibration\.json belongs to model .*6 layers, 6 heads.*3 layers"):
+        with engine.attached(model, "dleaf", localization="calibrated", calibration=str(tmp_path / "calibration.json")):
+            pass
