@@ -256,3 +256,15 @@ def test_the_command_scores_a_caption_and_refuses_another_model(tmp_path, capsys
                               "--output_dir", str(tmp_path / "b")])
     err = capsys.readouterr().err
     assert code == 2 and "error:" in err and "fitted on model" in err
+
+
+def test_the_shipped_detector_is_package_data_and_fits_the_organism():
+    import tomllib
+    from pathlib import Path
+
+    from dleaf.resources import data_path
+
+    cfg = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "dleaf.data.detectors" in cfg["packages"] and cfg["package-data"]["dleaf.data.detectors"] == ["*.json"]
+    det = detect.Detector.load(data_path("detectors", "organism_detector.json"))
+    assert det.layers == [0] and det.model["num_layers"] == 6 and len(det.coef) == 14
