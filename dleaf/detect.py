@@ -169,6 +169,28 @@ def row_features(model, processor, images, prompts, replies, layers=None, batch_
     return out
 
 
+def labelled_rows(model, processor, images, prompts, replies, truths, vocab, layers=None, batch_size: int = 8) -> dict:
+    """Rows of any caption benchmark with a vocabulary (the organism's, or COCO's under CHAIR's rules): features
+    (:func:`row_features`), ``y`` (1 where the row predicts the first token of a hallucinated mention, found as the
+    premise check finds mentions, :func:`dleaf.premise_check.mention_token_spans`; 0 at every other reply row),
+    ``position`` and ``caption`` (the reply's index)."""
+    from .premise_check import mention_token_spans
+
+    recs = row_features(model, processor, images, prompts, replies, layers, batch_size)
+    tok = getattr(processor, "tokenizer", processor)
+    X, y, pos, cap = [], [], [], []
+    for k, (rec, truth) in enumerate(zip(recs, truths)):
+        ids, truth = rec["token_ids"], set(truth)
+        hall = {first for first, _, m in mention_token_spans(tok, ids, vocab) if m.category not in truth}
+        X.append(rec["features"])
+        y += [int(j in hall) for j in range(len(ids))]
+        pos += list(range(len(ids)))
+        cap += [k] * len(ids)
+    width = X[0].shape[1] if X else 0
+    return {"X": np.concatenate(X) if X else np.zeros((0, width)), "y": np.array(y, int), "position": np.array(pos),
+            "caption": np.array(cap)}
+
+
 # ------------------------------------------------------------------------------------------------- fitting
 def fit(x: np.ndarray, y: np.ndarray, layers, num_heads: int, model: dict, C: float = 1.0,
         meta: dict | None = None) -> Detector:
@@ -568,7 +590,7 @@ def main(argv=None) -> int:
 
 
 __all__ = ["DETECTOR_VERSION", "Detector", "as_detector", "auprc", "auroc", "caption_rows", "feature_names",
-           "features_from_values", "fit", "grouped_bootstrap", "markdown", "model_identity", "reliability",
+           "features_from_values", "fit", "grouped_bootstrap", "labelled_rows", "markdown", "model_identity", "reliability",
            "row_features", "score", "score_main", "score_parser", "study"]
 
 if __name__ == "__main__":

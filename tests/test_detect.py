@@ -268,3 +268,18 @@ def test_the_shipped_detector_is_package_data_and_fits_the_organism():
     assert "dleaf.data.detectors" in cfg["packages"] and cfg["package-data"]["dleaf.data.detectors"] == ["*.json"]
     det = detect.Detector.load(data_path("detectors", "organism_detector.json"))
     assert det.layers == [0] and det.model["num_layers"] == 6 and len(det.coef) == 14
+
+
+@torch.no_grad()
+def test_labelled_rows_of_any_caption_benchmark_follow_the_premise_records(sharp):
+    """The generic path (a vocabulary's mentions, e.g. COCO under CHAIR's rules): a row is positive exactly where
+    the premise records call it a hallucinated row, with the same features as row_features."""
+    model, processor = sharp
+    scenes, images, replies, prompt = _captions()
+    got = detect.labelled_rows(model, processor, images, [prompt] * 3, replies, [s.objects for s in scenes], VOCAB)
+    prem = premise_check.reply_records(model, processor, images, [prompt] * 3, replies, [s.objects for s in scenes],
+                                       VOCAB)["rows"]
+    assert got["y"].tolist() == [int(k == "hallucinated") for k in prem["kind"]] and got["y"].sum() >= 1
+    assert got["position"].tolist() == prem["position"] and got["caption"].tolist() == prem["sample"]
+    recs = detect.row_features(model, processor, images, [prompt] * 3, replies)
+    assert np.array_equal(got["X"], np.concatenate([r["features"] for r in recs]))
