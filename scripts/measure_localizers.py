@@ -29,7 +29,11 @@ PERCENTILES = (80.0, 90.0, 95.0, 97.5, 99.0, 99.5, 99.9)
 def build_parser():
     ap = cli.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="organism", help="model name or path (default: organism)")
-    ap.add_argument("--stage", default="grid", choices=["grid", "confirm"], help="knob grid on dev, or confirmation")
+    ap.add_argument("--stage", default="grid", choices=["grid", "confirm", "choose"],
+                    help="knob grid on dev, confirmation, or the choice from grid reports (--reports)")
+    ap.add_argument("--reports", nargs="*", default=[], help="choose: grid reports (grid.json) to pool")
+    ap.add_argument("--max_recall_drop", "--max-recall-drop", type=float, default=2.0,
+                    help="choose: the largest drop of object recall, in points, a chosen setting may have")
     ap.add_argument("--choose", nargs="*", default=[], help="confirm: the chosen settings, as grid labels")
     ap.add_argument("--match", default=None, help="grid: only the settings whose label contains this")
     ap.add_argument("--gammas", nargs="+", type=float, default=[0.5, 1.0], help="fusion strengths")
@@ -142,8 +146,37 @@ def flag_hits(model, processor, pool, knobs, greedy, batch_size):
             "n_flagged_rows": n_flag_rows}
 
 
+def choose(reports, max_recall_drop=2.0, gamma="1"):
+    """Per localizer, the grid setting with the largest CHAIR_s reduction at ``gamma`` among those whose object
+    recall falls by at most ``max_recall_drop`` points (point estimates); ties: fewer rows flagged."""
+    best = {}
+    for label, e in reports["settings"].items():
+        d = e["fusion"][gamma]["vs_greedy"]
+        if -100 * d["recall"]["diff"] > max_recall_drop:
+            continue
+        key = (d["chair_s"]["diff"], e["hits"]["row_share"])
+        name = label.split()[0]
+        if name not in best or key < best[name][0]:
+            best[name] = (key, label)
+    return {name: label for name, (_, label) in best.items()}
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.stage == "choose":
+        pooled = None
+        for path in args.reports:
+            rep = json.loads(Path(path).read_text())
+            if pooled is None:
+                pooled = rep
+            else:
+                pooled["settings"].update(rep["settings"])
+        chosen = choose(pooled, args.max_recall_drop)
+        out_dir = Path(args.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "grid_all.md").write_text(markdown(pooled) + "\n")
+        print(json.dumps(chosen))
+        return 0
     import torch
 
     from dleaf import eval as harness
