@@ -291,3 +291,13 @@ def test_the_calibration_script_writes_a_file_that_another_model_refuses(tiny, t
     with pytest.raises(InputError, match=r"calibration\.json belongs to model .*6 layers, 6 heads.*3 layers"):
         with engine.attached(model, "dleaf", localization="calibrated", calibration=str(tmp_path / "calibration.json")):
             pass
+
+
+@torch.no_grad()
+def test_prompt_threshold_refuses_prompt_rows_computed_by_the_fast_kernel(tiny):
+    """With unwatched="sdpa" on a padded batch the engine hands the method only the prefill's last row, so the
+    prompt's rows (the threshold's sample) are not there: refused, with the remedy."""
+    model, _, _, _, batch = tiny
+    with engine.attached(model, "dleaf", localization="prompt_threshold", unwatched="sdpa"):
+        with pytest.raises(ValueError, match="unwatched='eager'"):
+            model(**batch)
