@@ -286,7 +286,6 @@ def _score_run(argv=None):
     from . import cli
 
     args = score_parser().parse_args(argv)
-    import json
     from pathlib import Path
 
     from . import detect, models
@@ -480,7 +479,6 @@ def study(model, processor, out_dir, detector_path, n_resamples: int = 2000, gam
             continue
         s = sets[name]
         sc_ = all_scores(s)
-        det = dets["layer 0"][0]
         p = sc_["detector, layer 0"]
         part = {"n_rows": int(len(s["y"])), "n_positive": int(s["y"].sum()), "n_captions": int(len(s["greedy"])),
                 "detection": evaluate(sc_, s["y"], s["caption"], n_resamples),
@@ -529,7 +527,7 @@ def _ci(d, scale=1.0, digits=3, sign=False):
 def markdown(report: dict) -> str:
     """The study's tables: held-out detection, reliability, flags at the chosen threshold, and D-LEAF's fusion with
     the learned localization against greedy, per split."""
-    from .localization import _iv
+    from .localization import operator_table
 
     lines = []
     for name, part in report["splits"].items():
@@ -550,17 +548,8 @@ def markdown(report: dict) -> str:
         f = part["flags"]
         lines += ["", f"Flags of the layer-0 detector at probability > {f['threshold']:g}: {f['n_flagged']} rows "
                   f"({100 * f['flagged_share']:.1f}% of the rows), precision {100 * f['precision']:.1f}%, recall "
-                  f"{100 * f['recall']:.1f}%.", "",
-                  "| operator | CHAIR_s % | CHAIR_i % | recall % | additions | substitutions | captions changed |",
-                  "|---|---|---|---|---|---|---|"]
-        for label, op in part["operators"].items():
-            d = op["vs_greedy"]
-            lines.append(
-                f"| {label} | {100 * op['chair_s']:.1f} ({_iv(d['chair_s'])}) | {100 * op['chair_i']:.1f} "
-                f"({_iv(d['chair_i'])}) | {100 * op['recall']:.1f} ({_iv(d['recall'])}) | {op['n_additions']} "
-                f"({_iv(d['n_additions'], 1, 0)}) | {op['n_substitutions']} ({_iv(d['n_substitutions'], 1, 0)}) | "
-                f"{op['captions_changed']} |")
-        lines.append("")
+                  f"{100 * f['recall']:.1f}%.", ""]
+        lines += operator_table(part["operators"])
     return "\n".join(lines)
 
 

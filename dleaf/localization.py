@@ -303,17 +303,23 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {label} | " + " | ".join(str(w["outcomes"][o]) for o in OUTCOMES)
                              + f" | {w['still_named']} | {op['captions_changed']} |")
             lines.append("")
-        lines += ["| operator | CHAIR_s % | CHAIR_i % | recall % | additions | substitutions | captions changed |",
-                  "|---|---|---|---|---|---|---|"]
-        for label, op in sec["operators"].items():
-            d = op["vs_greedy"]
-            lines.append(
-                f"| {label} | {100 * op['chair_s']:.1f} ({_iv(d['chair_s'])}) | {100 * op['chair_i']:.1f} "
-                f"({_iv(d['chair_i'])}) | {100 * op['recall']:.1f} ({_iv(d['recall'])}) | {op['n_additions']} "
-                f"({_iv(d['n_additions'], 1, 0)}) | {op['n_substitutions']} ({_iv(d['n_substitutions'], 1, 0)}) | "
-                f"{op['captions_changed']} |")
-        lines.append("")
+        lines += operator_table(sec["operators"])
     return "\n".join(lines)
+
+
+def operator_table(operators: dict) -> list[str]:
+    """The markdown caption table of measured operators (label -> its measurement, with ``vs_greedy`` paired
+    differences): CHAIR_s, CHAIR_i, recall, additions and substitutions with their intervals, captions changed."""
+    lines = ["| operator | CHAIR_s % | CHAIR_i % | recall % | additions | substitutions | captions changed |",
+             "|---|---|---|---|---|---|---|"]
+    for label, op in operators.items():
+        d = op["vs_greedy"]
+        lines.append(
+            f"| {label} | {100 * op['chair_s']:.1f} ({_iv(d['chair_s'])}) | {100 * op['chair_i']:.1f} "
+            f"({_iv(d['chair_i'])}) | {100 * op['recall']:.1f} ({_iv(d['recall'])}) | {op['n_additions']} "
+            f"({_iv(d['n_additions'], 1, 0)}) | {op['n_substitutions']} ({_iv(d['n_substitutions'], 1, 0)}) | "
+            f"{op['captions_changed']} |")
+    return lines + [""]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from dleaf.organism.benchmarks import VOCAB
 
 @pytest.fixture(scope="module")
 def sharp():
-    from conftest import SHARPEN, build_tiny_organism
+    from tiny_organisms import SHARPEN, build_tiny_organism
 
     return build_tiny_organism(0, SHARPEN)
 

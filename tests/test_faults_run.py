@@ -105,10 +105,9 @@ def test_grid_file(tmp_path):
 
 def _script():
     import sys
+    from pathlib import Path
 
-    from conftest import ROOT
-
-    sys.path.insert(0, str(ROOT / "scripts"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     try:
         import fault_benchmark as script
     finally:

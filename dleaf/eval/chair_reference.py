@@ -34,7 +34,6 @@ import functools
 import pickle
 import warnings
 import zipfile
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..io import InputError, read_yaml
