@@ -58,7 +58,7 @@ def method_config(name: str, **knobs) -> MethodConfig:
     clash = sorted(k for k in knobs if k in fixed and knobs[k] != fixed[k])
     if clash:
         raise ValueError(f"method {name!r} fixes {', '.join(f'{k}={fixed[k]!r}' for k in clash)}")
-    return cls(**{**knobs, **fixed})
+    return cls(**{**reg.defaults, **knobs, **fixed})
 
 
 def describe_methods() -> list[dict]:
@@ -75,6 +75,8 @@ def format_methods(verbose: bool = True) -> str:
         lines.append(f"{m['name']}  {m['description']}")
         if m["fixed"]:
             lines.append("    fixes: " + ", ".join(f"{k}={v!r}" for k, v in m["fixed"].items()))
+        if m["defaults"]:
+            lines.append("    defaults: " + ", ".join(f"{k}={v!r}" for k, v in m["defaults"].items()))
         if m["config"] in first_of:
             lines.append(f"    knobs: those of {first_of[m['config']]} ({m['config']})")
             continue

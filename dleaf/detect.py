@@ -71,6 +71,9 @@ class Detector:
         self.intercept = float(intercept)
         self.model = dict(model)
         self.meta = dict(meta or {})
+        t = self.meta.get("threshold")
+        if t is not None and not (isinstance(t, (int, float)) and 0.0 < t < 1.0):
+            raise ValueError(f"the detector's recorded threshold must be a probability in (0, 1); got {t!r}")
         self.names = feature_names(self.layers, self.num_heads)
         if not len(self.names) == len(self.mean) == len(self.scale) == len(self.coef):
             raise ValueError(f"a detector over layers {self.layers} with {self.num_heads} heads has "
@@ -88,6 +91,12 @@ class Detector:
         x = x.to(torch.float64)
         m, s, c = (torch.as_tensor(a, dtype=torch.float64, device=x.device) for a in (self.mean, self.scale, self.coef))
         return torch.sigmoid(((x - m) / s) @ c + self.intercept)
+
+    @property
+    def threshold(self) -> float | None:
+        """The flag threshold recorded with the detector (chosen where it was fitted), or None."""
+        t = self.meta.get("threshold")
+        return None if t is None else float(t)
 
     def check_model(self, model) -> None:
         ident = model_identity(model)
@@ -128,9 +137,30 @@ class Detector:
             raise ValueError(f"{path}: {e}") from e
 
 
+#: how the study of :func:`study` chooses the flag threshold it records in the detector file (``meta.threshold``)
+THRESHOLD_RULE = "the probability threshold of largest flag F1 at the dev rows (grid: 60 quantiles 90-99.9%)"
+
+#: detectors shipped with the package, by name (``detector=organism``): ``data/detectors/<name>_detector.json``
+SHIPPED = ("organism",)
+
+
+def shipped_detector(name: str) -> Path:
+    """The path of the shipped detector called ``name`` (one of :data:`SHIPPED`)."""
+    from .resources import data_path
+
+    if name not in SHIPPED:
+        raise ValueError(f"no shipped detector is called {name!r} (shipped: {', '.join(SHIPPED)}); give the path of "
+                         "a detector file (python -m dleaf.detect fits one)")
+    return data_path("detectors", f"{name}_detector.json")
+
+
 def as_detector(detector) -> Detector:
+    """A :class:`Detector` from a detector, a shipped detector's name (:data:`SHIPPED`), a JSON file's path or the
+    file's dict."""
     if isinstance(detector, Detector):
         return detector
+    if isinstance(detector, str) and detector in SHIPPED:
+        return Detector.load(shipped_detector(detector))
     if isinstance(detector, (str, os.PathLike)):
         return Detector.load(detector)
     if isinstance(detector, dict):
@@ -491,7 +521,10 @@ def study(model, processor, out_dir, detector_path, n_resamples: int = 2000, gam
                 pr, rc = st["precision"], st["recall"]
                 f1.append(0.0 if not pr == pr or pr + rc == 0 else 2 * pr * rc / (pr + rc))
             chosen = float(grid[int(np.argmax(f1))])
-            part["threshold_rule"] = "the probability threshold of largest flag F1 at the dev rows (grid: 60 quantiles 90-99.9%)"
+            part["threshold_rule"] = THRESHOLD_RULE
+            det0 = dets["layer 0"][0]
+            det0.meta.update(threshold=chosen, threshold_rule=THRESHOLD_RULE)
+            det0.save(detector_path)  # the localizer's default threshold (detector_threshold=None) is this one
         part["flags"] = flag_stats(p, s["y"], chosen)
         part["greedy"] = _row_stats(s["scores"])
         part["operators"] = {}

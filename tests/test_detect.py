@@ -283,3 +283,34 @@ def test_labelled_rows_of_any_caption_benchmark_follow_the_premise_records(sharp
     assert got["position"].tolist() == prem["position"] and got["caption"].tolist() == prem["sample"]
     recs = detect.row_features(model, processor, images, [prompt] * 3, replies)
     assert np.array_equal(got["X"], np.concatenate([r["features"] for r in recs]))
+
+
+@torch.no_grad()
+def test_dleaf_learned_is_the_learned_localization_at_the_shipped_detector_and_its_threshold():
+    """``dleaf_learned`` with no knobs decodes exactly as ``dleaf`` with ``localization="learned"``, the shipped
+    detector's file, the threshold recorded in it and gamma 1; it changes captions; another model is refused."""
+    from dleaf.generation import generate
+    from dleaf.resources import data_path
+    from dleaf.settings import Setting
+
+    torch.set_num_threads(1)
+    model, processor = models.load("organism")
+    model.set_attn_implementation("eager")
+    path = data_path("detectors", "organism_detector.json")
+    det = detect.Detector.load(path)
+    assert det.threshold == 0.1651 and det.meta["threshold_rule"] == detect.THRESHOLD_RULE
+    bench, items = detect._items("adversarial", 0, 12)
+
+    def decode(setting):
+        return [r["token_ids"] for r in generate(model, processor, items, setting, bench.max_new_tokens(), 12,
+                                                 bench.protocol.sentence_rule, token_ids=True)]
+
+    named = decode(Setting("dleaf_learned"))
+    explicit = decode(Setting("dleaf", {"localization": "learned", "detector": str(path),
+                                        "detector_threshold": 0.1651, "gamma": 1.0}))
+    greedy = decode(Setting())
+    assert named == explicit
+    assert sum(a != b for a, b in zip(named, greedy)) >= 2
+    other, _ = models.load("organism_control")
+    with pytest.raises(ValueError, match="fitted on model"):
+        engine.attach(other.eval(), "dleaf_learned")

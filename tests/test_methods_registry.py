@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_listing_comes_from_the_registry():
     names = methods.method_names()
-    assert names[:4] == ["dleaf", "no_localization", "random_layers", "random_target"]
+    assert names[:5] == ["dleaf", "dleaf_learned", "no_localization", "random_layers", "random_target"]
     assert {"pai", "spin", "vcd"} <= set(names)
     assert list(config.METHODS) == names and len(config.METHODS) == len(names)
     assert config.METHODS["no_localization"] == (DLeafConfig, {"localization": "everywhere"})
@@ -32,10 +32,30 @@ def test_every_listing_comes_from_the_registry():
     assert knobs["gamma"]["default"] == 0.5 and "fusion strength" in knobs["gamma"]["help"]
     assert "localization" not in {k["name"] for k in described["no_localization"]["knobs"]}  # fixed by the name
     assert all(k["help"] for m in described.values() for k in m["knobs"]), "every knob documents itself"
-    with pytest.raises(ValueError, match="unknown method 'opera'; valid methods are dleaf, no_localization"):
+    with pytest.raises(ValueError, match="unknown method 'opera'; valid methods are dleaf, dleaf_learned, no_localization"):
         config.method_config("opera")
     with pytest.raises(TypeError, match="no method runs"):
         methods.method_for(object())
+
+
+def test_a_name_sets_defaults_that_knobs_override():
+    """``dleaf_learned`` fixes the localization and sets gamma and the detector by default; a knob overrides a
+    default but not a fixed field, and the listing shows the name's defaults."""
+    cfg = config.method_config("dleaf_learned")
+    assert (cfg.localization, cfg.gamma, cfg.detector, cfg.detector_threshold) == ("learned", 1.0, "organism", None)
+    assert config.method_config("dleaf").gamma == 0.5  # the paper's reading keeps its own defaults
+    assert config.method_config("dleaf_learned", gamma=0.25).gamma == 0.25
+    with pytest.raises(ValueError, match="fixes localization='learned'"):
+        config.method_config("dleaf_learned", localization="threshold")
+    knobs = {k["name"]: k for k in {m["name"]: m for m in config.describe_methods()}["dleaf_learned"]["knobs"]}
+    assert knobs["gamma"]["default"] == 1.0 and knobs["detector"]["default"] == "organism"
+    assert "localization" not in knobs
+    text = config.format_methods()
+    assert "    defaults: gamma=1.0, detector='organism'" in text
+    with pytest.raises(ValueError, match="detector_threshold must be a probability"):
+        config.method_config("dleaf_learned", detector_threshold=1.5)
+    with pytest.raises(TypeError, match="both fixes and defaults"):
+        methods.register("x", "x", fixed={"gamma": 1.0}, defaults={"gamma": 0.5})(DLeaf)
 
 
 def test_python_m_dleaf_methods_lists_every_method_with_its_knobs(capsys):

@@ -184,7 +184,7 @@ def plan_of(config: str, num_layers: int, cfg: BenchConfig) -> Plan:
     if config not in method_names():
         raise ValueError(f"unknown configuration {config!r}; valid: {', '.join(config_names())}")
     reg = registration(config)
-    defaults = {f.name: f.default for f in dataclasses.fields(reg.config_class)}
+    defaults = {**{f.name: f.default for f in dataclasses.fields(reg.config_class)}, **reg.defaults}
     knobs = {}
     if defaults.get("layer_start", 0) >= num_layers:
         knobs["layer_start"] = num_layers - 1

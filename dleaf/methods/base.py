@@ -146,6 +146,7 @@ class Registration:
     method_class: type
     fixed: dict
     description: str
+    defaults: dict = dataclasses.field(default_factory=dict)
 
     @property
     def config_class(self) -> type:
@@ -155,7 +156,8 @@ class Registration:
         """Every knob of the name (fields the name fixes excluded): ``name``, ``type``, ``default`` and ``help``
         (from the config class docstring's ``name: ...`` lines)."""
         helps = knob_help(self.config_class)
-        return [{"name": f.name, "type": _type_name(f.type), "default": f.default, "help": helps.get(f.name, "")}
+        return [{"name": f.name, "type": _type_name(f.type), "default": self.defaults.get(f.name, f.default),
+                 "help": helps.get(f.name, "")}
                 for f in dataclasses.fields(self.config_class) if f.name not in self.fixed]
 
 
@@ -164,21 +166,25 @@ _BY_CONFIG: dict[type, type] = {}
 _DISCOVERED = False
 
 
-def register(name: str, description: str, fixed: dict | None = None):
-    """Class decorator: register a :class:`Method` subclass under ``name`` (``fixed``: config fields the name sets).
-    Stack it to register several names for one method."""
+def register(name: str, description: str, fixed: dict | None = None, defaults: dict | None = None):
+    """Class decorator: register a :class:`Method` subclass under ``name`` (``fixed``: config fields the name sets;
+    ``defaults``: config fields the name sets unless a knob overrides them). Stack it to register several names for
+    one method."""
 
     def decorate(cls):
         config_class = cls.config_class
         if not (dataclasses.is_dataclass(config_class) and issubclass(config_class, MethodConfig)):
             raise TypeError(f"{cls.__name__}.config_class must be a MethodConfig dataclass")
         fields = {f.name for f in dataclasses.fields(config_class)}
-        bad = sorted(set(fixed or {}) - fields)
+        bad = sorted((set(fixed or {}) | set(defaults or {})) - fields)
         if bad:
-            raise TypeError(f"method {name!r} fixes unknown field(s) {bad} of {config_class.__name__}")
+            raise TypeError(f"method {name!r} sets unknown field(s) {bad} of {config_class.__name__}")
+        both = sorted(set(fixed or {}) & set(defaults or {}))
+        if both:
+            raise TypeError(f"method {name!r} both fixes and defaults field(s) {both}")
         if name in _REGISTRY and _REGISTRY[name].method_class is not cls:
             raise ValueError(f"method name {name!r} is registered twice")
-        _REGISTRY[name] = Registration(name, cls, dict(fixed or {}), description)
+        _REGISTRY[name] = Registration(name, cls, dict(fixed or {}), description, dict(defaults or {}))
         _BY_CONFIG.setdefault(config_class, cls)
         return cls
 
@@ -257,4 +263,5 @@ def describe() -> list[dict]:
     """Every method: ``name``, ``description``, ``config`` (class name), ``fixed`` and ``knobs`` (see
     :meth:`Registration.knobs`); for ``python -m dleaf methods`` and help texts."""
     return [{"name": r.name, "description": r.description, "config": r.config_class.__name__, "fixed": r.fixed,
+             "defaults": r.defaults,
              "knobs": r.knobs()} for r in registrations().values()]

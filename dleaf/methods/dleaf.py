@@ -85,8 +85,9 @@ class DLeafConfig(MethodConfig):
             scripts/calibrate_localizer.py
         percentile: with localization="calibrated", the per-layer percentile of the calibration above which a row
             is flagged
-        detector: with localization="learned", a fitted detector or its JSON file (dleaf.detect)
+        detector: with localization="learned", a fitted detector, its JSON file or a shipped one's name (organism)
         detector_threshold: with localization="learned", the detector probability above which a row is flagged
+            (none: the threshold the detector file records, else 0.5)
     """
 
     #: the method's trace holds per-layer flags (dleaf.generation counts them)
@@ -113,7 +114,7 @@ class DLeafConfig(MethodConfig):
     calibration: object | None = None
     percentile: float = 95.0
     detector: object | None = None
-    detector_threshold: float = 0.5
+    detector_threshold: float | None = None
 
     def __post_init__(self):
         owner = type(self).__name__
@@ -134,6 +135,9 @@ class DLeafConfig(MethodConfig):
             raise ValueError(f"{owner}.bottom_k must be >= 1, got {self.bottom_k}")
         if not 0.0 <= self.random_rate <= 1.0:
             raise ValueError(f"{owner}.random_rate must lie in [0, 1], got {self.random_rate}")
+        t = self.detector_threshold
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0):
+            raise ValueError(f"{owner}.detector_threshold must be a probability in (0, 1) or none; got {t!r}")
         layer_range(owner, self.layer_start, self.layer_end)
 
 
@@ -318,6 +322,9 @@ def compiled_one_row_attention():
           fixed={"localization": "random"})
 @register("no_localization", "D-LEAF fusing in every eligible layer at every position (no localization)",
           fixed={"localization": "everywhere"})
+@register("dleaf_learned", "D-LEAF's fusion at the rows a fitted token-level hallucination detector flags "
+          "(gamma 1; the shipped detector reads the organism; another model needs its own, detector=FILE)",
+          fixed={"localization": "learned"}, defaults={"gamma": 1.0, "detector": "organism"})
 @register("dleaf", "D-LEAF: flag layers by LIAE against a causal threshold, fuse weak heads toward the best head")
 class DLeaf(Method):
     """D-LEAF's behaviour. Per sequence and batch row it keeps the running statistics of each watched layer's signal

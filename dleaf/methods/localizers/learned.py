@@ -1,8 +1,10 @@
 """``learned``: flag a row where a fitted detector (:mod:`dleaf.detect`) says it predicts a hallucinated object word.
 
-Knobs (the method configuration's): ``detector``, a :class:`dleaf.detect.Detector` or the path of its JSON file
-(refused when it was fitted on another model), and ``detector_threshold``, the probability above which a row is
-flagged.
+Knobs (the method configuration's): ``detector``, a :class:`dleaf.detect.Detector`, the path of its JSON file or
+the name of a shipped one (``organism``; refused when it was fitted on another model), and ``detector_threshold``,
+the probability above which a row is flagged (None, the default: the threshold recorded in the detector file, chosen
+where it was fitted; 0.5 for a file that records none, the line above which a calibrated detector's row is more
+likely hallucinated than not).
 
 Causality. The detector reads, at one row, the features of its ``layers`` (LIAE, image mass, per-head mass and
 focus): a row's layer-``l`` features exist once its layer ``l`` has run. The localizer computes each feature layer's
@@ -38,7 +40,10 @@ class Learned(Localizer):
                              "dleaf.detect)")
         self.detector = as_detector(path)
         self.detector.check_model(host.model)
-        self.threshold = float(getattr(config, "detector_threshold", 0.5))
+        t = getattr(config, "detector_threshold", None)
+        if t is None:
+            t = self.detector.threshold if self.detector.threshold is not None else 0.5
+        self.threshold = float(t)
         self.last = max(self.detector.layers)
         self.step: dict = {}
 
