@@ -26,8 +26,9 @@ def setting(label: str, method: str = "greedy", **knobs) -> Setting:
     return Setting(method, knobs, label=label)
 
 
-def grid(random_rate: float | None = None) -> list[Setting]:
-    """The grid: greedy, PAI, SPIN, D-LEAF and its variants and ablations; with ``random_rate`` (D-LEAF's measured
+def grid(random_rate: float | None = None, learned: bool = True) -> list[Setting]:
+    """The grid: greedy, PAI, SPIN, D-LEAF and its variants and ablations; with ``learned`` D-LEAF's fusion at the
+    shipped organism detector's flags (``dleaf_learned``, gamma 1 and 0.5); with ``random_rate`` (D-LEAF's measured
     flag rate) also D-LEAF's fusion at random layers at that rate."""
     S = setting
     settings = [
@@ -45,6 +46,8 @@ def grid(random_rate: float | None = None) -> list[Setting]:
         S("dleaf heads=all_but_best", "dleaf", head_selection="all_but_best"),
         S("no_localization", "no_localization"),
     ]
+    if learned:
+        settings += [S("dleaf_learned", "dleaf_learned"), S("dleaf_learned gamma=0.5", "dleaf_learned", gamma=0.5)]
     if random_rate is not None:
         settings.append(S("random_layers", "random_layers", random_rate=round(random_rate, 4)))
     return settings
@@ -171,6 +174,17 @@ LEGEND = ("Cells: value (difference from greedy [95% paired bootstrap interval])
           "evaluation harness: the organism's protocols, EOS trimming, the trailing-sentence rule.\n")
 
 
+def has_shipped_detector(model) -> bool:
+    """Whether the shipped organism detector was fitted on ``model`` (so the ``dleaf_learned`` settings can run)."""
+    from .detect import Detector, shipped_detector
+
+    try:
+        Detector.load(shipped_detector("organism")).check_model(model)
+    except ValueError:
+        return False
+    return True
+
+
 def run_organism_grid(model, processor, out_dir: str | os.PathLike, n_images: int = 1000,
                       only: Sequence[str] | None = None, replicate: Sequence[str] = (), pope: bool = True,
                       batch_size: int = 100, say: Callable = print, model_name: str = "organism", seed: int = 0
@@ -181,7 +195,7 @@ def run_organism_grid(model, processor, out_dir: str | os.PathLike, n_images: in
     {split: table rows}, "markdown": text}``."""
     first = [s for s in grid() if s.label in ("greedy", "dleaf")]
     results = run_grid(model, processor, first, "adversarial", n_images, out_dir, pope, batch_size, say, model_name)
-    settings = grid(results["dleaf"]["flag_rate"])
+    settings = grid(results["dleaf"]["flag_rate"], learned=has_shipped_detector(model))
     labels = [s.label for s in settings]
     for name, chosen in (("--only", only or ()), ("--replicate", replicate)):
         unknown = sorted(set(chosen) - set(labels))

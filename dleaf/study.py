@@ -44,6 +44,9 @@ SETTINGS = (
     Setting("dleaf", label="dleaf_dpo"),
 )
 WITH_ADAPTER = frozenset({"dpo", "dleaf_dpo"})
+#: The label of D-LEAF's fusion at a learned localization (method ``dleaf_learned``), run after ``dleaf`` when the
+#: study has a detector for its model (the organism's is shipped; a real checkpoint's is given as ``detector``).
+LEARNED = "dleaf_learned"
 ORGANISM_BENCHMARKS = ("organism_caption", "organism_pope")
 CHECKPOINT_BENCHMARKS = ("coco_chair", "pope_file")
 BENCHMARKS = ORGANISM_BENCHMARKS  # the default target's
@@ -66,6 +69,9 @@ class StudyConfig:
     ``timing_warmup`` untimed ones, on ``timing_batch`` caption prompts. The correspondence suite's size. The
     target: ``model`` ("organism" or a hub id / checkpoint folder) and its inputs (see the module docstring).
     ``seed``: of every random draw of the study (the bootstrap intervals, the correspondence suite's nulls).
+    ``detector``: a token-level hallucination detector file fitted on the model (``python -m dleaf.detect``), for the
+    ``dleaf_learned`` setting (the organism's default: the shipped detector; a real checkpoint without one does not
+    run that setting).
     """
 
     n_images: int | None = None
@@ -87,6 +93,7 @@ class StudyConfig:
     dtype: str = "float32"
     attn_implementation: str | None = None
     batch_size: int | None = None
+    detector: str | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -102,6 +109,13 @@ class StudyConfig:
         object.__setattr__(self, "pope_files", tuple(self.pope_files))
         if self.column_map is not None and not isinstance(self.column_map, str):
             object.__setattr__(self, "column_map", tuple(self.column_map))
+        if self.detector is not None and self.detector != "organism":
+            from .detect import Detector
+
+            try:
+                Detector.load(self.detector)
+            except ValueError as e:
+                raise ValueError(f"--detector: {e} (pass a detector file written by python -m dleaf.detect)") from None
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"StudyConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.organism:
@@ -151,9 +165,23 @@ class StudyConfig:
         return None
 
     @property
+    def detector_path(self) -> str | None:
+        """The detector of the ``dleaf_learned`` setting: ``detector``, else the shipped one for the organism."""
+        return self.detector or ("organism" if self.organism else None)
+
+    @property
     def settings(self) -> tuple[Setting, ...]:
-        """The settings this study runs (those with the adapter only when there is one)."""
-        return tuple(s for s in SETTINGS if not uses_adapter(s) or self.adapter_path)
+        """The settings this study runs (those with the adapter only when there is one; ``dleaf_learned`` after
+        ``dleaf`` when there is a detector)."""
+        out = []
+        for s in SETTINGS:
+            if uses_adapter(s) and not self.adapter_path:
+                continue
+            out.append(s)
+            if s.label == "dleaf" and self.detector_path:
+                knobs = {} if self.detector_path == "organism" and self.organism else {"detector": self.detector_path}
+                out.append(Setting("dleaf_learned", knobs, label=LEARNED))
+        return tuple(out)
 
     @property
     def generation_batch(self) -> int:
@@ -287,13 +315,15 @@ def _mean(sections: list[dict], key: str) -> float:
 
 
 def claims_table(metrics: dict, overhead: dict | None, link: dict | None,
-                 benchmarks: tuple[str, str] = ORGANISM_BENCHMARKS, target: str = "the organism"
-                 ) -> tuple[list[dict], str]:
+                 benchmarks: tuple[str, str] = ORGANISM_BENCHMARKS, target: str = "the organism",
+                 label: str = "dleaf") -> tuple[list[dict], str]:
     """The paper's claims point by point, with what was measured here and whether it agrees. With several
-    sections (POPE files: random, popular, adversarial), the POPE claim is judged on their mean."""
+    sections (POPE files: random, popular, adversarial), the POPE claim is judged on their mean. ``label``: the
+    setting that stands for D-LEAF (``dleaf``, the paper's reading; ``dleaf_learned``, its fusion at a learned
+    localization)."""
     rows = []
     caption, yesno = benchmarks
-    g, d = _sections(metrics, caption, "greedy"), _sections(metrics, caption, "dleaf")
+    g, d = _sections(metrics, caption, "greedy"), _sections(metrics, caption, label)
     if g and d:
         gs, ds = _mean(g, "chair_s"), _mean(d, "chair_s")
         rel = (gs - ds) / gs if gs else math.nan
@@ -302,7 +332,7 @@ def claims_table(metrics: dict, overhead: dict | None, link: dict | None,
                                  f"({100 * rel:+.1f}% relative; recall {100 * _mean(g, 'recall'):.1f}% -> "
                                  f"{100 * _mean(d, 'recall'):.1f}%)",
                      "agrees": bool(rel >= 0.25)})
-    gp, dp = _sections(metrics, yesno, "greedy"), _sections(metrics, yesno, "dleaf")
+    gp, dp = _sections(metrics, yesno, "greedy"), _sections(metrics, yesno, label)
     if gp and dp:
         da, df = _mean(dp, "accuracy") - _mean(gp, "accuracy"), _mean(dp, "f1") - _mean(gp, "f1")
         where = f" (mean of {len(gp)} question sets)" if len(gp) > 1 else ""
@@ -393,6 +423,7 @@ def run_study(out_dir: str | Path, cfg: StudyConfig = StudyConfig(), progress: b
         link = correspondence(out / "correspondence", cfg, say=lambda m: say(f"[study] correspondence: {m}"))
     target = "the organism" if cfg.organism else cfg.model
     claims, claims_md = claims_table(metrics, overhead, link, cfg.benchmarks, target)
+    learned_claims, learned_md = claims_table(metrics, None, None, cfg.benchmarks, target, label=LEARNED)
     table = harness.comparison_table([_eval_dir(out, b, s.label) for b in cfg.benchmarks for s in cfg.settings])
     if cfg.organism:
         titles = ("captions, adversarial split", "yes/no questions, adversarial negatives")
@@ -407,13 +438,21 @@ def run_study(out_dir: str | Path, cfg: StudyConfig = StudyConfig(), progress: b
                  + (f", DPO adapter {cfg.adapter}." if cfg.adapter else "; no DPO adapter, so no DPO rows."))
     plot_methods(metrics, out / "methods.png", cfg.settings, cfg.benchmarks, titles)
     md = [f"# The study on {target}", "", intro, "",
-          "## The paper's claims, point by point", "", claims_md, "## Every setting", "", table, "",
+          "## The paper's claims, point by point", "", claims_md]
+    if learned_claims:
+        md += ["## The same claims for D-LEAF's fusion at a learned localization", "",
+               "`dleaf_learned`: the paper's fusion (gamma 1, heads below the layer's mean IAF) at the rows a fitted "
+               "token-level hallucination detector flags, in place of the LIAE threshold (docs/localization.md). "
+               "Not the paper's method: a measurement of what its correction does where a localizer finds the "
+               "hallucinations.", "", learned_md]
+    md += ["## Every setting", "", table, "",
           "![methods](methods.png)", ""]
     if link and link.get("markdown"):
         md += ["## D-LEAF and DPO", "", link["markdown"], ""]
     elif link_note:
         md += ["## D-LEAF and DPO", "", f"The correspondence suite was {link_note}.", ""]
-    report = {"config": dataclasses.asdict(cfg), "claims": claims, "overhead": overhead, "correspondence": link,
+    report = {"config": dataclasses.asdict(cfg), "claims": claims, "claims_dleaf_learned": learned_claims,
+              "overhead": overhead, "correspondence": link,
               "metrics": {f"{b}/{s}": m for (b, s), m in metrics.items()}, "seconds": time.time() - t0}
     write_json_atomic(report, out / "report.json")
     write_text_atomic("\n".join(md) + "\n", out / "report.md")

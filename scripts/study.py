@@ -73,6 +73,10 @@ def build_parser():
     real.add_argument("--attn_implementation", default=None,
                       help="attention implementation to load with (default: eager for the organism, the model's own "
                            "otherwise; D-LEAF switches the layers it watches itself)")
+    real.add_argument("--detector", default=None,
+                      help="a token-level hallucination detector file fitted on --model (python -m dleaf.detect), for "
+                           "the dleaf_learned setting (default for the organism: the shipped one; a real checkpoint "
+                           "without one skips that setting)")
     real.add_argument("--batch_size", type=int, default=None,
                       help="prompts per generate call (default: 100 for the organism, else 8)")
     for old, new in (("--out", "--output_dir"), ("--n_images", "--limit"), ("--pairs", "--n_pairs")):
@@ -96,7 +100,8 @@ def main(argv=None):
                           coco_captions=args.coco_captions, pope_files=tuple(args.pope_files),
                           pope_images=args.pope_images, preference_data=args.preference_data,
                           preference_split=args.preference_split, column_map=column_map, dtype=args.dtype,
-                          attn_implementation=args.attn_implementation, batch_size=args.batch_size, seed=args.seed)
+                          attn_implementation=args.attn_implementation, batch_size=args.batch_size, detector=args.detector,
+                          seed=args.seed)
     except ValueError as err:
         raise InputError(str(err)) from None
     cli.check_output_dir(args.output_dir)

@@ -81,7 +81,31 @@ def test_study_config_names_what_a_real_checkpoint_needs(tmp_path):
     cfg = dstudy.StudyConfig(**full)  # no adapter: no DPO rows
     assert [s.label for s in cfg.settings] == ["greedy", "pai", "spin", "dleaf"] and cfg.images is None
     assert cfg.benchmarks == ("coco_chair", "pope_file")
-    assert [s.label for s in dstudy.StudyConfig().settings][-2:] == ["dpo", "dleaf_dpo"]
+    assert [s.label for s in dstudy.StudyConfig().settings] == ["greedy", "pai", "spin", "dleaf", "dleaf_learned",
+                                                                "dpo", "dleaf_dpo"]
+    assert dstudy.StudyConfig().settings[4].knob_dict == {}  # the organism's shipped detector, by default
+    det = _tiny_detector(tmp_path)
+    with_det = dstudy.StudyConfig(**full, detector=str(det))
+    assert [s.label for s in with_det.settings] == ["greedy", "pai", "spin", "dleaf", "dleaf_learned"]
+    assert with_det.settings[4].method == "dleaf_learned" and with_det.settings[4].knob_dict == {"detector": str(det)}
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="--detector: .*bad.json.*not a version-1 detector file"):
+        dstudy.StudyConfig(**full, detector=str(tmp_path / "bad.json"))
+
+
+def _tiny_detector(tmp_path, model=None):
+    """A detector file for the tiny organism (coefficients fitted on random features: only its identity matters)."""
+    import numpy as np
+
+    from dleaf import detect
+    from tiny_organisms import build_tiny_organism
+
+    model = model if model is not None else build_tiny_organism(0)[0]
+    heads = model.config.text_config.num_attention_heads
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, len(detect.feature_names([0], heads))))
+    return detect.fit(x, (x[:, 0] > 1).astype(int), [0], heads, detect.model_identity(model)).save(
+        tmp_path / "tiny_detector.json")
 
 
 def test_claims_table_averages_pope_question_sets():
@@ -90,13 +114,18 @@ def test_claims_table_averages_pope_question_sets():
     metrics = {("pope_file", "greedy"): pope(0.80), ("pope_file", "dleaf"): pope(0.83)}
     rows, md = dstudy.claims_table(metrics, None, None, ("coco_chair", "pope_file"), "m")
     assert "accuracy +3.0 points, F1 +3.0 points (mean of 2 question sets)" in md and rows[0]["agrees"]
+    metrics[("pope_file", "dleaf_learned")] = pope(0.78)  # judged for the setting named by label
+    rows, md = dstudy.claims_table(metrics, None, None, ("coco_chair", "pope_file"), "m", label="dleaf_learned")
+    assert "accuracy -2.0 points, F1 -2.0 points (mean of 2 question sets)" in md and not rows[0]["agrees"]
 
 
 @pytest.mark.slow
 def test_study_runs_end_to_end_and_resumes(tmp_path):
     cfg = dstudy.StudyConfig(n_images=3, timing_steps=4, timing_warmup=1, timing_batch=2, correspondence=False)
     first = dstudy.run_study(tmp_path, cfg, progress=False, say=lambda m: None)
-    assert len(first["metrics"]) == len(dstudy.SETTINGS) * len(dstudy.BENCHMARKS)
+    assert len(first["metrics"]) == len(cfg.settings) * len(dstudy.BENCHMARKS) == 14
+    assert [r["claim"] for r in first["claims_dleaf_learned"]] == [dstudy.CLAIMS["chair"], dstudy.CLAIMS["pope"]]
+    assert "## The same claims for D-LEAF's fusion at a learned localization" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "report.md").is_file() and (tmp_path / "methods.png").stat().st_size > 1000
     (tmp_path / "report.json").unlink()
     second = dstudy.run_study(tmp_path, cfg, progress=False, say=lambda m: None)
@@ -186,7 +215,9 @@ def test_every_study_setting_runs_its_own_method_and_adapter(tmp_path, tiny_orga
         return original(model, processor, items, setting, *a, **k)
 
     monkeypatch.setattr(runner, "generate", spy)
-    cfg = dstudy.StudyConfig(n_images=1, correspondence=False, batch_size=2)
+    cfg = dstudy.StudyConfig(n_images=1, correspondence=False, batch_size=2,
+                             detector=str(_tiny_detector(tmp_path, model)))
+    assert "dleaf_learned" in [s.label for s in cfg.settings]
     dstudy.run_evaluations(tmp_path, cfg, progress=False, say=lambda m: None)
     expected = {s.label: (s.method, dstudy.uses_adapter(s)) for s in cfg.settings}
     assert sorted(m for _, m in seen) == sorted(m for m, _ in expected.values() for _ in cfg.benchmarks)
