@@ -153,6 +153,9 @@ def test_knobs_go_to_every_method_that_has_them():
     assert cfg.method_knobs == {"greedy": {}, "dleaf": {"gamma": 0.5, "layer_start": 1},
                                 "dleaf_mass": {"layer_signal": "mass_deficit", "gamma": 0.5, "layer_start": 1},
                                 "random_layers": {"gamma": 0.5, "layer_start": 1}, "pai": {"layer_start": 1}}
+    learned = grid.FaultBenchConfig(methods=["greedy", "dleaf_learned"], knobs={"gamma": 0.5})
+    assert learned.method_knobs["dleaf_learned"] == {"gamma": 0.5}  # a knob overrides the name's default (gamma 1)
+    assert "dleaf_learned" not in grid.DEFAULT_METHODS and "dleaf_learned" in grid.ROW_METHODS
     # a knob a method fixes itself is not overridden
     assert grid.FaultBenchConfig(knobs={"layer_signal": "liae"}).method_knobs["dleaf_mass"]["layer_signal"] == \
         "mass_deficit"

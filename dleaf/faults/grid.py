@@ -39,6 +39,8 @@ METHODS: dict[str, BenchMethod] = {m.name: m for m in (
     BenchMethod("dleaf", "dleaf", flags=True, description="D-LEAF, defaults (LIAE against its running threshold)"),
     BenchMethod("dleaf_mass", "dleaf", {"layer_signal": "mass_deficit"}, flags=True,
                 description="D-LEAF with the image-mass deficit as the layer signal"),
+    BenchMethod("dleaf_learned", "dleaf_learned", flags=True,
+                description="D-LEAF's fusion (gamma 1) at the rows the shipped organism detector flags (organism only)"),
     BenchMethod("random_layers", "random_layers", flags=True, rate_of="dleaf",
                 description="D-LEAF's fusion at random layers, at D-LEAF's measured flag rate on the same fault"),
     BenchMethod("pai", "pai", description="PAI (image-key scores boosted in every row of layers 2 on)"),
@@ -47,7 +49,7 @@ METHODS: dict[str, BenchMethod] = {m.name: m for m in (
 )}
 DEFAULT_METHODS = ("greedy", "dleaf", "dleaf_mass", "random_layers", "pai")
 #: the methods whose intervention on the attention rows is measured (SPIN acts on head outputs, VCD on logits)
-ROW_METHODS = ("dleaf", "dleaf_mass", "random_layers", "pai")
+ROW_METHODS = ("dleaf", "dleaf_mass", "dleaf_learned", "random_layers", "pai")
 
 
 def default_grid() -> list[FaultConfig]:
