@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dleaf import detect, engine, models, premise_check
+from dleaf import detect, detect_study, engine, models, premise_check
 from dleaf.organism import world
 from dleaf.organism.benchmarks import VOCAB
 
@@ -236,7 +236,7 @@ def test_reliability_and_grouped_bootstrap_on_a_hand_made_case():
     y = np.array([0, 0, 1, 1])
     r = detect.reliability(p, y, n_bins=2)
     assert r["ece"] == pytest.approx(0.1) and r["brier"] == pytest.approx(0.01)
-    s = detect.grouped_bootstrap(y, p, [0, 0, 1, 1] and [0, 1, 0, 1], detect.auroc, n_resamples=50)
+    s = detect.grouped_bootstrap(y, p, [0, 0, 1, 1] and [0, 1, 0, 1], detect_study.auroc, n_resamples=50)
     assert s["value"] == 1.0 and s["low"] == 1.0
 
 
@@ -299,7 +299,7 @@ def test_dleaf_learned_is_the_learned_localization_at_the_shipped_detector_and_i
     path = data_path("detectors", "organism_detector.json")
     det = detect.Detector.load(path)
     assert det.threshold == 0.1651 and det.meta["threshold_rule"] == detect.THRESHOLD_RULE
-    bench, items = detect._items("adversarial", 0, 12)
+    bench, items = detect_study._items("adversarial", 0, 12)
 
     def decode(setting):
         return [r["token_ids"] for r in generate(model, processor, items, setting, bench.max_new_tokens(), 12,
