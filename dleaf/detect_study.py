@@ -16,6 +16,8 @@ from .detect import THRESHOLD_RULE, fit, grouped_bootstrap, model_identity, reli
 TRAIN_SETS = (("indist", 0, 300), ("adversarial", 200, 500))
 DEV_SET = ("adversarial", 0, 200)
 REPLICATION_SET = ("replication", 0, 200)
+#: held-out in-distribution captions (after the training items), a second dev set: scored, nothing chosen on it
+INDIST_SET = ("indist", 300, 500)
 
 
 def _items(split, lo, hi):
@@ -108,7 +110,7 @@ def study(model, processor, out_dir, detector_path, n_resamples: int = 2000, gam
     ident = model_identity(model)
     L, H = ident["num_layers"], ident["num_heads"]
     sets = {}
-    for name, spec in [("train_" + s[0], s) for s in TRAIN_SETS] + [("dev", DEV_SET)] + \
+    for name, spec in [("train_" + s[0], s) for s in TRAIN_SETS] + [("dev", DEV_SET), ("indist", INDIST_SET)] + \
             ([("replication", REPLICATION_SET)] if replication else []):
         sets[name] = caption_rows(model, processor, *spec)
         say(f"[detect] {name}: {len(sets[name]['y'])} rows, {int(sets[name]['y'].sum())} hallucinated, "
@@ -145,7 +147,7 @@ def study(model, processor, out_dir, detector_path, n_resamples: int = 2000, gam
         return out
 
     chosen = None
-    for name in ("dev", "replication"):
+    for name in ("dev", "indist", "replication"):
         if name not in sets:
             continue
         s = sets[name]
@@ -205,7 +207,8 @@ def markdown(report: dict) -> str:
 
     lines = []
     for name, part in report["splits"].items():
-        title = {"dev": "Dev (adversarial split, items 0-199)", "replication": "Replication split, items 0-199"}[name]
+        title = {"dev": "Dev (adversarial split, items 0-199)", "indist": "In-distribution split, items 300-499",
+                 "replication": "Replication split, items 0-199"}[name]
         g = part["greedy"]
         lines += [f"#### {title}: {part['n_captions']} captions, {part['n_rows']} rows, {part['n_positive']} "
                   f"hallucinated rows (greedy CHAIR_s {100 * g['chair_s']:.1f}%, recall {100 * g['recall']:.1f}%, "
@@ -266,7 +269,7 @@ def main(argv=None) -> int:
     return cli.main(_run, argv, resumable=False)
 
 
-__all__ = ["DEV_SET", "REPLICATION_SET", "TRAIN_SETS", "auprc", "auroc", "caption_rows", "evaluate", "flag_stats",
+__all__ = ["DEV_SET", "INDIST_SET", "REPLICATION_SET", "TRAIN_SETS", "auprc", "auroc", "caption_rows", "evaluate", "flag_stats",
            "main", "markdown", "study"]
 
 if __name__ == "__main__":

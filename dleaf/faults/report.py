@@ -152,7 +152,7 @@ def report_markdown(report: dict) -> str:
                          f"{t['faulted']['n_grounded_mentions']} / {t['unfaulted']['n_grounded_mentions']} | "
                          f"{t['faulted']['n_additions']} / {t['unfaulted']['n_additions']} | "
                          f"{t['faulted']['n_substitutions']} / {t['unfaulted']['n_substitutions']} |")
-        flaggers = [m for m in ("dleaf", "dleaf_mass", "random_layers") if m in report["methods"]]
+        flaggers = [m for m in ("dleaf", "dleaf_mass", "dleaf_learned", "random_layers") if m in report["methods"]]
         lines += ["", "**Localization**: flags against faulted (position, layer) cells, % [interval]; chance = "
                   "faulted share of the cells (the precision of flags placed at random); AUROC of the signal's "
                   "margin over its threshold, faulted against unfaulted cells, pooled over layers and within a "
