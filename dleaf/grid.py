@@ -28,7 +28,8 @@ def setting(label: str, method: str = "greedy", **knobs) -> Setting:
 
 def grid(random_rate: float | None = None, learned: bool = True) -> list[Setting]:
     """The grid: greedy, PAI, SPIN, D-LEAF and its variants and ablations; with ``learned`` D-LEAF's fusion at the
-    shipped organism detector's flags (``dleaf_learned``, gamma 1 and 0.5); with ``random_rate`` (D-LEAF's measured
+    shipped organism detector's flags (``dleaf_learned``, gamma 1 and 0.5), PAI (alpha 0.9, every layer) and SPIN
+    there; with ``random_rate`` (D-LEAF's measured
     flag rate) also D-LEAF's fusion at random layers at that rate."""
     S = setting
     settings = [
@@ -47,7 +48,10 @@ def grid(random_rate: float | None = None, learned: bool = True) -> list[Setting
         S("no_localization", "no_localization"),
     ]
     if learned:
-        settings += [S("dleaf_learned", "dleaf_learned"), S("dleaf_learned gamma=0.5", "dleaf_learned", gamma=0.5)]
+        settings += [S("dleaf_learned", "dleaf_learned"), S("dleaf_learned gamma=0.5", "dleaf_learned", gamma=0.5),
+                     S("pai alpha=0.9 learned", "pai", alpha=0.9, layer_start=0, localization="learned",
+                       detector="organism"),
+                     S("spin learned", "spin", localization="learned", detector="organism")]
     if random_rate is not None:
         settings.append(S("random_layers", "random_layers", random_rate=round(random_rate, 4)))
     return settings

@@ -314,3 +314,42 @@ def test_dleaf_learned_is_the_learned_localization_at_the_shipped_detector_and_i
     other, _ = models.load("organism_control")
     with pytest.raises(ValueError, match="fitted on model"):
         engine.attach(other.eval(), "dleaf_learned")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method,knobs", [("pai", {"alpha": 0.9, "layer_start": 0}),
+                                          ("spin", {"keep_ratio": 0.5, "scale": 0.0})])
+def test_pai_and_spin_take_the_learned_localization(sharp, make_batch, tmp_path, method, knobs):
+    """Another correction at the learned localizer's flags: it decodes as the same correction at oracle flags on the
+    rows whose teacher-forced detector probability exceeds the threshold (every layer, the detector reading layer
+    0), and it acts."""
+    model, processor = sharp
+    det, _ = _fitted(model, processor, [0])
+    scenes = world.scenes("adversarial", 3)
+    prompt = world.CAPTION_PROMPTS[0]
+    batch = make_batch(processor, scenes, [prompt] * 3)
+    plain = model.generate(**batch, **GREEDY)
+    start = batch["input_ids"].shape[1]
+    images = [world.render(s) for s in scenes]
+    recs = detect.row_features(model, processor, images, [prompt] * 3,
+                               [processor.tokenizer.decode(r) for r in plain[:, start:]], layers=[0])
+    thr, margin = _threshold_between(np.concatenate([det.probability(r["features"]) for r in recs]))
+    assert margin > 1e-4
+    path = det.save(tmp_path / "det.json")
+    with engine.attached(model, method, localization="learned", detector=str(path), detector_threshold=thr, **knobs):
+        out = model.generate(**batch, **GREEDY)
+    gen = out[:, start:]
+    recs = detect.row_features(model, processor, images, [prompt] * 3,
+                               [processor.tokenizer.decode(r) for r in gen], layers=[0])
+    flags, n = {}, 0
+    for b, r in enumerate(recs):
+        assert r["token_ids"] == gen[b].tolist()
+        p = det.probability(r["features"])
+        assert np.min(np.abs(p - thr)) > 1e-5
+        flags[str(b)] = {"rows": {int(j): [0, 1, 2] for j in np.flatnonzero(p > thr)}}
+        n += int((p > thr).sum())
+    assert 0 < n < gen.numel()
+    with engine.attached(model, method, localization="oracle", flags=flags, **knobs):
+        ref = model.generate(**batch, **GREEDY)
+    assert torch.equal(ref, out)
+    assert not torch.equal(out, plain)

@@ -15,11 +15,12 @@ def test_settings_validate_knobs_and_labels_are_folders():
         grid.setting("x", "dleaf", alpha=1)
     assert grid.setting("d", "dleaf", gamma=0.5).knob_dict == {"gamma": 0.5}
     labels = [s.label for s in grid.grid(0.0312)]
-    assert len(labels) == len(set(labels)) == 16 and labels[:4] == ["greedy", "pai", "spin", "dleaf"]
-    assert len({grid.slug(l) for l in labels}) == 16 and grid.slug("dleaf gamma=0.25") == "dleaf_gamma=0.25"
+    assert len(labels) == len(set(labels)) == 18 and labels[:4] == ["greedy", "pai", "spin", "dleaf"]
+    assert len({grid.slug(l) for l in labels}) == 18 and grid.slug("dleaf gamma=0.25") == "dleaf_gamma=0.25"
     assert grid.grid(0.0312)[-1].knob_dict == {"random_rate": 0.0312}
-    assert labels[-3:-1] == ["dleaf_learned", "dleaf_learned gamma=0.5"]
-    assert grid.grid(0.0312)[-2].knob_dict == {"gamma": 0.5} and grid.grid(0.0312)[-2].method == "dleaf_learned"
+    assert labels[-5:-1] == ["dleaf_learned", "dleaf_learned gamma=0.5", "pai alpha=0.9 learned", "spin learned"]
+    assert grid.grid(0.0312)[-4].knob_dict == {"gamma": 0.5} and grid.grid(0.0312)[-4].method == "dleaf_learned"
+    assert grid.grid(0.0312)[-2].knob_dict == {"localization": "learned", "detector": "organism"}
     assert "dleaf_learned" not in [s.label for s in grid.grid(0.0312, learned=False)]
 
 

@@ -135,9 +135,6 @@ class DLeafConfig(MethodConfig):
             raise ValueError(f"{owner}.bottom_k must be >= 1, got {self.bottom_k}")
         if not 0.0 <= self.random_rate <= 1.0:
             raise ValueError(f"{owner}.random_rate must lie in [0, 1], got {self.random_rate}")
-        t = self.detector_threshold
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0):
-            raise ValueError(f"{owner}.detector_threshold must be a probability in (0, 1) or none; got {t!r}")
         layer_range(owner, self.layer_start, self.layer_end)
 
 

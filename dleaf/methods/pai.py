@@ -22,7 +22,7 @@ class PAIConfig(MethodConfig):
         layer_start: first layer boosted
         layer_end: one past the last layer boosted (None: the last layer)
         localization: where to boost: "everywhere" (PAI), "random", "threshold" (D-LEAF's LIAE flags, its default
-            threshold knobs) or "oracle" (the cells of flags)
+            threshold knobs), "oracle" (the cells of flags), "prompt_threshold", "calibrated" or "learned"
         random_rate: flag probability with localization="random"
         seed: seed of the random localization
         flags: with localization="oracle", the flag provider (a FlagSet, a mapping, a callable or a JSON flag file)
@@ -30,6 +30,9 @@ class PAIConfig(MethodConfig):
             scripts/calibrate_localizer.py
         percentile: with localization="calibrated", the per-layer percentile of the calibration above which a row
             is flagged
+        detector: with localization="learned", a fitted detector, its JSON file or a shipped one's name (organism)
+        detector_threshold: with localization="learned", the detector probability above which a row is flagged
+            (none: the threshold the detector file records, else 0.5)
     """
 
     alpha: float = 0.2
@@ -41,6 +44,8 @@ class PAIConfig(MethodConfig):
     flags: object | None = None
     calibration: object | None = None
     percentile: float = 95.0
+    detector: object | None = None
+    detector_threshold: float | None = None
 
     def __post_init__(self):
         if self.alpha < 0:

@@ -25,7 +25,8 @@ class SPINConfig(MethodConfig):
         layer_start: first layer acted on
         layer_end: one past the last layer acted on (None: the last layer)
         localization: where to suppress: "everywhere" (SPIN), "random", "threshold" (D-LEAF's LIAE flags, its
-            default threshold knobs) or "oracle" (the cells of flags)
+            default threshold knobs), "oracle" (the cells of flags), "prompt_threshold", "calibrated" or
+            "learned"
         random_rate: flag probability with localization="random"
         seed: seed of the random localization
         flags: with localization="oracle", the flag provider (a FlagSet, a mapping, a callable or a JSON flag file)
@@ -33,6 +34,9 @@ class SPINConfig(MethodConfig):
             scripts/calibrate_localizer.py
         percentile: with localization="calibrated", the per-layer percentile of the calibration above which a row
             is flagged
+        detector: with localization="learned", a fitted detector, its JSON file or a shipped one's name (organism)
+        detector_threshold: with localization="learned", the detector probability above which a row is flagged
+            (none: the threshold the detector file records, else 0.5)
     """
 
     keep_ratio: float = 0.95
@@ -45,6 +49,8 @@ class SPINConfig(MethodConfig):
     flags: object | None = None
     calibration: object | None = None
     percentile: float = 95.0
+    detector: object | None = None
+    detector_threshold: float | None = None
 
     def __post_init__(self):
         if not 0.0 < self.keep_ratio <= 1.0:

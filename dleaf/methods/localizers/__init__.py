@@ -117,6 +117,9 @@ def check_localization(owner: str, config) -> None:
     if config.localization != "oracle" and flags is not None:
         raise ValueError(f"{owner}: flags are only read with localization='oracle' (got "
                          f"localization={config.localization!r})")
+    t = getattr(config, "detector_threshold", None)
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0):
+        raise ValueError(f"{owner}.detector_threshold must be a probability in (0, 1) or none; got {t!r}")
 
 
 def make_localizer(config, host, native: tuple = ()):
