@@ -125,7 +125,6 @@ def study(model, processor, out_dir, detector_path, n_resamples: int = 2000, gam
     for label, layers in (("layer 0", [0]), ("layers 0-1", [0, 1]), ("all layers", list(range(L)))):
         cols = _columns(layers, H, L)
         dets[label] = (fit(Xtr[:, cols], ytr, layers, H, ident, meta={"train": report["train"]}), cols)
-    dets["layer 0"][0].save(detector_path)
     dets["all layers"][0].save(out_dir / "detector_all_layers.json")
     pos_model = LogisticRegression(max_iter=5000)
     psc = StandardScaler().fit(_position_features(ptr))
@@ -167,7 +166,7 @@ def study(model, processor, out_dir, detector_path, n_resamples: int = 2000, gam
             part["threshold_rule"] = THRESHOLD_RULE
             det0 = dets["layer 0"][0]
             det0.meta.update(threshold=chosen, threshold_rule=THRESHOLD_RULE)
-            det0.save(detector_path)  # the localizer's default threshold (detector_threshold=None) is this one
+            det0.save(detector_path)  # written once its threshold is known (detector_threshold=None reads it)
         part["flags"] = flag_stats(p, s["y"], chosen)
         part["greedy"] = _row_stats(s["scores"])
         part["operators"] = {}

@@ -109,11 +109,11 @@ class StudyConfig:
         object.__setattr__(self, "pope_files", tuple(self.pope_files))
         if self.column_map is not None and not isinstance(self.column_map, str):
             object.__setattr__(self, "column_map", tuple(self.column_map))
-        if self.detector is not None and self.detector != "organism":
-            from .detect import Detector
+        if self.detector is not None:
+            from .detect import as_detector
 
             try:
-                Detector.load(self.detector)
+                as_detector(self.detector)  # a file, or a shipped detector's name
             except ValueError as e:
                 raise ValueError(f"--detector: {e} (pass a detector file written by python -m dleaf.detect)") from None
         if self.dtype not in ("float32", "bfloat16", "float16"):
