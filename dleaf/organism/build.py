@@ -38,7 +38,9 @@ CONTROL_DIR = DATA_DIR / "organism_control"
 
 @dataclasses.dataclass(frozen=True)
 class OrganismShape:
-    """Sizes of the organism's networks."""
+    """Sizes of the organism's networks. ``vision_attention``: False (the committed organism) zeroes and freezes the
+    vision tower's attention outputs, so every image token carries its own patch alone; True keeps the tower's
+    attention, as real CLIP towers have it (image tokens then mix information across patches)."""
 
     vision_hidden: int = 64
     vision_layers: int = 2
@@ -49,11 +51,16 @@ class OrganismShape:
     text_heads: int = 8
     text_intermediate: int = 384
     max_positions: int = 256
+    vision_attention: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.vision_attention, bool):
+            raise ValueError(f"OrganismShape.vision_attention must be a bool, got {self.vision_attention!r}")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if not isinstance(v, int) or v <= 0:
+            if f.name == "vision_attention":
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"OrganismShape.{f.name} must be a positive int, got {v!r}")
         if world.CANVAS % self.patch or world.CELL % self.patch:
             raise ValueError(f"patch {self.patch} must divide the canvas ({world.CANVAS}) and the cell ({world.CELL})")
@@ -61,7 +68,7 @@ class OrganismShape:
             raise ValueError(f"text_hidden {self.text_hidden} is not divisible by text_heads {self.text_heads}")
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(max_length: int = 256) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the world's words, left-padding, adding <s> in front of every text."""
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
     for w in world.words():
@@ -83,7 +90,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"},
         padding_side="left",
-        model_max_length=256,
+        model_max_length=max_length,
     )
 
 
@@ -95,7 +102,7 @@ def build_processor(shape: OrganismShape = OrganismShape()) -> LlavaProcessor:
     )
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=build_tokenizer(),
+        tokenizer=build_tokenizer(shape.max_positions),
         patch_size=shape.patch,
         vision_feature_select_strategy="default",
         chat_template=CHAT_TEMPLATE,
@@ -105,7 +112,8 @@ def build_processor(shape: OrganismShape = OrganismShape()) -> LlavaProcessor:
 
 
 def build_model(tokenizer, shape: OrganismShape = OrganismShape(), seed: int = 0) -> LlavaForConditionalGeneration:
-    """A randomly initialised organism model (deterministic from ``seed``) with patch-local vision."""
+    """A randomly initialised organism model (deterministic from ``seed``), with patch-local vision unless
+    ``shape.vision_attention``."""
     vision = CLIPVisionConfig(
         hidden_size=shape.vision_hidden,
         intermediate_size=4 * shape.vision_hidden,
@@ -141,7 +149,8 @@ def build_model(tokenizer, shape: OrganismShape = OrganismShape(), seed: int = 0
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    make_vision_patch_local(model)
+    if not shape.vision_attention:
+        make_vision_patch_local(model)
     scale_projector_to_text(model, tokenizer)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -53,6 +53,12 @@ from .chat import user_turn
 
 STAGES = ("text", "align", "joint", "refine", "tune")
 
+#: Text tokens a conversation may take besides the image tokens: the system prompt (about 30), the user turn and the
+#: prompt (about 15), and a reply of up to 64 new tokens with its </s>, with a margin.
+TEXT_ROOM = 120
+#: The file of a mid-stage checkpoint that holds the optimizer, the schedule and the stage's random stream.
+TRAIN_STATE = "train_state.pt"
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -91,12 +97,19 @@ class TrainConfig:
     text_layers: int = 6
     text_heads: int = 6
     text_intermediate: int = 256
+    patch: int = 8
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_attention: bool = False
+    max_positions: int = 256
     log_every: int = 50
     probe_every: int = 250
     threads: int = 0
     device: str = "cpu"
     resume_from: str | None = None
     stage_checkpoints: bool = True
+    checkpoint_every: int = 0
 
     def __post_init__(self):
         try:
@@ -106,6 +119,15 @@ class TrainConfig:
         if not 0.0 < self.faint_low <= self.faint_high <= 1.0:
             raise ValueError(f"TrainConfig.faint_low and faint_high must satisfy 0 < faint_low <= faint_high <= 1, "
                              f"got {self.faint_low}, {self.faint_high}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"TrainConfig.checkpoint_every must be >= 0 (0: checkpoints only between stages), "
+                             f"got {self.checkpoint_every}")
+        shape = self.shape  # OrganismShape's own checks (patch divides the cell, heads divide the width)
+        room = (world.CANVAS // shape.patch) ** 2 + TEXT_ROOM
+        if self.max_positions < room:
+            raise ValueError(f"TrainConfig.max_positions {self.max_positions} leaves no room for a conversation: "
+                             f"{(world.CANVAS // shape.patch) ** 2} image tokens (patch {shape.patch}) plus up to "
+                             f"{TEXT_ROOM} text tokens need max_positions >= {room}")
         for name in ("batch_size", "warmup", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
@@ -125,9 +147,29 @@ class TrainConfig:
     @property
     def shape(self) -> build.OrganismShape:
         return build.OrganismShape(
-            text_hidden=self.text_hidden, text_layers=self.text_layers, text_heads=self.text_heads,
-            text_intermediate=self.text_intermediate,
+            vision_hidden=self.vision_hidden, vision_layers=self.vision_layers, vision_heads=self.vision_heads,
+            patch=self.patch, text_hidden=self.text_hidden, text_layers=self.text_layers, text_heads=self.text_heads,
+            text_intermediate=self.text_intermediate, max_positions=self.max_positions,
+            vision_attention=self.vision_attention,
         )
+
+
+#: Named recipes: settings that replace TrainConfig's defaults (the committed organism's recipe); any field given
+#: explicitly still wins. ``llava_like``: a candidate second organism whose attention may take the structure of a
+#: real LLaVA decoder's: 144 image tokens (4 px patches, each object on 4 x 4 of them), the vision tower's own
+#: attention on (image tokens mix information across patches, as in a real CLIP tower), a deeper and wider decoder
+#: (8 layers, width 128, 8 heads) and the weight decay of LLM pretraining (0.1).
+PRESETS: dict[str, dict] = {
+    "llava_like": dict(output_dir="runs/organism_llava_like", patch=4, vision_attention=True, text_hidden=128,
+                       text_layers=8, text_heads=8, text_intermediate=384, max_positions=320, weight_decay=0.1),
+}
+
+
+def preset_config(name: str, **overrides) -> TrainConfig:
+    """The :class:`TrainConfig` of preset ``name`` (:data:`PRESETS`), with ``overrides`` applied on top."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: the presets are {', '.join(PRESETS)}")
+    return TrainConfig(**{**PRESETS[name], **overrides})
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
@@ -258,7 +300,7 @@ def image_gap(model, batch) -> float:
     return blank - real
 
 
-def _set_trainable(model, stage: str) -> list[torch.nn.Parameter]:
+def _set_trainable(model, stage: str, patch_local: bool = True) -> list[torch.nn.Parameter]:
     decoder = [model.model.language_model, model.lm_head]
     vision = [model.model.vision_tower, model.model.multi_modal_projector]
     for p in model.parameters():
@@ -268,14 +310,15 @@ def _set_trainable(model, stage: str) -> list[torch.nn.Parameter]:
     for module in train:
         for p in module.parameters():
             p.requires_grad_(True)
-    build.make_vision_patch_local(model)  # the zeroed attention outputs stay zero and frozen
+    if patch_local:
+        build.make_vision_patch_local(model)  # the zeroed attention outputs stay zero and frozen
     return [p for p in model.parameters() if p.requires_grad]
 
 
 def _param_groups(model, stage: str, config: TrainConfig) -> list[dict]:
     """The optimizer's parameter groups: one learning rate per stage, except ``refine`` and ``tune`` (decoder and
     vision apart)."""
-    params = _set_trainable(model, stage)
+    params = _set_trainable(model, stage, patch_local=not config.vision_attention)
     if stage not in ("refine", "tune"):
         return [{"params": params, "lr": getattr(config, f"{stage}_lr")}]
     vision = {id(p) for m in (model.model.vision_tower, model.model.multi_modal_projector) for p in m.parameters()}
@@ -285,15 +328,18 @@ def _param_groups(model, stage: str, config: TrainConfig) -> list[dict]:
 
 # Settings that must agree between a saved run and the run that resumes it, besides each completed stage's own.
 _RESUME_KEYS = ("seed", "prior", "batch_size", "warmup", "weight_decay", "question_fraction", "description_noise",
-                "faint_rate", "faint_low", "faint_high", "answer_style", "text_hidden", "text_layers", "text_heads", "text_intermediate")
+                "faint_rate", "faint_low", "faint_high", "answer_style", "text_hidden", "text_layers", "text_heads",
+                "text_intermediate", "patch", "vision_hidden", "vision_layers", "vision_heads", "vision_attention",
+                "max_positions")
 _STAGE_KEYS = {"text": ("text_steps", "text_lr", "text_list_questions"), "align": ("align_steps", "align_lr"),
                "joint": ("joint_steps", "joint_lr"), "refine": ("refine_steps", "refine_lr", "refine_vision_lr"),
                "tune": ("tune_steps", "tune_lr", "tune_vision_lr", "tune_question_fraction", "tune_noise",
                         "decision_weight", "paired_questions")}
 
 
-def _resume_state(config: TrainConfig) -> tuple[dict, list[str]]:
-    """The saved log of ``config.resume_from`` and the stages it completed, checked against ``config``."""
+def _resume_state(config: TrainConfig) -> tuple[dict, list[str], dict | None]:
+    """The saved log of ``config.resume_from``, the stages it completed and its stage in progress (``None``, or the
+    log's ``in_progress`` entry of a mid-stage checkpoint), checked against ``config``."""
     path = Path(config.resume_from) / "training_log.json"
     if not path.is_file():
         raise FileNotFoundError(f"resume_from={config.resume_from!r}: no training_log.json there; pass a folder "
@@ -302,27 +348,45 @@ def _resume_state(config: TrainConfig) -> tuple[dict, list[str]]:
     saved, done = log["config"], [s for s in STAGES if s in log["stages"]]
     if done != list(STAGES[:len(done)]):
         raise ValueError(f"resume_from={config.resume_from!r}: its log has stages {done}, not a prefix of {STAGES}")
-    keys = list(_RESUME_KEYS) + [k for s in done for k in _STAGE_KEYS[s]]
-    # a key the saved log lacks was added to TrainConfig later, with the default that reproduces the older runs
+    partial = log.get("in_progress")
+    if partial is not None:
+        if partial["stage"] != STAGES[len(done)]:
+            raise ValueError(f"resume_from={config.resume_from!r}: stage {partial['stage']!r} in progress after "
+                             f"stages {done}")
+        if not (Path(config.resume_from) / TRAIN_STATE).is_file():
+            raise FileNotFoundError(f"resume_from={config.resume_from!r}: a mid-stage checkpoint without its "
+                                    f"{TRAIN_STATE}")
+    stages = done + ([partial["stage"]] if partial else [])
+    keys = list(_RESUME_KEYS) + [k for s in stages for k in _STAGE_KEYS[s]]
+    # A key the saved log lacks was added to TrainConfig later, with the default that reproduces the older runs.
+    # (The stage keys are checked only for stages the log ran, and every log that ran a stage records its keys.)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     bad = [f"{k}={saved.get(k, defaults[k])!r} there but {getattr(config, k)!r} here" for k in keys
            if saved.get(k, defaults[k]) != getattr(config, k)]
     if bad:
         raise ValueError(f"resume_from={config.resume_from!r} was trained with other settings: " + "; ".join(bad))
-    return log, done
+    return log, done, partial
 
 
 def train(config: TrainConfig, progress: bool = True) -> dict:
-    """Train an organism from scratch and save it (model, processor, training log) to ``config.output_dir``."""
+    """Train an organism from scratch and save it (model, processor, training log) to ``config.output_dir``.
+
+    With ``checkpoint_every`` > 0 the run also saves a mid-stage checkpoint (:func:`partial_checkpoint`: the model,
+    the optimizer, the schedule and the stage's random stream) every that many steps; resuming from it continues the
+    stage where it stopped, with the same weights as an uninterrupted run (with ``threads=1``)."""
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     processor = build.build_processor(config.shape)
     log: dict = {"config": dataclasses.asdict(config), "stages": {}}
+    partial = state = None
     if config.resume_from:
-        saved, done = _resume_state(config)
+        saved, done, partial = _resume_state(config)
         log["stages"] = {s: saved["stages"][s] for s in done}
         log["resumed_from"] = {"path": str(config.resume_from), "stages": done}
+        if partial:
+            log["resumed_from"]["in_progress"] = {"stage": partial["stage"], "step": partial["step"]}
+            state = torch.load(Path(config.resume_from) / TRAIN_STATE, weights_only=True)
         model = build.load_organism(config.resume_from)[0]
     else:
         done = []
@@ -349,15 +413,21 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, n=steps: _schedule(s, n, config.warmup))
         rng = np.random.default_rng([config.seed, STAGES.index(stage)])
-        losses, gaps, t0 = [], [], time.time()
-        for step in range(steps):
+        losses, gaps, t0, first = [], [], time.time(), 0
+        if state is not None and partial["stage"] == stage:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            rng.bit_generator.state = state["rng"]
+            losses, gaps, first = list(state["losses"]), [tuple(g) for g in state["gaps"]], int(partial["step"])
+            t0 -= float(partial["seconds"])
+            state = None
+        for step in range(first, steps):
             if stage == "text":
                 batch = text_batch(processor.tokenizer, corpus[step * config.batch_size:(step + 1) * config.batch_size])
             else:
-                scenes = world.scenes("train", config.batch_size, config.seed, config.prior, start=scene_index,
-                                      faint_rate=config.faint_rate,
+                scenes = world.scenes("train", config.batch_size, config.seed, config.prior,
+                                      start=scene_index + step * config.batch_size, faint_rate=config.faint_rate,
                                       faint_range=(config.faint_low, config.faint_high))
-                scene_index += config.batch_size
                 qf = {"align": 0.0, "tune": config.tune_question_fraction}.get(stage, config.question_fraction)
                 noise = config.tune_noise if stage == "tune" else config.description_noise
                 batch = conversation_batch(processor, scenes, rng, qf, noise, config.prior, config.answer_style,
@@ -377,10 +447,19 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                 gaps.append((step + 1, image_gap(model, probe_batch)))
                 if progress:
                     print(f"[{stage}] step {step + 1}: loss gain from seeing the image {gaps[-1][1]:.4f}", flush=True)
+            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < steps:
+                in_progress = {"stage": stage, "step": step + 1, "seconds": time.time() - t0}
+                train_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                               "rng": rng.bit_generator.state, "losses": losses, "gaps": gaps}
+                save(model, processor, partial_checkpoint(config.output_dir), {**log, "in_progress": in_progress},
+                     train_state)
+                model.train()
+        if stage != "text":
+            scene_index += steps * config.batch_size
         log["stages"][stage] = {"steps": steps, "seconds": time.time() - t0,
                                 "loss_first": float(np.mean(losses[:config.log_every])),
                                 "loss_last": float(np.mean(losses[-config.log_every:])),
-                                "image_gap": gaps}
+                                "image_gap": [list(g) for g in gaps]}
         if config.stage_checkpoints and stage != last:
             # A run stopped later resumes from here (resume_from) instead of from scratch.
             save(model, processor, stage_checkpoint(config.output_dir, stage), log)
@@ -388,7 +467,15 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     model.set_attn_implementation("eager")
     model.to("cpu")
     save(model, processor, config.output_dir, log)
+    shutil.rmtree(partial_checkpoint(config.output_dir), ignore_errors=True)
     return log
+
+
+def partial_checkpoint(output_dir: str | os.PathLike) -> Path:
+    """Where a run with ``checkpoint_every`` writes its mid-stage checkpoint: ``<output_dir>.partial`` (removed when
+    the run ends)."""
+    out = Path(output_dir)
+    return out.with_name(f"{out.name}.partial")
 
 
 def stage_checkpoint(output_dir: str | os.PathLike, stage: str) -> Path:
@@ -397,8 +484,9 @@ def stage_checkpoint(output_dir: str | os.PathLike, stage: str) -> Path:
     return out.with_name(f"{out.name}.after-{stage}")
 
 
-def save(model, processor, output_dir: str | os.PathLike, log: dict) -> None:
-    """Write the checkpoint atomically: into a temporary sibling folder, then renamed over ``output_dir``."""
+def save(model, processor, output_dir: str | os.PathLike, log: dict, train_state: dict | None = None) -> None:
+    """Write the checkpoint atomically: into a temporary sibling folder, then renamed over ``output_dir``
+    (``train_state``: a mid-stage checkpoint's optimizer, schedule and random stream, saved as ``TRAIN_STATE``)."""
     out = Path(output_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
@@ -406,6 +494,8 @@ def save(model, processor, output_dir: str | os.PathLike, log: dict) -> None:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
+        if train_state is not None:
+            torch.save(train_state, tmp / TRAIN_STATE)
         if out.exists():
             old = out.with_name(f".{out.name}-old")
             shutil.rmtree(old, ignore_errors=True)
