@@ -1,6 +1,7 @@
 """The organism's attention regime (:mod:`dleaf.attention_regime`): its greedy captions of a held-out split through
 the harness, teacher-forced with eager attention, with each grounded object's region taken from the scene layout
-(the 2 x 2 patches of its cell, :meth:`dleaf.organism.world.Scene.patches_of`)."""
+(the patches of its cell, :meth:`dleaf.organism.world.Scene.patches_of`: 2 x 2 of 36 with 8 px patches, 4 x 4 of
+144 with 4 px ones)."""
 
 from __future__ import annotations
 
@@ -62,8 +63,8 @@ def regime_section(profile: dict) -> list[str]:
     if not tables:
         return []
     lines = ["## Attention regime (sinks, image-attention deficit, visual sinks, grounding heads)", "",
-             attention_regime.REGIME_INTRO + " Object regions come from the scene layout: the 2 x 2 patches of the "
-             "object's cell (chance 4 / 36).", ""]
+             attention_regime.REGIME_INTRO + " Object regions come from the scene layout: the patches of the "
+             "object's cell (2 x 2 of 36 with 8 px patches, 4 x 4 of 144 with 4 px ones; chance 1/9 either way).", ""]
     for (name, split), table in tables.items():
         lines += [attention_regime.regime_markdown(table, heading="###", name=f"{name}, {split}")]
     return lines

@@ -127,7 +127,8 @@ class Scene:
         return sorted(zip(self.objects, self.cells), key=lambda oc: order[oc[0]])
 
     def patches_of(self, obj: str, patch: int = 8) -> list[int]:
-        """Row-major indices of the image patches covering ``obj`` (the 2 x 2 block of its cell)."""
+        """Row-major indices of the image patches covering ``obj`` (the block of its cell: 2 x 2 with 8 px patches,
+        4 x 4 with 4 px ones)."""
         if obj not in self.objects:
             raise ValueError(f"{obj!r} is not in this scene ({', '.join(self.objects)})")
         cell = self.cells[self.objects.index(obj)]
