@@ -53,6 +53,9 @@ def test_max_positions_must_leave_room_for_the_image_tokens_and_a_reply():
     with pytest.raises(ValueError, match=r"144 image tokens \(patch 4\).*max_positions >= 264"):
         TrainConfig(patch=4, max_positions=256)
     TrainConfig(patch=4, max_positions=264)
+    with pytest.raises(ValueError, match=r"144 image tokens"):  # the shape checks it, for any model built from it
+        build.OrganismShape(patch=4)
+    assert build.OrganismShape(patch=4, max_positions=264).n_image_tokens == 144
     with pytest.raises(ValueError, match="patch 3 must divide"):
         TrainConfig(patch=3)
     with pytest.raises(ValueError, match="checkpoint_every"):

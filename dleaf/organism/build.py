@@ -36,6 +36,11 @@ ORGANISM_DIR = DATA_DIR / "organism"
 CONTROL_DIR = DATA_DIR / "organism_control"
 
 
+#: Text tokens a conversation may take besides the image tokens: the system prompt (about 30), the user turn and the
+#: prompt (about 15), and a reply of up to 64 new tokens with its </s>, with a margin.
+TEXT_ROOM = 120
+
+
 @dataclasses.dataclass(frozen=True)
 class OrganismShape:
     """Sizes of the organism's networks. ``vision_attention``: False (the committed organism) zeroes and freezes the
@@ -58,14 +63,22 @@ class OrganismShape:
             raise ValueError(f"OrganismShape.vision_attention must be a bool, got {self.vision_attention!r}")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.name == "vision_attention":
-                continue
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            if f.name != "vision_attention" and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 raise ValueError(f"OrganismShape.{f.name} must be a positive int, got {v!r}")
         if world.CANVAS % self.patch or world.CELL % self.patch:
             raise ValueError(f"patch {self.patch} must divide the canvas ({world.CANVAS}) and the cell ({world.CELL})")
+        room = self.n_image_tokens + TEXT_ROOM
+        if self.max_positions < room:
+            raise ValueError(f"max_positions {self.max_positions} leaves no room for a conversation: "
+                             f"{self.n_image_tokens} image tokens (patch {self.patch}) plus up to {TEXT_ROOM} text "
+                             f"tokens need max_positions >= {room}")
         if self.text_hidden % self.text_heads:
             raise ValueError(f"text_hidden {self.text_hidden} is not divisible by text_heads {self.text_heads}")
+
+    @property
+    def n_image_tokens(self) -> int:
+        """Image tokens per image: one per patch of the canvas."""
+        return (world.CANVAS // self.patch) ** 2
 
 
 def build_tokenizer(max_length: int = 256) -> PreTrainedTokenizerFast:
@@ -136,7 +149,6 @@ def build_model(tokenizer, shape: OrganismShape = OrganismShape(), seed: int = 0
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    n_image = (world.CANVAS // shape.patch) ** 2
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -144,7 +156,7 @@ def build_model(tokenizer, shape: OrganismShape = OrganismShape(), seed: int = 0
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
-        image_seq_length=n_image,
+        image_seq_length=shape.n_image_tokens,
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)

@@ -53,9 +53,6 @@ from .chat import user_turn
 
 STAGES = ("text", "align", "joint", "refine", "tune")
 
-#: Text tokens a conversation may take besides the image tokens: the system prompt (about 30), the user turn and the
-#: prompt (about 15), and a reply of up to 64 new tokens with its </s>, with a margin.
-TEXT_ROOM = 120
 #: The file of a mid-stage checkpoint that holds the optimizer, the schedule and the stage's random stream.
 TRAIN_STATE = "train_state.pt"
 
@@ -122,12 +119,7 @@ class TrainConfig:
         if self.checkpoint_every < 0:
             raise ValueError(f"TrainConfig.checkpoint_every must be >= 0 (0: checkpoints only between stages), "
                              f"got {self.checkpoint_every}")
-        shape = self.shape  # OrganismShape's own checks (patch divides the cell, heads divide the width)
-        room = (world.CANVAS // shape.patch) ** 2 + TEXT_ROOM
-        if self.max_positions < room:
-            raise ValueError(f"TrainConfig.max_positions {self.max_positions} leaves no room for a conversation: "
-                             f"{(world.CANVAS // shape.patch) ** 2} image tokens (patch {shape.patch}) plus up to "
-                             f"{TEXT_ROOM} text tokens need max_positions >= {room}")
+        _ = self.shape  # OrganismShape's own checks: patch divides the cell, heads the width, positions fit the image
         for name in ("batch_size", "warmup", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
@@ -418,7 +410,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             rng.bit_generator.state = state["rng"]
-            losses, gaps, first = list(state["losses"]), [tuple(g) for g in state["gaps"]], int(partial["step"])
+            losses, gaps, first = list(state["losses"]), list(state["gaps"]), int(partial["step"])
             t0 -= float(partial["seconds"])
             state = None
         for step in range(first, steps):
@@ -444,7 +436,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                 recent = float(np.mean(losses[-config.log_every:]))
                 print(f"[{stage}] step {step + 1}/{steps} loss {recent:.4f} ({time.time() - t0:.0f}s)", flush=True)
             if stage != "text" and ((step + 1) % config.probe_every == 0 or step + 1 == steps):
-                gaps.append((step + 1, image_gap(model, probe_batch)))
+                gaps.append([step + 1, image_gap(model, probe_batch)])
                 if progress:
                     print(f"[{stage}] step {step + 1}: loss gain from seeing the image {gaps[-1][1]:.4f}", flush=True)
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < steps:
@@ -453,13 +445,12 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                                "rng": rng.bit_generator.state, "losses": losses, "gaps": gaps}
                 save(model, processor, partial_checkpoint(config.output_dir), {**log, "in_progress": in_progress},
                      train_state)
-                model.train()
         if stage != "text":
             scene_index += steps * config.batch_size
         log["stages"][stage] = {"steps": steps, "seconds": time.time() - t0,
                                 "loss_first": float(np.mean(losses[:config.log_every])),
                                 "loss_last": float(np.mean(losses[-config.log_every:])),
-                                "image_gap": [list(g) for g in gaps]}
+                                "image_gap": gaps}
         if config.stage_checkpoints and stage != last:
             # A run stopped later resumes from here (resume_from) instead of from scratch.
             save(model, processor, stage_checkpoint(config.output_dir, stage), log)
