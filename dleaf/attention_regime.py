@@ -17,6 +17,8 @@ image profile (its image attention renormalised to sum to 1):
 
 * ``sink``: ``max_{k in V(q) \\ I} mean_h a[h, q, k]``, the largest head-mean weight any single non-image key
   receives; ``sink_head``: ``max_h max_{k not in I} a[h, q, k]``, the same for the most concentrated head;
+  ``sink_key``: where that key (the argmax of ``sink``) lies: the first key (``first``), another prompt key
+  (``prompt``: the system prompt, the question, the chat template) or a key of the reply itself (``reply``);
 * ``first``: ``mean_h a[h, q, k0]``, the head-mean weight on the first key the row may attend to (``<s>`` where
   the tokenizer adds one), beside ``uniform``: ``1 / |V(q)|``, what any key would get under uniform attention;
 * ``mass_ratio``: ``mean_h sum_{i in I} a[h, q, i]`` divided by ``|I| / |V(q)|``: 1 is attention spread evenly
@@ -43,13 +45,16 @@ import torch
 
 from .attention_stats import entropy, image_profile, layer_entropy
 
-__all__ = ["ROW_STATS", "THRESHOLDS", "middle_layers", "key_mask", "key_share", "sink_weights", "key_weight",
-           "mass_ratio", "top_image", "head_entropy", "region_share", "top_consistency", "summarize",
+__all__ = ["ROW_STATS", "SINK_KEYS", "THRESHOLDS", "middle_layers", "key_mask", "key_share", "sink_weights", "key_weight",
+           "mass_ratio", "sink_key", "top_image", "head_entropy", "region_share", "top_consistency", "summarize",
            "batch_stats", "regime_records", "regime_table", "regime_targets", "regime_markdown", "box_tokens", "eager_attention",
            "regime_of_run", "REGIME_INTRO"]
 
 #: Per-row, per-layer statistics of :func:`regime_records` (module docstring).
 ROW_STATS = ("sink", "sink_head", "first", "uniform", "mass_ratio", "top_share", "liae")
+
+#: Where a row's sink key lies (:func:`sink_key`, codes 0, 1, 2 in :func:`regime_records`' ``sink_key``).
+SINK_KEYS = ("first", "prompt", "reply")
 
 #: The issue's thresholds for the four regimes (:func:`regime_targets`).
 THRESHOLDS = {"sink": 0.30, "sink_from_layer": 2, "deficit": 0.5, "visual_sink_share": 0.2,
@@ -86,6 +91,13 @@ def sink_weights(attn: torch.Tensor, image_mask: torch.Tensor) -> tuple[torch.Te
     mean = torch.where(text, attn.mean(-3), neg).amax(-1)
     head = torch.where(text, attn, neg).amax(-1).amax(-2)
     return mean, head
+
+
+def sink_key(attn: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+    """The index of the non-image key with the largest head-mean weight at each row (the key :func:`sink_weights`
+    measures), shape ``(..., Q)``."""
+    neg = torch.tensor(-1.0, dtype=attn.dtype, device=attn.device)
+    return torch.where(~image_mask, attn.mean(-3), neg).argmax(-1)
 
 
 def key_weight(attn: torch.Tensor, index: int) -> torch.Tensor:
@@ -174,8 +186,8 @@ def batch_stats(model, inputs: Mapping, prompt_width: int, reply_ids: Sequence[S
     eager forward pass. ``grounded[i]``: ``(j, tokens)`` pairs, reply token ``j`` of sample ``i`` starting a
     grounded object word whose object covers image tokens ``tokens`` (indices among the image tokens).
 
-    Per sample (None for an empty reply): ``rows`` (each :data:`ROW_STATS` name: ``(R, L)``), ``head_entropy``
-    ``(R, L, H)``, ``consistency`` ``(L,)`` (None under two rows), ``region`` ``(G, L, H)`` and ``chance`` ``(G,)``."""
+    Per sample (None for an empty reply): ``rows`` (each :data:`ROW_STATS` name: ``(R, L)``), ``sink_key`` ``(R, L)``
+    (an index into :data:`SINK_KEYS`), ``head_entropy`` ``(R, L, H)``, ``consistency`` ``(L,)`` (None under two rows), ``region`` ``(G, L, H)`` and ``chance`` ``(G,)``."""
     image_id = _image_token_id(model) if image_token_id is None else int(image_token_id)
     n = int(prompt_width)
     with eager_attention(model):
@@ -193,13 +205,15 @@ def batch_stats(model, inputs: Mapping, prompt_width: int, reply_ids: Sequence[S
         keys = key_mask(valid, q)
         first = int(valid.nonzero()[0])
         stats: dict[str, list] = {k: [] for k in ROW_STATS}
-        ent, tops = [], []
+        ent, tops, where = [], [], []
         for layer in attns:
             a = layer[i][:, q, :].float()  # (H, R, K)
             sink, sink_head = sink_weights(a, image_mask)
             share, top = top_image(a, image_mask)
             stats["sink"].append(sink)
             stats["sink_head"].append(sink_head)
+            k = sink_key(a, image_mask)
+            where.append(torch.where(k == first, 0, torch.where(k < n, 1, 2)))
             stats["first"].append(key_weight(a, first))
             stats["uniform"].append(1.0 / keys.sum(-1).double())
             stats["mass_ratio"].append(mass_ratio(a, image_mask, keys))
@@ -208,6 +222,7 @@ def batch_stats(model, inputs: Mapping, prompt_width: int, reply_ids: Sequence[S
             ent.append(head_entropy(a, image_mask))
             tops.append(top)
         rec = {"rows": {k: torch.stack(v, -1).double().cpu().numpy() for k, v in stats.items()},
+               "sink_key": torch.stack(where, -1).cpu().numpy(),
                "head_entropy": torch.stack(ent, 0).permute(2, 0, 1).double().cpu().numpy(),
                "consistency": np.array([top_consistency(t.cpu()) for t in tops]) if len(r) >= 2 else None}
         img_pos = image_mask.nonzero().squeeze(-1)
@@ -235,7 +250,8 @@ def regime_records(model, processor, images: Sequence, prompts: Sequence[str], r
     order); with ``truths`` and ``vocab`` (:class:`dleaf.metrics.ObjectVocabulary`) the rows predicting the first
     token of a grounded mention whose category has a region give the grounding records.
 
-    Returns ``rows``: per :data:`ROW_STATS` name an array ``(R, L)`` over every generated row, ``head_entropy``
+    Returns ``rows``: per :data:`ROW_STATS` name an array ``(R, L)`` over every generated row, ``sink_key``
+    ``(R, L)`` (indices into :data:`SINK_KEYS`), ``head_entropy``
     ``(R, L, H)``, ``caption`` (sample index per row); ``consistency`` ``(C, L)`` per caption with at least two rows;
     ``grounding``: ``region`` ``(G, L, H)``, ``chance`` ``(G,)``, ``word`` and ``sample`` per grounded row."""
     from .models import teacher_forced_inputs
@@ -247,7 +263,7 @@ def regime_records(model, processor, images: Sequence, prompts: Sequence[str], r
     if (regions is not None) and (truths is None or vocab is None or len(regions) != len(images)):
         raise ValueError("regions need truths and a vocabulary, one region map per image")
     tok = getattr(processor, "tokenizer", processor)
-    rows: dict[str, list] = {k: [] for k in ROW_STATS + ("head_entropy", "caption")}
+    rows: dict[str, list] = {k: [] for k in ROW_STATS + ("sink_key", "head_entropy", "caption")}
     consistency, ground = [], {"region": [], "chance": [], "word": [], "sample": []}
     steps = range(0, len(images), batch_size)
     for start in (progress(steps) if progress else steps):
@@ -267,6 +283,7 @@ def regime_records(model, processor, images: Sequence, prompts: Sequence[str], r
                 continue
             for k in ROW_STATS:
                 rows[k].append(rec["rows"][k])
+            rows["sink_key"].append(rec["sink_key"])
             rows["head_entropy"].append(rec["head_entropy"])
             rows["caption"].append(np.full(len(reply_ids[i]), start + i))
             if rec["consistency"] is not None:
@@ -289,13 +306,17 @@ def regime_table(records: dict) -> dict:
     """Per layer, :func:`summarize` of every statistic over the generated rows (``consistency`` over captions,
     ``region`` over grounded rows), with per-head detail: ``head_entropy`` pooled over (row, head) pairs and the
     most focused head (lowest median); ``top_share_best_head`` (highest median top share); for grounding, the best
-    head (highest median ``region``) and the row-wise best head (``max_h region[h]`` at each row)."""
+    head (highest median ``region``) and the row-wise best head (``max_h region[h]`` at each row); ``sink_key``: the
+    share of rows whose sink key is the first key, another prompt key or a reply key (:data:`SINK_KEYS`)."""
     r = records["rows"]
     n_layers = r["sink"].shape[1] if r["sink"].ndim == 2 else 0
     layers = []
     g = records["grounding"]
     for l in range(n_layers):
         row = {"layer": l, **{k: summarize(r[k][:, l]) for k in ROW_STATS}}
+        if "sink_key" in r and len(r["sink_key"]):
+            codes = np.asarray(r["sink_key"][:, l])
+            row["sink_key"] = {name: float(np.mean(codes == i)) for i, name in enumerate(SINK_KEYS)}
         ent = r["head_entropy"][:, l, :]
         row["head_entropy"] = summarize(ent)
         medians = np.nanmedian(ent, 0)
@@ -372,7 +393,8 @@ def regime_targets(table: dict) -> list[dict]:
 REGIME_INTRO = (
     "Teacher-forced on the model's own greedy captions (eager attention), at every generated row (a row that predicts "
     "a reply token); per layer the median [10th, 90th percentile] over rows. *sink*: the largest head-mean weight on "
-    "one non-image key; *per-head sink*: the largest weight any head puts on one non-image key; *first key*: the "
+    "one non-image key; *sink key*: the share of rows whose sink is the first key, another prompt key (system prompt, "
+    "question, template) or a key of the reply itself; *per-head sink*: the largest weight any head puts on one non-image key; *first key*: the "
     "head-mean weight on the first token (`<s>`), beside *uniform*, 1 / the number of keys the row sees; *mass / "
     "share*: head-mean image mass over the image tokens' share of the keys (1 = uniform, below 1 a deficit); *top "
     "share*: the top image token's share of a head's image mass, head mean (uniform: 1 / image tokens); *same top*: "
@@ -397,10 +419,14 @@ def regime_markdown(table: dict, heading: str = "###", name: str = "") -> str:
              f"{table['n_grounded']} grounded object rows with object regions"
              + (f" (chance share {table['grounding_chance']:.3f})" if "grounding_chance" in table else "")
              + f"; middle layers {', '.join(map(str, table['middle_layers']))}.", "",
-             "| layer | sink | per-head sink | first key | uniform | mass / share | top share | same top |",
-             "|---:|---|---|---|---|---|---|---|"]
+             "| layer | sink | sink key: first / prompt / reply % | per-head sink | first key | uniform | mass / share "
+             "| top share | same top |",
+             "|---:|---|---|---|---|---|---|---|---|"]
     for row in table["layers"]:
-        lines.append(f"| {row['layer']} | {_cell(row['sink'])} | {_cell(row['sink_head'])} | {_cell(row['first'])} | "
+        where = row.get("sink_key")
+        where = " / ".join(f"{100 * where[k]:.0f}" for k in SINK_KEYS) if where else "-"
+        lines.append(f"| {row['layer']} | {_cell(row['sink'])} | {where} | {_cell(row['sink_head'])} | "
+                     f"{_cell(row['first'])} | "
                      f"{_cell(row['uniform'])} | {_cell(row['mass_ratio'])} | {_cell(row['top_share'])} | "
                      f"{_cell(row['consistency'], 2)} |")
     lines += ["", "| layer | LIAE | head entropy | most focused head | grounding, best head | grounding, best head "

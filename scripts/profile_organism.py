@@ -6,6 +6,11 @@ answers at their first token) and a per-patch linear probe.
 
     python scripts/profile_organism.py                                  # 1,000 images per split, both models
     python scripts/profile_organism.py --limit 200 --output_dir runs/profile_small
+    python scripts/profile_organism.py --model runs/my_organism --control '' --regime_only --limit 100
+
+``--regime_only`` is the cheap check of a checkpoint during training: captions of ``--splits`` (default the
+adversarial split) with their attention regime and yes/no answers with random negatives, without the premise tables,
+the other negative sets and the probe (about a minute per 100 images for a small organism).
 
 Writes organism_profile.json, organism_profile.md and the premise figures to --output_dir.
 """
@@ -13,6 +18,9 @@ Writes organism_profile.json, organism_profile.md and the premise figures to --o
 import sys
 
 from dleaf import cli
+from dleaf.organism import world
+
+HELD_OUT = tuple(s for s in world.SPLITS if s != "train")
 
 
 def build_parser():
@@ -27,6 +35,14 @@ def build_parser():
     ap.add_argument("--attention_regime", action="store_true",
                     help="also measure the attention regime (sinks, image-attention deficit, visual sinks, grounding "
                          "heads) on the premise splits' captions")
+    ap.add_argument("--splits", nargs="+", choices=HELD_OUT, default=None,
+                    help="caption splits (default: all three; with --regime_only: adversarial); the premise tables "
+                         "run on those of them that are adversarial or replication")
+    ap.add_argument("--negatives", nargs="+", choices=world.POPE_NEGATIVES, default=None,
+                    help="yes/no negative sets (default: all three; with --regime_only: random)")
+    ap.add_argument("--regime_only", action="store_true",
+                    help="only captions, their attention regime and yes/no answers: no premise tables, no probe "
+                         "(a cheap check of a training checkpoint)")
     for old, new in (("--organism", "--model"), ("--n_images", "--limit")):
         cli.add_old_spelling(ap, old, new)
     return ap
@@ -42,12 +58,17 @@ def main(argv=None):
 
     from dleaf import models
     from dleaf.io import InputError, write_json_atomic, write_text_atomic
-    from dleaf.organism import world
     from dleaf.organism.profile import ProfileProtocol, patch_probe, profile_markdown, profile_model
     from dleaf.premise import PremiseRow, plot_premise
 
+    splits = tuple(args.splits or (("adversarial",) if args.regime_only else HELD_OUT))
+    negatives = tuple(args.negatives or (("random",) if args.regime_only else world.POPE_NEGATIVES))
+    premise = () if args.regime_only else tuple(s for s in splits if s in ProfileProtocol.premise_splits)
+    attention_regime = args.attention_regime or args.regime_only
     try:
-        protocol = ProfileProtocol(n_images=args.limit, batch_size=args.batch_size)
+        protocol = ProfileProtocol(n_images=args.limit, batch_size=args.batch_size, caption_splits=splits,
+                                   pope_negatives=negatives, premise_splits=premise,
+                                   regime_splits=splits if args.regime_only else None)
     except ValueError as e:
         raise InputError(str(e)) from None
     named = {"organism": args.model, **({"control": args.control} if args.control else {})}
@@ -64,8 +85,8 @@ def main(argv=None):
         t0 = time.time()
         profile["models"][name] = profile_model(model, processor, protocol,
                                                 progress=lambda m, n=name: print(f"[{n}] {m}", flush=True),
-                                                attention_regime=args.attention_regime)
-        if args.probe:
+                                                attention_regime=attention_regime)
+        if args.probe and not args.regime_only:
             profile["models"][name]["patch_probe"] = patch_probe(model, processor, seed=args.seed)
         profile["models"][name]["seconds"] = time.time() - t0
     out = Path(args.output_dir)

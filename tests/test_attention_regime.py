@@ -55,6 +55,24 @@ def test_sink_weights_and_key_weight_brute_force():
         assert first[q].item() == pytest.approx(sum(a[h, q, 0].item() for h in range(H)) / H)
 
 
+def test_sink_key_is_the_argmax_of_the_head_mean_over_text_keys():
+    for seed in range(5):
+        a, _ = _attn(10 + seed)
+        key = ar.sink_key(a, IMAGE)
+        sink, _ = ar.sink_weights(a, IMAGE)
+        for q in range(Q):
+            text = [k for k in range(K) if not IMAGE[k]]
+            means = {k: sum(a[h, q, k].item() for h in range(H)) / H for k in text}
+            best, second = sorted(means.values(), reverse=True)[:2]
+            assert best - second > 1e-6  # continuous weights: no tie to break
+            assert key[q].item() == max(means, key=means.get) and not IMAGE[key[q]]
+            assert a[:, q, key[q]].mean().item() == pytest.approx(sink[q].item())
+    # a sink planted on an image key is not a text sink: the text argmax is reported
+    a = torch.full((1, 1, K), 0.02, dtype=torch.float64)
+    a[0, 0, 2], a[0, 0, 6] = 0.5, 0.1
+    assert ar.sink_key(a, IMAGE).item() == 6
+
+
 def test_mass_ratio_brute_force():
     a, rows = _attn(2)
     keys = ar.key_mask(torch.ones(K, dtype=torch.bool), rows)
@@ -177,6 +195,11 @@ def test_regime_markdown_prints_the_tables_and_judgments():
     assert "| 0 | 0.500 [0.500, 0.500] |" in md
     assert md.count("| yes |") == 1 and md.count("| no |") == 3
     assert "not judged" in ar.regime_markdown(_table(ground=None))
+    # where the sink key lies, as percentages; a table written before the column has a dash there
+    t = _table(sink=0.5)
+    t["layers"][2]["sink_key"] = {"first": 0.75, "prompt": 0.2, "reply": 0.05}
+    md = ar.regime_markdown(t)
+    assert "| 2 | 0.500 [0.500, 0.500] | 75 / 20 / 5 |" in md and "| 3 | 0.500 [0.500, 0.500] | - |" in md
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +231,7 @@ def test_regime_records_on_the_organism_match_its_own_attention(organism):
     assert np.allclose(rec["grounding"]["chance"], 4 / 36)
     # brute force on the first caption, layer 3, from a forward pass of our own
     full, n, ids = teacher_forced_inputs(processor, [prompt], images[:1], replies[:1], model)
+    checked_keys = []
     with torch.no_grad():
         att = model(**full, output_attentions=True).attentions[3][0].double()
     image = full["input_ids"][0] == model.config.image_token_index
@@ -221,6 +245,10 @@ def test_regime_records_on_the_organism_match_its_own_attention(organism):
         assert rows["uniform"][j, 3] == pytest.approx(1 / (q + 1))
         mass = a[:, img].sum(-1).mean().item()
         assert rows["mass_ratio"][j, 3] == pytest.approx(mass / (len(img) / (q + 1)), rel=1e-5)
+        means = sorted(((a[:, k].mean().item(), k) for k in text), reverse=True)
+        if means[0][0] - means[1][0] > 1e-4:  # away from a float32 tie between two keys
+            k = means[0][1]
+            checked_keys.append(rows["sink_key"][j, 3] == (0 if k == 0 else 1 if k < n else 2))
     # the first grounded row: the mention's first token, its object's four patches
     s0 = scenes[0]
     obj = s0.objects[0]
@@ -231,8 +259,13 @@ def test_regime_records_on_the_organism_match_its_own_attention(organism):
     patch = [img[t] for t in regions[0][obj]]
     want = (a[:, patch].sum(-1) / a[:, img].sum(-1)).numpy()
     assert np.allclose(rec["grounding"]["region"][0, 3], want, rtol=1e-5)
+    assert len(checked_keys) >= len(ids[0]) // 2 and all(checked_keys)
+    assert rows["sink_key"].shape == (n_rows, 6) and set(np.unique(rows["sink_key"])) <= {0, 1, 2}
     table = ar.regime_table(rec)
     assert table["n_rows"] == n_rows and table["n_grounded"] == n_grounded and table["middle_layers"] == [2, 3, 4]
+    for l in range(6):
+        codes = rows["sink_key"][:, l].tolist()
+        assert table["layers"][l]["sink_key"] == {name: codes.count(i) / n_rows for i, name in enumerate(ar.SINK_KEYS)}
     assert len(ar.regime_targets(table)) == 4
 
 

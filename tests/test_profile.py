@@ -100,3 +100,42 @@ def test_design_targets_table_judges_each_target_from_the_numbers():
     profile["models"]["organism"]["premise_by_error"]["adversarial"]["addition"] = []
     rows, ok = verdicts()
     assert "no hallucinated mentions of this kind" in rows[5] and not ok[5]
+
+
+def test_protocol_refuses_splits_outside_the_captions_and_unknown_negatives():
+    with pytest.raises(ValueError, match="regime_splits replication not among the caption splits"):
+        ProfileProtocol(caption_splits=("adversarial",), premise_splits=(), regime_splits=("replication",))
+    with pytest.raises(ValueError, match="premise_splits replication not among"):
+        ProfileProtocol(caption_splits=("adversarial",))
+    with pytest.raises(ValueError, match="caption_splits is empty"):
+        ProfileProtocol(caption_splits=(), premise_splits=())
+    with pytest.raises(ValueError, match="pope_negatives sideways"):
+        ProfileProtocol(pope_negatives=("random", "sideways"))
+    assert ProfileProtocol().regime_split_set == ("adversarial", "replication")
+    assert ProfileProtocol(regime_splits=("indist",)).regime_split_set == ("indist",)
+
+
+def test_the_script_regime_only_measures_captions_regime_and_random_negatives(tmp_path, capsys):
+    import json
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "profile_organism.py"
+    main = runpy.run_path(str(script), run_name="script")["main"]
+    out = tmp_path / "p"
+    assert main(["--control", "", "--regime_only", "--limit", "2", "--batch_size", "2", "--output_dir", str(out)]) == 0
+    profile = json.loads((out / "organism_profile.json").read_text())
+    res = profile["models"]["organism"]
+    assert list(res["captions"]) == ["adversarial"] and list(res["pope"]) == ["random"]
+    assert list(res["attention_regime"]) == ["adversarial"] and res["attention_regime"]["adversarial"]["n_captions"] == 2
+    assert res["premise"] == {} and "patch_probe" not in res and list(profile["models"]) == ["organism"]
+    assert profile["protocol"]["premise_splits"] == [] and profile["protocol"]["regime_splits"] == ["adversarial"]
+    md = (out / "organism_profile.md").read_text()
+    assert "### Attention regime, organism, adversarial" in md and "## The premise" not in md
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith(str(out))
+    # explicit splits: the regime follows them; a plain profile keeps the premise splits
+    parser = runpy.run_path(str(script), run_name="script")["build_parser"]()
+    args = parser.parse_args(["--regime_only", "--splits", "indist", "replication", "--negatives", "popular"])
+    assert args.splits == ["indist", "replication"] and args.negatives == ["popular"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--splits", "train"])

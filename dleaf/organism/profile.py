@@ -42,13 +42,31 @@ class ProfileProtocol:
     premise_splits: tuple[str, ...] = ("adversarial", "replication")
     batch_size: int = 100
     n_bootstrap: int = 2000
+    #: The caption splits whose attention regime is measured when the profile is asked for it (``None``: the premise
+    #: splits); each must be a caption split.
+    regime_splits: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.n_images <= 0 or self.batch_size <= 0:
             raise ValueError(f"n_images and batch_size must be positive, got {self.n_images}, {self.batch_size}")
-        for s in self.caption_splits + self.premise_splits + (self.pope_split,):
+        for s in self.caption_splits + self.premise_splits + (self.pope_split,) + tuple(self.regime_splits or ()):
             if s not in world.SPLITS or s == "train":
                 raise ValueError(f"{s!r} is not a held-out split; expected one of indist, adversarial, replication")
+        if not self.caption_splits:
+            raise ValueError("caption_splits is empty: name at least one of indist, adversarial, replication")
+        for name in ("premise_splits", "regime_splits"):
+            extra = [s for s in getattr(self, name) or () if s not in self.caption_splits]
+            if extra:
+                raise ValueError(f"{name} {', '.join(extra)} not among the caption splits "
+                                 f"({', '.join(self.caption_splits)}): they are measured on the split's captions")
+        unknown = [n for n in self.pope_negatives if n not in world.POPE_NEGATIVES]
+        if unknown:
+            raise ValueError(f"pope_negatives {', '.join(unknown)}: expected some of {', '.join(world.POPE_NEGATIVES)}")
+
+    @property
+    def regime_split_set(self) -> tuple[str, ...]:
+        """The splits whose attention regime is measured: ``regime_splits``, or the premise splits."""
+        return self.premise_splits if self.regime_splits is None else self.regime_splits
 
 
 def _benchmark(name: str, n_images: int, **options) -> "harness.Benchmark":
@@ -58,8 +76,9 @@ def _benchmark(name: str, n_images: int, **options) -> "harness.Benchmark":
 def profile_model(model, processor, protocol: ProfileProtocol = ProfileProtocol(), progress=None,
                   attention_regime: bool = False) -> dict:
     """Captions, yes/no answers and the premise table of one model on the protocol's held-out splits, through the
-    harness (greedy decoding); with ``attention_regime``, also the attention regime of the premise splits' captions
-    (:mod:`dleaf.organism.regime`, under ``attention_regime``)."""
+    harness (greedy decoding); with ``attention_regime``, also the attention regime of the captions of the protocol's
+    regime splits (:attr:`ProfileProtocol.regime_split_set`; :mod:`dleaf.organism.regime`, under
+    ``attention_regime``)."""
     say = progress or (lambda msg: None)
     result: dict = {"captions": {}, "pope": {}, "premise": {}, "premise_by_error": {}, "premise_counts": {},
                     "image_share": {}, "row_tables": {}, "first_token": {}, "examples": {}, "protocols": {}}
@@ -71,7 +90,7 @@ def profile_model(model, processor, protocol: ProfileProtocol = ProfileProtocol(
         result["captions"][split] = run["sections"][split]
         result["examples"][split] = [{"objects": sorted(it.truth), "caption": r["text"]}
                                      for it, r in zip(bench.items[:5], run["rows"][:5])]
-        if attention_regime and split in protocol.premise_splits:
+        if attention_regime and split in protocol.regime_split_set:
             say(f"attention regime on {split}")
             result.setdefault("attention_regime", {})[split] = regime.regime_from_run(
                 model, processor, bench, run["rows"], split, int(bench.protocol["world_seed"]), protocol.batch_size)
@@ -226,9 +245,11 @@ def profile_markdown(profile: dict) -> str:
         for neg, p in res["pope"].items():
             lines.append(f"| {name} | {neg} | {_pct(p['accuracy'])} | {_pct(p['precision'])} | {_pct(p['recall'])} | "
                          f"{_pct(p['f1'])} | {_pct(p['yes_ratio'])} | {p['n_unparsed']} |")
-    lines += ["", "## The premise: image attention at hallucinated vs grounded object words", "",
-              "AUROC > 0.5 means the signal is larger (more anomalous) at hallucinated words; `image_mass_deficit` is "
-              "minus the head-mean image mass of the row that predicts the word.", ""]
+    lines += [""]
+    if any(res.get("premise") for res in profile["models"].values()):
+        lines += ["## The premise: image attention at hallucinated vs grounded object words", "",
+                  "AUROC > 0.5 means the signal is larger (more anomalous) at hallucinated words; `image_mass_deficit` "
+                  "is minus the head-mean image mass of the row that predicts the word.", ""]
     if any(res.get("row_tables") for res in profile["models"].values()):
         lines += [ROWS_INTRO, "", POSITION_INTRO.format(bin=actionability.POSITION_BIN), ""]
     for name, res in profile["models"].items():
