@@ -45,8 +45,8 @@ import torch
 
 from .attention_stats import entropy, image_profile, layer_entropy
 
-__all__ = ["ROW_STATS", "SINK_KEYS", "THRESHOLDS", "middle_layers", "key_mask", "key_share", "sink_weights", "key_weight",
-           "mass_ratio", "sink_key", "top_image", "head_entropy", "region_share", "top_consistency", "summarize",
+__all__ = ["ROW_STATS", "SINK_KEYS", "THRESHOLDS", "middle_layers", "key_mask", "key_share", "sink_weights",
+           "key_weight", "mass_ratio", "sink_key", "top_image", "head_entropy", "region_share", "top_consistency", "summarize",
            "batch_stats", "regime_records", "regime_table", "regime_targets", "regime_markdown", "box_tokens", "eager_attention",
            "regime_of_run", "REGIME_INTRO"]
 
@@ -87,17 +87,20 @@ def sink_weights(attn: torch.Tensor, image_mask: torch.Tensor) -> tuple[torch.Te
     """``(sink, sink_head)`` per row, shape ``(..., Q)``: the largest head-mean weight on a single non-image key,
     and the largest weight any head puts on a single non-image key."""
     neg = torch.tensor(-1.0, dtype=attn.dtype, device=attn.device)
-    text = ~image_mask
-    mean = torch.where(text, attn.mean(-3), neg).amax(-1)
-    head = torch.where(text, attn, neg).amax(-1).amax(-2)
-    return mean, head
+    head = torch.where(~image_mask, attn, neg).amax(-1).amax(-2)
+    return _text_key_means(attn, image_mask).amax(-1), head
+
+
+def _text_key_means(attn: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+    """The head-mean weight of every key, -1 at image keys (so that a max or argmax sees text keys only)."""
+    neg = torch.tensor(-1.0, dtype=attn.dtype, device=attn.device)
+    return torch.where(~image_mask, attn.mean(-3), neg)
 
 
 def sink_key(attn: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
     """The index of the non-image key with the largest head-mean weight at each row (the key :func:`sink_weights`
     measures), shape ``(..., Q)``."""
-    neg = torch.tensor(-1.0, dtype=attn.dtype, device=attn.device)
-    return torch.where(~image_mask, attn.mean(-3), neg).argmax(-1)
+    return _text_key_means(attn, image_mask).argmax(-1)
 
 
 def key_weight(attn: torch.Tensor, index: int) -> torch.Tensor:
@@ -186,8 +189,9 @@ def batch_stats(model, inputs: Mapping, prompt_width: int, reply_ids: Sequence[S
     eager forward pass. ``grounded[i]``: ``(j, tokens)`` pairs, reply token ``j`` of sample ``i`` starting a
     grounded object word whose object covers image tokens ``tokens`` (indices among the image tokens).
 
-    Per sample (None for an empty reply): ``rows`` (each :data:`ROW_STATS` name: ``(R, L)``), ``sink_key`` ``(R, L)``
-    (an index into :data:`SINK_KEYS`), ``head_entropy`` ``(R, L, H)``, ``consistency`` ``(L,)`` (None under two rows), ``region`` ``(G, L, H)`` and ``chance`` ``(G,)``."""
+    Per sample (None for an empty reply): ``rows`` (each :data:`ROW_STATS` name: ``(R, L)``), ``sink_key``
+    ``(R, L)`` (an index into :data:`SINK_KEYS`), ``head_entropy`` ``(R, L, H)``, ``consistency`` ``(L,)`` (None
+    under two rows), ``region`` ``(G, L, H)`` and ``chance`` ``(G,)``."""
     image_id = _image_token_id(model) if image_token_id is None else int(image_token_id)
     n = int(prompt_width)
     with eager_attention(model):
@@ -394,7 +398,8 @@ REGIME_INTRO = (
     "Teacher-forced on the model's own greedy captions (eager attention), at every generated row (a row that predicts "
     "a reply token); per layer the median [10th, 90th percentile] over rows. *sink*: the largest head-mean weight on "
     "one non-image key; *sink key*: the share of rows whose sink is the first key, another prompt key (system prompt, "
-    "question, template) or a key of the reply itself; *per-head sink*: the largest weight any head puts on one non-image key; *first key*: the "
+    "question, template) or a key of the reply itself; *per-head sink*: the largest weight any head puts on one "
+    "non-image key; *first key*: the "
     "head-mean weight on the first token (`<s>`), beside *uniform*, 1 / the number of keys the row sees; *mass / "
     "share*: head-mean image mass over the image tokens' share of the keys (1 = uniform, below 1 a deficit); *top "
     "share*: the top image token's share of a head's image mass, head mean (uniform: 1 / image tokens); *same top*: "

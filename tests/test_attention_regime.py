@@ -387,3 +387,31 @@ def test_grounding_heads_are_not_judged_on_a_handful_of_rows():
     table["n_grounded"] = 19
     target = ar.regime_targets(table)[3]
     assert target["met"] is None and "on only 19 grounded rows" in target["measured"]
+
+
+def test_batch_stats_places_each_rows_sink_key_in_the_first_prompt_or_reply_keys():
+    """Planted attention through batch_stats: a left-padded sample (its first key at position 1) whose three reply
+    rows put their largest text weight on the first key, on a prompt key and on a reply key."""
+    from types import SimpleNamespace
+
+    img = 9
+    # position: 0 pad, 1 <s>, 2-3 image, 4 prompt word | reply tokens at 5, 6, 7
+    ids = torch.tensor([[0, 1, img, img, 4, 5, 6, 7]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1]])
+    n = 5  # prompt width: rows 4, 5, 6 predict the reply tokens
+    a = torch.zeros(1, 2, 8, 8)
+    for q, (sink, rest) in {4: (1, (2, 3, 4)), 5: (4, (1, 2, 3, 5)), 6: (5, (1, 2, 3, 4, 6))}.items():
+        a[0, :, q, sink] = 0.6
+        a[0, :, q, list(rest)] = 0.4 / len(rest)
+    a[0, :, 4, 2] += 1.0  # an image key above the first key's weight: not a text sink
+    a[0, :, 4] /= a[0, :, 4].sum(-1, keepdim=True)
+    fake = type("Fake", (), {"config": SimpleNamespace(image_token_id=img),
+                             "__call__": lambda self, **kw: SimpleNamespace(attentions=(a, a))})()
+    assert a[0, 0, 4, 2] > a[0, 0, 4, 1] > a[0, 0, 4, 4]
+    rec = ar.batch_stats(fake, {"input_ids": ids, "attention_mask": mask}, n, [[5, 6, 7]])[0]
+    assert rec["sink_key"].tolist() == [[0, 0], [1, 1], [2, 2]]
+    table = ar.regime_table({"rows": {**rec["rows"], "sink_key": rec["sink_key"],
+                                      "head_entropy": rec["head_entropy"]},
+                             "consistency": np.zeros((0, 2)), "grounding": {"region": [], "chance": []}})
+    assert table["layers"][1]["sink_key"] == {"first": pytest.approx(1 / 3), "prompt": pytest.approx(1 / 3),
+                                              "reply": pytest.approx(1 / 3)}
