@@ -154,6 +154,17 @@ def shipped_detector(name: str) -> Path:
     return data_path("detectors", f"{name}_detector.json")
 
 
+def shipped_detector_for(model) -> str | None:
+    """The name of the shipped detector (:data:`SHIPPED`) that was fitted on ``model``, or None when none was."""
+    for name in SHIPPED:
+        try:
+            Detector.load(shipped_detector(name)).check_model(model)
+        except ValueError:
+            continue
+        return name
+    return None
+
+
 def as_detector(detector) -> Detector:
     """A :class:`Detector` from a detector, a shipped detector's name (:data:`SHIPPED`), a JSON file's path or the
     file's dict."""
@@ -372,7 +383,8 @@ def score_main(argv=None) -> int:
 
 __all__ = ["DETECTOR_VERSION", "SHIPPED", "THRESHOLD_RULE", "Detector", "as_detector", "feature_names",
            "features_from_values", "fit", "grouped_bootstrap", "labelled_rows", "model_identity", "reliability",
-           "row_features", "score", "score_main", "score_parser", "shipped_detector"]
+           "row_features", "score", "score_main", "score_parser", "shipped_detector",
+           "shipped_detector_for"]
 
 if __name__ == "__main__":  # python -m dleaf.detect: the organism study (dleaf.detect_study)
     import sys

@@ -229,6 +229,13 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def detector_file_name(model: str) -> str:
+    """The study's default detector file name for ``model``: ``<name>_detector.json``, the name being a registered
+    model's or the checkpoint folder's (``organism`` -> ``organism_detector.json``, as the shipped file is called)."""
+    name = Path(str(model).rstrip("/\\")).name or "model"
+    return f"{name}_detector.json"
+
+
 def _run(argv=None) -> int:
     import argparse
 
@@ -239,19 +246,24 @@ def _run(argv=None) -> int:
                                  description="the learned detector's organism study: fit on training captions, held-out "
                                              "detection, D-LEAF's fusion at its flags (docs/localization.md)")
     ap.add_argument("--output_dir", default="runs/detect", help="folder for the outputs (default: runs/detect)")
+    ap.add_argument("--model", default="organism",
+                    help="a model of the organism's world: 'organism' (default), another registered organism or a "
+                         "checkpoint folder trained by scripts/train_organism.py")
     ap.add_argument("--detector", default=None,
-                    help="where to write the fitted layer-0 detector (default: <output_dir>/organism_detector.json)")
+                    help="where to write the fitted layer-0 detector (default: <output_dir>/<model>_detector.json, "
+                         "for example runs/detect/organism_detector.json)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads torch may use (default: 1)")
     ap.add_argument("--n_bootstrap", type=int, default=2000, help="bootstrap resamples (default: 2000)")
     ap.add_argument("--no_replication", action="store_true", help="leave the replication split unscored")
     args = ap.parse_args(argv)
     if args.n_bootstrap < 1:
         raise InputError(f"--n_bootstrap must be positive, got {args.n_bootstrap}")
+    models.check_model(args.model)
     out = cli.check_output_dir(args.output_dir)
-    detector = Path(args.detector) if args.detector else out / "organism_detector.json"
+    detector = Path(args.detector) if args.detector else out / detector_file_name(args.model)
     cli.check_output_dir(detector.parent, "--detector")
     cli.set_threads(args.threads)
-    model, processor = models.load("organism", attn_implementation="eager")
+    model, processor = models.load(args.model, attn_implementation="eager")
     detector.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         report = study(model, processor, out, detector, args.n_bootstrap, say=lambda m: print(m, flush=True),
@@ -268,8 +280,8 @@ def main(argv=None) -> int:
     return cli.main(_run, argv, resumable=False)
 
 
-__all__ = ["DEV_SET", "INDIST_SET", "REPLICATION_SET", "TRAIN_SETS", "auprc", "auroc", "caption_rows", "evaluate", "flag_stats",
-           "main", "markdown", "study"]
+__all__ = ["DEV_SET", "INDIST_SET", "REPLICATION_SET", "TRAIN_SETS", "auprc", "auroc", "caption_rows",
+           "detector_file_name", "evaluate", "flag_stats", "main", "markdown", "study"]
 
 if __name__ == "__main__":
     import sys

@@ -26,11 +26,11 @@ def setting(label: str, method: str = "greedy", **knobs) -> Setting:
     return Setting(method, knobs, label=label)
 
 
-def grid(random_rate: float | None = None, learned: bool = True) -> list[Setting]:
+def grid(random_rate: float | None = None, learned: bool = True, detector: str = "organism") -> list[Setting]:
     """The grid: greedy, PAI, SPIN, D-LEAF and its variants and ablations; with ``learned`` D-LEAF's fusion at the
-    shipped organism detector's flags (``dleaf_learned``, gamma 1 and 0.5), PAI (alpha 0.9, every layer) and SPIN
-    there; with ``random_rate`` (D-LEAF's measured
-    flag rate) also D-LEAF's fusion at random layers at that rate."""
+    flags of ``detector`` (a shipped detector's name or a detector file fitted on the model; default the shipped
+    organism detector) (``dleaf_learned``, gamma 1 and 0.5), PAI (alpha 0.9, every layer) and SPIN there; with
+    ``random_rate`` (D-LEAF's measured flag rate) also D-LEAF's fusion at random layers at that rate."""
     S = setting
     settings = [
         S("greedy"),
@@ -48,10 +48,12 @@ def grid(random_rate: float | None = None, learned: bool = True) -> list[Setting
         S("no_localization", "no_localization"),
     ]
     if learned:
-        settings += [S("dleaf_learned", "dleaf_learned"), S("dleaf_learned gamma=0.5", "dleaf_learned", gamma=0.5),
+        own = {} if detector == "organism" else {"detector": str(detector)}  # dleaf_learned's default: "organism"
+        settings += [S("dleaf_learned", "dleaf_learned", **own),
+                     S("dleaf_learned gamma=0.5", "dleaf_learned", gamma=0.5, **own),
                      S("pai alpha=0.9 learned", "pai", alpha=0.9, layer_start=0, localization="learned",
-                       detector="organism"),
-                     S("spin learned", "spin", localization="learned", detector="organism")]
+                       detector=str(detector)),
+                     S("spin learned", "spin", localization="learned", detector=str(detector))]
     if random_rate is not None:
         settings.append(S("random_layers", "random_layers", random_rate=round(random_rate, 4)))
     return settings
@@ -179,27 +181,40 @@ LEGEND = ("Cells: value (difference from greedy [95% paired bootstrap interval])
 
 
 def has_shipped_detector(model) -> bool:
-    """Whether the shipped organism detector was fitted on ``model`` (so the ``dleaf_learned`` settings can run)."""
-    from .detect import Detector, shipped_detector
+    """Whether a shipped detector was fitted on ``model`` (so the ``dleaf_learned`` settings can run)."""
+    from .detect import shipped_detector_for
 
+    return shipped_detector_for(model) is not None
+
+
+def grid_detector(model, detector: str | os.PathLike | None = None) -> str | None:
+    """The detector the grid's learned settings use on ``model``: ``detector`` (a shipped detector's name or a
+    detector file), checked to have been fitted on ``model``; by default the shipped detector fitted on it, or None
+    (the learned settings are left out) when none was."""
+    from .detect import as_detector, shipped_detector_for
+
+    if detector is None:
+        return shipped_detector_for(model)
     try:
-        Detector.load(shipped_detector("organism")).check_model(model)
-    except ValueError:
-        return False
-    return True
+        as_detector(str(detector)).check_model(model)
+    except ValueError as e:
+        raise harness.InputError(f"--detector {detector}: {e}") from e
+    return str(detector)
 
 
 def run_organism_grid(model, processor, out_dir: str | os.PathLike, n_images: int = 1000,
                       only: Sequence[str] | None = None, replicate: Sequence[str] = (), pope: bool = True,
-                      batch_size: int = 100, say: Callable = print, model_name: str = "organism", seed: int = 0
-                      ) -> dict:
+                      batch_size: int = 100, say: Callable = print, model_name: str = "organism", seed: int = 0,
+                      detector: str | os.PathLike | None = None) -> dict:
     """The whole grid on the adversarial split (greedy and D-LEAF first: D-LEAF's flag rate sets the random-layer
     ablation's rate), then the ``replicate`` labels (and greedy) on the replication split; ``seed`` seeds the paired
-    bootstrap intervals. Returns ``{"report":
+    bootstrap intervals; the learned settings use ``detector`` (:func:`grid_detector`). Returns ``{"report":
     {split: table rows}, "markdown": text}``."""
+    chosen_detector = grid_detector(model, detector)  # checked before any setting runs
     first = [s for s in grid() if s.label in ("greedy", "dleaf")]
     results = run_grid(model, processor, first, "adversarial", n_images, out_dir, pope, batch_size, say, model_name)
-    settings = grid(results["dleaf"]["flag_rate"], learned=has_shipped_detector(model))
+    settings = grid(results["dleaf"]["flag_rate"], learned=chosen_detector is not None,
+                    detector=chosen_detector or "organism")
     labels = [s.label for s in settings]
     for name, chosen in (("--only", only or ()), ("--replicate", replicate)):
         unknown = sorted(set(chosen) - set(labels))

@@ -21,6 +21,10 @@ def build_parser():
     ap.add_argument("--batch_size", type=int, default=100, help="prompts per generate call")
     ap.add_argument("--only", nargs="*", default=None, help="labels to run (default: the whole grid)")
     ap.add_argument("--replicate", nargs="*", default=[], help="labels to confirm on the replication split")
+    ap.add_argument("--detector", default=None,
+                    help="the detector file of the learned settings (python -m dleaf.detect fits one for --model); "
+                         "default: the shipped detector fitted on --model, and without one the learned settings "
+                         "are left out")
     ap.add_argument("--no_pope", dest="pope", action="store_false", help="skip the yes/no questions")
     cli.add_old_spelling(ap, "--n_images", "--limit")
     return ap
@@ -41,11 +45,19 @@ def main(argv=None):
         unknown = sorted(set(chosen) - set(labels))
         if unknown:
             raise InputError(f"{name}: unknown setting(s) {unknown}; the grid has {labels}")
+    if args.detector is not None:
+        from dleaf.detect import as_detector
+
+        try:
+            as_detector(args.detector)
+        except ValueError as e:
+            raise InputError(f"--detector: {e}") from e
     cli.check_output_dir(args.output_dir)
     cli.set_threads(args.threads)
     model, processor = models.load(args.model)
     res = grid.run_organism_grid(model, processor, args.output_dir, args.limit, args.only, args.replicate,
-                                  args.pope, args.batch_size, model_name=args.model, seed=args.seed)
+                                  args.pope, args.batch_size, model_name=args.model, seed=args.seed,
+                                  detector=args.detector)
     out = Path(args.output_dir)
     write_text_atomic(res["markdown"], out / "grid.md")
     write_json_atomic(res["report"], out / "grid.json")

@@ -353,3 +353,16 @@ def test_pai_and_spin_take_the_learned_localization(sharp, make_batch, tmp_path,
         ref = model.generate(**batch, **GREEDY)
     assert torch.equal(ref, out)
     assert not torch.equal(out, plain)
+
+
+def test_the_detector_study_takes_a_model_and_checks_it_before_any_work(tmp_path, capsys):
+    """``python -m dleaf.detect --model``: another organism checkpoint gets its own detector file name, and a model
+    that is not there is refused (exit 2, one error line) before the output folder is made."""
+    assert detect_study.detector_file_name("organism") == "organism_detector.json"
+    assert detect_study.detector_file_name("data/organism_llava_like/") == "organism_llava_like_detector.json"
+    assert detect_study.detector_file_name("runs/my_run") == "my_run_detector.json"
+    out = tmp_path / "out"
+    code = detect_study.main(["--model", str(tmp_path / "no_such_checkpoint"), "--output_dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: model folder not found" in err and "no_such_checkpoint" in err, err
+    assert "Traceback" not in err and not out.exists()

@@ -31,6 +31,43 @@ def test_the_learned_settings_run_only_where_the_shipped_detector_fits(tiny_orga
     assert grid.has_shipped_detector(models.load("organism")[0])
 
 
+def test_the_learned_settings_use_the_detector_they_are_given(tiny_organism, tmp_path):
+    """Another model's grid runs its own detector file at every learned setting; the default keeps the shipped one
+    (dleaf_learned's own default, so the organism's run folders keep their knobs); a detector of another model, or
+    no detector at all where none was shipped for the model, is refused or leaves the learned settings out."""
+    from dleaf import detect, models
+
+    own = grid.grid(0.1, detector="runs/x/detector.json")
+    learned = {s.label: s for s in own if "learned" in s.label}
+    assert len(learned) == 4 and all(s.knob_dict["detector"] == "runs/x/detector.json" for s in learned.values())
+    assert learned["dleaf_learned gamma=0.5"].knob_dict == {"gamma": 0.5, "detector": "runs/x/detector.json"}
+    assert "detector" not in grid.grid(0.1)[-5].knob_dict and grid.grid(0.1)[-5].label == "dleaf_learned"
+    organism = models.load("organism")[0]
+    assert detect.shipped_detector_for(organism) == "organism" and grid.grid_detector(organism) == "organism"
+    assert detect.shipped_detector_for(tiny_organism[0]) is None and grid.grid_detector(tiny_organism[0]) is None
+    with pytest.raises(harness.InputError, match="--detector organism: this detector was fitted on model"):
+        grid.grid_detector(tiny_organism[0], "organism")
+    path = detect.shipped_detector("organism")
+    assert grid.grid_detector(organism, path) == str(path)
+
+
+def test_the_grid_script_checks_its_detector_before_loading_a_model(tmp_path, capsys):
+    import runpy
+
+    from dleaf import cli
+
+    main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "organism_grid.py"),
+                          run_name="script")["main"]
+    bad = tmp_path / "det.json"
+    bad.write_text("{}")
+    for path, words in ((tmp_path / "missing.json", "cannot read a detector file"), (bad, "not a version")):
+        code = cli.main(main, ["--model", "llava-hf/nonexistent-model-7b", "--detector", str(path), "--limit", "1",
+                               "--output_dir", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 2 and "error: --detector: " in err and words in err and "Traceback" not in err, err
+        assert not (tmp_path / "out").exists()
+
+
 def test_every_setting_is_decoded_with_its_own_method(tmp_path, tiny_organism, monkeypatch):
     model, processor = tiny_organism
     seen = []
