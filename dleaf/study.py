@@ -4,7 +4,11 @@ suite, and a report (markdown, JSON, figures) that sets the measured numbers bes
 Two targets, one code path:
 
 - the organism (the default): captions of adversarial organism scenes and yes/no questions with adversarial
-  negatives, the committed organism and its DPO adapter (``data/organism_dpo``), the adapter's held-out pairs;
+  negatives, the committed organism and its DPO adapter (``data/organism_dpo``), the adapter's held-out pairs; any
+  other model of the organism's world (a registered organism or a folder written by ``scripts/train_organism.py``:
+  :func:`dleaf.organism.build.is_world_checkpoint`) is studied on the same benchmarks unless COCO or POPE inputs
+  are given, with its own ``adapter`` and ``detector`` when given (the organism's DPO adapter and shipped detector
+  were fitted on the organism alone);
 - a real checkpoint (``model`` a hub id or folder): CHAIR on COCO val2014 (``coco_images``, ``coco_instances``,
   ``coco_captions``) and POPE question files (``pope_files``, ``pope_images``), a DPO adapter trained on it with
   ``scripts/train_dpo.py`` (``adapter``; without one the DPO rows and the correspondence suite are skipped and the
@@ -67,7 +71,8 @@ class StudyConfig:
     questions per image; a real checkpoint: the first N COCO images and the first N questions of each POPE file,
     default the whole protocol). The overhead measurement: ``timing_steps`` paired decoding steps after
     ``timing_warmup`` untimed ones, on ``timing_batch`` caption prompts. The correspondence suite's size. The
-    target: ``model`` ("organism" or a hub id / checkpoint folder) and its inputs (see the module docstring).
+    target: ``model`` ("organism", another model of the organism's world, or a hub id / checkpoint folder) and its
+    inputs (see the module docstring).
     ``seed``: of every random draw of the study (the bootstrap intervals, the correspondence suite's nulls).
     ``detector``: a token-level hallucination detector file fitted on the model (``python -m dleaf.detect``), for the
     ``dleaf_learned`` setting (the organism's default: the shipped detector; a real checkpoint without one does not
@@ -122,7 +127,8 @@ class StudyConfig:
             extra = [n for n in ("coco_images", "coco_instances", "coco_captions", "pope_images", "preference_data")
                      if getattr(self, n)] + (["pope_files"] if self.pope_files else [])
             if extra:
-                raise ValueError(f"{', '.join(extra)} given, but the study's model is the organism; pass --model "
+                which = "the organism" if self.shipped_organism else f"{self.model!r}, a model of the organism's world"
+                raise ValueError(f"{', '.join(extra)} given, but the study's model is {which}; pass --model "
                                  "(a hub id or checkpoint folder) to study a real checkpoint on COCO and POPE")
             self._check_adapter()
             return
@@ -146,6 +152,19 @@ class StudyConfig:
 
     @property
     def organism(self) -> bool:
+        """Whether the study runs on the organism's benchmarks: for the committed organism, and for another model
+        of the organism's world unless COCO or POPE inputs are given (then it is studied as a real checkpoint)."""
+        from .organism.build import is_world_checkpoint
+
+        if self.shipped_organism:
+            return True
+        real = any(getattr(self, n) for n in ("coco_images", "coco_instances", "coco_captions", "pope_images",
+                                              "pope_files"))
+        return not real and is_world_checkpoint(self.model)
+
+    @property
+    def shipped_organism(self) -> bool:
+        """Whether the model is the committed organism itself (whose DPO adapter ships with it)."""
         return self.model == "organism"
 
     @property
@@ -160,14 +179,17 @@ class StudyConfig:
     def adapter_path(self) -> str | None:
         if self.adapter:
             return self.adapter
-        if self.organism and (ORGANISM_ADAPTER / "adapter_config.json").is_file():
+        if self.shipped_organism and (ORGANISM_ADAPTER / "adapter_config.json").is_file():
             return str(ORGANISM_ADAPTER)
         return None
 
     @property
     def detector_path(self) -> str | None:
-        """The detector of the ``dleaf_learned`` setting: ``detector``, else the shipped one for the organism."""
-        return self.detector or ("organism" if self.organism else None)
+        """The detector of the ``dleaf_learned`` setting: ``detector``, else the detector shipped for the model (by
+        its registered name: :data:`dleaf.detect.SHIPPED`), else None."""
+        from .detect import SHIPPED
+
+        return self.detector or (self.model if self.model in SHIPPED else None)
 
     @property
     def settings(self) -> tuple[Setting, ...]:
@@ -179,7 +201,8 @@ class StudyConfig:
                 continue
             out.append(s)
             if s.label == "dleaf" and self.detector_path:
-                knobs = {} if self.detector_path == "organism" and self.organism else {"detector": self.detector_path}
+                knobs = ({} if self.detector_path == "organism" and self.shipped_organism
+                         else {"detector": self.detector_path})
                 out.append(Setting("dleaf_learned", knobs, label=LEARNED))
         return tuple(out)
 
@@ -421,14 +444,17 @@ def run_study(out_dir: str | Path, cfg: StudyConfig = StudyConfig(), progress: b
     else:
         say("[study] correspondence suite")
         link = correspondence(out / "correspondence", cfg, say=lambda m: say(f"[study] correspondence: {m}"))
-    target = "the organism" if cfg.organism else cfg.model
+    target = "the organism" if cfg.shipped_organism else cfg.model
     claims, claims_md = claims_table(metrics, overhead, link, cfg.benchmarks, target)
     learned_claims, learned_md = claims_table(metrics, None, None, cfg.benchmarks, target, label=LEARNED)
     table = harness.comparison_table([_eval_dir(out, b, s.label) for b in cfg.benchmarks for s in cfg.settings])
     if cfg.organism:
         titles = ("captions, adversarial split", "yes/no questions, adversarial negatives")
+        which = ("the committed organism and DPO adapter" if cfg.shipped_organism else
+                 f"{cfg.model}, a model of the organism's world, and "
+                 + (f"DPO adapter {cfg.adapter}" if cfg.adapter else "no DPO adapter, so no DPO rows"))
         intro = (f"{cfg.images} adversarial images per benchmark (captions; yes/no questions with adversarial "
-                 "negatives), greedy decoding, the committed organism and DPO adapter. The organism misses parts of "
+                 f"negatives), greedy decoding, {which}. The organism misses parts of "
                  "its design (docs/organism.md): read these numbers as measurements of this model.")
     else:
         titles = ("CHAIR, COCO val2014", "POPE (mean over question files)")

@@ -35,7 +35,8 @@ def correspondence_suite():
 
     def step(out, cfg, say=None):
         return study_step(out, n_pairs=cfg.correspondence_pairs, model=cfg.model,
-                          adapter=cfg.adapter_path, dataset=cfg.preference_data,
+                          adapter=cfg.adapter_path,
+                          dataset=cfg.preference_data or ("organism" if cfg.organism else None),
                           dataset_split=cfg.preference_split, column_map=cfg.column_map, dtype=cfg.dtype,
                           seed=cfg.seed, progress=say)
 
@@ -55,7 +56,9 @@ def build_parser():
     ap.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals and the correspondence "
                                                         "suite's null draws")
     real = ap.add_argument_group("a real checkpoint (instead of the organism)")
-    real.add_argument("--model", default="organism", help="hub id or checkpoint folder (default: the organism)")
+    real.add_argument("--model", default="organism", help="hub id or checkpoint folder (default: the organism; another model of "
+                                                       "the organism's world, such as organism_control or a "
+                                                       "train_organism.py folder, is studied on its benchmarks)")
     real.add_argument("--adapter", default=None, help="DPO LoRA adapter folder trained on --model (train_dpo.py)")
     real.add_argument("--coco_images", default=None, help="folder of the COCO val2014 images")
     real.add_argument("--coco_instances", default=None, help="instances_val2014.json")

@@ -273,3 +273,39 @@ def test_the_overhead_verdict_does_not_depend_on_machine_load(tiny_organism, mon
         assert lo <= res["dleaf_over_greedy_throughput"] <= hi
         verdicts[name] = dstudy.claims_table({}, res, None)[0][0]["agrees"]
     assert verdicts == {"quiet": True, "busy": True}
+
+
+def test_another_model_of_the_organisms_world_is_studied_on_the_organisms_benchmarks(tmp_path, tiny_organism):
+    """A folder trained on the world (its tokenizer's vocabulary is the world's) runs the organism's benchmarks
+    without COCO inputs, with no DPO rows (the shipped adapter was trained on the organism alone) and no learned
+    rows unless a detector is given; with COCO and POPE inputs the same folder is studied as a real checkpoint; a
+    folder whose vocabulary differs by one word is no world model."""
+    from dleaf.organism.build import is_world_checkpoint
+
+    model, processor = tiny_organism
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    processor.save_pretrained(ckpt)
+    assert is_world_checkpoint(ckpt) and is_world_checkpoint("organism") and is_world_checkpoint("organism_control")
+    cfg = dstudy.StudyConfig(model=str(ckpt))
+    assert cfg.organism and not cfg.shipped_organism and cfg.benchmarks == dstudy.ORGANISM_BENCHMARKS
+    assert cfg.images == 300 and cfg.adapter_path is None and cfg.detector_path is None
+    assert [s.label for s in cfg.settings] == ["greedy", "pai", "spin", "dleaf"]
+    det = _tiny_detector(tmp_path, model)
+    learned = dstudy.StudyConfig(model=str(ckpt), detector=str(det)).settings[4]
+    assert learned.label == "dleaf_learned" and learned.knob_dict == {"detector": str(det)}
+    assert dstudy.StudyConfig(model="organism_control").organism  # no COCO inputs asked for
+    with pytest.raises(ValueError, match="preference_data given, but the study's model is '.*ckpt', a model of the "
+                                         "organism's world"):
+        dstudy.StudyConfig(model=str(ckpt), preference_data="p")
+    real = dstudy.StudyConfig(model=str(ckpt), coco_images="i", coco_instances="a.json", pope_files=("p.json",),
+                              pope_images="i")
+    assert not real.organism and real.benchmarks == ("coco_chair", "pope_file")
+    other = tmp_path / "other"
+    other.mkdir()
+    spec = json.loads((ckpt / "tokenizer.json").read_text())
+    word = next(w for w in spec["model"]["vocab"] if w.isalpha())
+    spec["model"]["vocab"][word + "x"] = spec["model"]["vocab"].pop(word)
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    assert not is_world_checkpoint(other) and not is_world_checkpoint(tmp_path / "nothing_here")
+    assert not is_world_checkpoint("llava-hf/llava-1.5-7b-hf")

@@ -83,9 +83,7 @@ class OrganismShape:
 
 def build_tokenizer(max_length: int = 256) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the world's words, left-padding, adding <s> in front of every text."""
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-    for w in world.words():
-        vocab.setdefault(w, len(vocab))
+    vocab = world_vocabulary()
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -105,6 +103,32 @@ def build_tokenizer(max_length: int = 256) -> PreTrainedTokenizerFast:
         padding_side="left",
         model_max_length=max_length,
     )
+
+
+def world_vocabulary() -> dict[str, int]:
+    """The organism tokenizer's vocabulary: the special tokens, then the world's words, each with its id."""
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for w in world.words():
+        vocab.setdefault(w, len(vocab))
+    return vocab
+
+
+def is_world_checkpoint(model: str | Path) -> bool:
+    """Whether ``model`` (a registered name or a checkpoint folder) is a model of the organism's world: its folder
+    holds a word-level tokenizer whose vocabulary is exactly the world's (:func:`world_vocabulary`), as every
+    checkpoint of ``scripts/train_organism.py`` does. A hub id or a folder without ``tokenizer.json`` is not."""
+    import json
+
+    from .. import models as _models
+
+    path = Path(_models.resolve(model)[0]) / "tokenizer.json"
+    if not path.is_file():
+        return False
+    try:
+        spec = json.loads(path.read_text())["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(spec, dict) and spec.get("type") == "WordLevel" and spec.get("vocab") == world_vocabulary()
 
 
 def build_processor(shape: OrganismShape = OrganismShape()) -> LlavaProcessor:
