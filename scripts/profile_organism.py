@@ -6,7 +6,7 @@ answers at their first token) and a per-patch linear probe.
 
     python scripts/profile_organism.py                                  # 1,000 images per split, both models
     python scripts/profile_organism.py --limit 200 --output_dir runs/profile_small
-    python scripts/profile_organism.py --model runs/my_organism --control '' --regime_only --limit 100
+    python scripts/profile_organism.py --model runs/my_organism --regime_only --limit 100
 
 ``--regime_only`` is the cheap check of a checkpoint during training: captions of ``--splits`` (default the
 adversarial split) with their attention regime and yes/no answers with random negatives, without the premise tables,
@@ -27,7 +27,9 @@ def build_parser():
     ap = cli.ArgumentParser(description=__doc__)
     cli.add_common_arguments(ap, output_dir="runs/profile", model=False, seed=0)
     ap.add_argument("--model", default="organism", help="the organism: a name or a checkpoint folder")
-    ap.add_argument("--control", default="organism_control", help="the control ('' to skip)")
+    ap.add_argument("--control", default=None,
+                    help="the no-prior control profiled beside the model ('' to skip; default: organism_control, "
+                         "none with --regime_only)")
     ap.add_argument("--limit", type=int, default=1000, help="images per held-out split")
     ap.add_argument("--batch_size", type=int, default=100, help="prompts per generate call")
     ap.add_argument("--probe", action="store_true", default=True, help="also run the per-patch linear probe")
@@ -71,7 +73,8 @@ def main(argv=None):
                                    regime_splits=splits if args.regime_only else None)
     except ValueError as e:
         raise InputError(str(e)) from None
-    named = {"organism": args.model, **({"control": args.control} if args.control else {})}
+    control = args.control if args.control is not None else ("" if args.regime_only else "organism_control")
+    named = {"organism": args.model, **({"control": control} if control else {})}
     for path in named.values():
         models.check_model(path)
     cli.check_output_dir(args.output_dir)

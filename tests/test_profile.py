@@ -123,7 +123,7 @@ def test_the_script_regime_only_measures_captions_regime_and_random_negatives(tm
     script = Path(__file__).resolve().parents[1] / "scripts" / "profile_organism.py"
     main = runpy.run_path(str(script), run_name="script")["main"]
     out = tmp_path / "p"
-    assert main(["--control", "", "--regime_only", "--limit", "2", "--batch_size", "2", "--output_dir", str(out)]) == 0
+    assert main(["--regime_only", "--limit", "2", "--batch_size", "2", "--output_dir", str(out)]) == 0
     profile = json.loads((out / "organism_profile.json").read_text())
     res = profile["models"]["organism"]
     assert list(res["captions"]) == ["adversarial"] and list(res["pope"]) == ["random"]
@@ -133,6 +133,7 @@ def test_the_script_regime_only_measures_captions_regime_and_random_negatives(tm
     md = (out / "organism_profile.md").read_text()
     assert "### Attention regime, organism, adversarial" in md and "## The premise" not in md
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith(str(out))
+    # no control by default with --regime_only (profile["models"] above); a plain profile keeps organism_control
     # explicit splits: the regime follows them; a plain profile keeps the premise splits
     parser = runpy.run_path(str(script), run_name="script")["build_parser"]()
     args = parser.parse_args(["--regime_only", "--splits", "indist", "replication", "--negatives", "popular"])
