@@ -244,6 +244,18 @@ def run_evaluations(out: Path, cfg: StudyConfig, progress: bool = True, say: Cal
     an :class:`~dleaf.io.InputError`, as in a resumed run."""
     base = None
     metrics = {}
+    learned = [s for s in cfg.settings if s.label == LEARNED]
+    if learned and not all((Path(eval_arguments(cfg, out, b, learned[0]).output_dir) / harness.METRICS).is_file()
+                           for b in cfg.benchmarks):
+        # a detector fitted on another model is refused before the first setting generates anything
+        from .detect import as_detector
+
+        base = harness.load_model(dataclasses.replace(eval_arguments(cfg, out, cfg.benchmarks[0], learned[0],
+                                                                     progress), adapter=None))
+        try:
+            as_detector(cfg.detector_path).check_model(base[0])
+        except ValueError as e:
+            raise harness.InputError(f"--detector {cfg.detector_path}: {e}") from None
     for setting in cfg.settings:
         label, adapter = setting.label, uses_adapter(setting)
         for bench in cfg.benchmarks:

@@ -309,3 +309,18 @@ def test_another_model_of_the_organisms_world_is_studied_on_the_organisms_benchm
     (other / "tokenizer.json").write_text(json.dumps(spec))
     assert not is_world_checkpoint(other) and not is_world_checkpoint(tmp_path / "nothing_here")
     assert not is_world_checkpoint("llava-hf/llava-1.5-7b-hf")
+
+
+def test_a_detector_of_another_model_is_refused_before_the_study_generates(tmp_path, tiny_organism):
+    """The shipped organism detector given for another model: an input error naming --detector, raised after the
+    model loads and before any setting writes a caption."""
+    from dleaf.io import InputError
+
+    model, processor = tiny_organism
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    processor.save_pretrained(ckpt)
+    cfg = dstudy.StudyConfig(model=str(ckpt), detector="organism", n_images=2, correspondence=False)
+    with pytest.raises(InputError, match="--detector organism: this detector was fitted on model"):
+        dstudy.run_study(tmp_path / "run", cfg, progress=False, say=lambda m: None)
+    assert not (tmp_path / "run" / "evals").exists()
