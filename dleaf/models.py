@@ -58,6 +58,20 @@ register("organism", data_path("organism"), "eager", "the organism (a tiny Llava
 register("organism_control", data_path("organism_control"), "eager", "the organism's no-prior control")
 
 
+_WORLD_CHECKS: list = []
+
+
+def register_world(check) -> None:
+    """Register ``check(model) -> bool``: whether a model belongs to a synthetic world whose own benchmarks study it
+    (the organism's plugin registers :func:`dleaf.organism.build.is_world_checkpoint`)."""
+    _WORLD_CHECKS.append(check)
+
+
+def is_world_model(model: str | os.PathLike) -> bool:
+    """Whether a registered world check claims ``model`` (:func:`register_world`)."""
+    return any(check(model) for check in _WORLD_CHECKS)
+
+
 def resolve(model: str | os.PathLike) -> tuple[str, NamedModel | None]:
     """``(path or hub id, the registry entry or None)`` for a model name, folder or hub id."""
     key = os.fspath(model)

@@ -154,13 +154,14 @@ class StudyConfig:
     def organism(self) -> bool:
         """Whether the study runs on the organism's benchmarks: for the committed organism, and for another model
         of the organism's world unless COCO or POPE inputs are given (then it is studied as a real checkpoint)."""
-        from .organism.build import is_world_checkpoint
+        from .models import is_world_model
 
+        harness.benchmark_names()  # loads the benchmark plugins, which register their worlds
         if self.shipped_organism:
             return True
         real = any(getattr(self, n) for n in ("coco_images", "coco_instances", "coco_captions", "pope_images",
                                               "pope_files"))
-        return not real and is_world_checkpoint(self.model)
+        return not real and is_world_model(self.model)
 
     @property
     def shipped_organism(self) -> bool:

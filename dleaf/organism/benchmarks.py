@@ -106,3 +106,12 @@ def _model(processor, shape, seed: int):
 
 models.register_family("organism", _shape, _processor, _model,
                        "a tiny Llava (patch-local CLIP tower, Llama decoder) over the synthetic world's words")
+
+
+def _is_world(model) -> bool:
+    from .build import is_world_checkpoint
+
+    return is_world_checkpoint(model)
+
+
+models.register_world(_is_world)
