@@ -165,6 +165,19 @@ def shipped_detector_for(model) -> str | None:
     return None
 
 
+def checked_detector(detector, model) -> Detector:
+    """:func:`as_detector`, checked to have been fitted on ``model``; an :class:`~dleaf.io.InputError` naming
+    ``--detector`` otherwise (a file that cannot be read, or a detector of another model)."""
+    from .io import InputError
+
+    try:
+        det = as_detector(detector)
+        det.check_model(model)
+    except ValueError as e:
+        raise InputError(f"--detector {detector}: {e}") from None
+    return det
+
+
 def as_detector(detector) -> Detector:
     """A :class:`Detector` from a detector, a shipped detector's name (:data:`SHIPPED`), a JSON file's path or the
     file's dict."""
@@ -384,7 +397,7 @@ def score_main(argv=None) -> int:
 __all__ = ["DETECTOR_VERSION", "SHIPPED", "THRESHOLD_RULE", "Detector", "as_detector", "feature_names",
            "features_from_values", "fit", "grouped_bootstrap", "labelled_rows", "model_identity", "reliability",
            "row_features", "score", "score_main", "score_parser", "shipped_detector",
-           "shipped_detector_for"]
+           "shipped_detector_for", "checked_detector"]
 
 if __name__ == "__main__":  # python -m dleaf.detect: the organism study (dleaf.detect_study)
     import sys

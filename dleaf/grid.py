@@ -191,14 +191,11 @@ def grid_detector(model, detector: str | os.PathLike | None = None) -> str | Non
     """The detector the grid's learned settings use on ``model``: ``detector`` (a shipped detector's name or a
     detector file), checked to have been fitted on ``model``; by default the shipped detector fitted on it, or None
     (the learned settings are left out) when none was."""
-    from .detect import as_detector, shipped_detector_for
+    from .detect import checked_detector, shipped_detector_for
 
     if detector is None:
         return shipped_detector_for(model)
-    try:
-        as_detector(str(detector)).check_model(model)
-    except ValueError as e:
-        raise harness.InputError(f"--detector {detector}: {e}") from e
+    checked_detector(str(detector), model)
     return str(detector)
 
 

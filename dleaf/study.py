@@ -23,6 +23,7 @@ the overhead, the correspondence suite and the report run on process 0 alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -150,18 +151,20 @@ class StudyConfig:
             raise ValueError(f"--adapter {self.adapter}: no adapter_config.json there, so not a LoRA adapter; pass "
                              "the output_dir of scripts/train_dpo.py")
 
-    @property
+    @functools.cached_property
     def organism(self) -> bool:
         """Whether the study runs on the organism's benchmarks: for the committed organism, and for another model
-        of the organism's world unless COCO or POPE inputs are given (then it is studied as a real checkpoint)."""
+        of the organism's world unless COCO or POPE inputs are given (then it is studied as a real checkpoint).
+        Decided once per configuration (the world check reads the checkpoint's tokenizer file)."""
+        if self.shipped_organism:
+            return True
+        if any(getattr(self, n) for n in ("coco_images", "coco_instances", "coco_captions", "pope_images",
+                                          "pope_files")):
+            return False
         from .models import is_world_model
 
         harness.benchmark_names()  # loads the benchmark plugins, which register their worlds
-        if self.shipped_organism:
-            return True
-        real = any(getattr(self, n) for n in ("coco_images", "coco_instances", "coco_captions", "pope_images",
-                                              "pope_files"))
-        return not real and is_world_model(self.model)
+        return is_world_model(self.model)
 
     @property
     def shipped_organism(self) -> bool:
@@ -249,14 +252,10 @@ def run_evaluations(out: Path, cfg: StudyConfig, progress: bool = True, say: Cal
     if learned and not all((Path(eval_arguments(cfg, out, b, learned[0]).output_dir) / harness.METRICS).is_file()
                            for b in cfg.benchmarks):
         # a detector fitted on another model is refused before the first setting generates anything
-        from .detect import as_detector
+        from .detect import checked_detector
 
-        base = harness.load_model(dataclasses.replace(eval_arguments(cfg, out, cfg.benchmarks[0], learned[0],
-                                                                     progress), adapter=None))
-        try:
-            as_detector(cfg.detector_path).check_model(base[0])
-        except ValueError as e:
-            raise harness.InputError(f"--detector {cfg.detector_path}: {e}") from None
+        base = harness.load_model(eval_arguments(cfg, out, cfg.benchmarks[0], learned[0], progress))
+        checked_detector(cfg.detector_path, base[0])
     for setting in cfg.settings:
         label, adapter = setting.label, uses_adapter(setting)
         for bench in cfg.benchmarks:
