@@ -196,7 +196,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, output_dir: str | N
         parser.add_argument("--output_dir", default=output_dir, help="folder for the outputs")
     if model:
         parser.add_argument("--model", default="organism",
-                            help="'organism', 'organism_control', a checkpoint folder or a hub id")
+                            help="a registered model ('organism', 'organism_control', 'organism_llava_like'), a checkpoint "
+                                 "folder or a hub id")
     if method:
         from .settings import method_names
 

@@ -1,12 +1,13 @@
 """The one model loader and the one chat-prompt helper.
 
 :func:`load` returns ``(model, processor)`` for a name registered here (the checkpoints that ship with the project:
-``organism`` and its no-prior control ``organism_control``), a local checkpoint folder or a hub id, with an
-optional LoRA adapter merged in, in the requested dtype, on the requested device (by default the GPU when there is
-one), in eval mode. :func:`chat_prompt` formats a one-turn question about an image with the processor's own chat
-template, whatever the model. :func:`model_inputs` turns prompts and images into left-padded processor inputs on
-the model's device. :func:`build` makes a randomly initialised model of a registered family (offline, of any size
-its family allows: for tests and benchmarks); families register through :mod:`dleaf.plugins`.
+``organism``, its no-prior control ``organism_control`` and the LLaVA-like organism ``organism_llava_like``), a
+local checkpoint folder or a hub id, with an optional LoRA adapter merged in, in the requested dtype, on the
+requested device (by default the GPU when there is one), in eval mode. :func:`chat_prompt` formats a one-turn
+question about an image with the processor's own chat template, whatever the model. :func:`model_inputs` turns
+prompts and images into left-padded processor inputs on the model's device. :func:`build` makes a randomly
+initialised model of a registered family (offline, of any size its family allows: for tests and benchmarks);
+families register through :mod:`dleaf.plugins`.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def registered() -> dict[str, NamedModel]:
 # and a method attached to them then reproduces plain decoding bit for bit at zero strength.
 register("organism", data_path("organism"), "eager", "the organism (a tiny Llava trained on the synthetic world)")
 register("organism_control", data_path("organism_control"), "eager", "the organism's no-prior control")
+register("organism_llava_like", data_path("organism_llava_like"), "eager",
+         "the LLaVA-like organism (144 image tokens, CLIP attention on, an 8-layer decoder: scripts/train_organism.py "
+         "--preset llava_like)")
 
 
 _WORLD_CHECKS: list = []
@@ -176,11 +180,11 @@ def load(model: str | os.PathLike = "organism", adapter: str | os.PathLike | Non
          attn_implementation: str | None = None, dtype: str = "float32", device: str | None = None):
     """``(model, processor)``.
 
-    ``model``: a registered name (``organism``, ``organism_control``), a checkpoint folder or a hub id (loaded with
-    ``AutoModelForImageTextToText`` and ``AutoProcessor``). ``adapter``: a PEFT LoRA adapter folder, merged into the
-    weights. ``attn_implementation``: default eager for the registered checkpoints, the checkpoint's own otherwise.
-    ``dtype``: ``float32``, ``bfloat16``, ``float16`` or ``auto``. ``device``: default the GPU when there is one,
-    else the CPU. The model is returned in eval mode.
+    ``model``: a registered name (``organism``, ``organism_control``, ``organism_llava_like``), a checkpoint folder
+    or a hub id (loaded with ``AutoModelForImageTextToText`` and ``AutoProcessor``). ``adapter``: a PEFT LoRA
+    adapter folder, merged into the weights. ``attn_implementation``: default eager for the registered checkpoints,
+    the checkpoint's own otherwise. ``dtype``: ``float32``, ``bfloat16``, ``float16`` or ``auto``. ``device``:
+    default the GPU when there is one, else the CPU. The model is returned in eval mode.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

@@ -111,8 +111,8 @@ def test_bad_models_and_adapters_are_refused_before_loading(tmp_path, monkeypatc
 
 def test_named_models_resolve_to_the_shipped_checkpoints():
     names = models.registered()
-    assert {"organism", "organism_control"} <= set(names)
-    for name in ("organism", "organism_control"):
+    assert {"organism", "organism_control", "organism_llava_like"} <= set(names)
+    for name in ("organism", "organism_control", "organism_llava_like"):
         path, entry = models.resolve(name)
         assert (models.resolve(name)[1].path / "config.json").is_file() and entry.attn_implementation == "eager"
         assert models.check_model(name) == path

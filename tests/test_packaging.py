@@ -35,7 +35,8 @@ def test_the_shipped_data_is_package_data():
         return pkg in cfg["packages"] and any(fnmatch(rel.name, pat) for pat in patterns.get(pkg, []))
 
     needed = [*(ROOT / "data" / "organism").iterdir(), *(ROOT / "data" / "organism_control").iterdir(),
-              *(ROOT / "data" / "organism_dpo").iterdir(), *(ROOT / "data" / "protocols").glob("*.yaml"),
+              *(ROOT / "data" / "organism_dpo").iterdir(),
+              *(ROOT / "data" / "organism_llava_like").iterdir(), *(ROOT / "data" / "protocols").glob("*.yaml"),
               ROOT / "data" / "coco" / "chair_synonyms.yaml", ROOT / "data" / "organism_profile.md"]
     missing = [str(p.relative_to(ROOT)) for p in needed if p.is_file() and not shipped(p.relative_to(ROOT / "data"))]
     assert not missing, f"not package data: {missing}"
