@@ -141,7 +141,7 @@ class Detector:
 THRESHOLD_RULE = "the probability threshold of largest flag F1 at the dev rows (grid: 60 quantiles 90-99.9%)"
 
 #: detectors shipped with the package, by name (``detector=organism``): ``data/detectors/<name>_detector.json``
-SHIPPED = ("organism",)
+SHIPPED = ("organism", "organism_llava_like")
 
 
 def shipped_detector(name: str) -> Path:

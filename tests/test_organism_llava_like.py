@@ -1,12 +1,12 @@
 """The committed LLaVA-like organism (``data/organism_llava_like``): registered beside the organism, trained by the
-``llava_like`` preset on one CPU thread, 144 image tokens and an 8-layer decoder."""
+``llava_like`` preset on one CPU thread, 144 image tokens and an 8-layer decoder, with its own shipped detector."""
 
 import dataclasses
 import json
 
 import pytest
 
-from dleaf import models
+from dleaf import detect, models
 from dleaf.organism import build, world
 from dleaf.organism.train import TrainConfig, preset_config
 
@@ -44,3 +44,15 @@ def test_it_reads_144_image_tokens_with_an_8_layer_decoder(llava_like):
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     assert int((ids["input_ids"] == image_id).sum()) == 144
 
+
+
+def test_its_shipped_detector_fits_it_and_no_other_model(llava_like):
+    model, _ = llava_like
+    assert "organism_llava_like" in detect.SHIPPED
+    assert detect.shipped_detector_for(model) == "organism_llava_like"
+    assert detect.shipped_detector_for(models.load("organism", device="cpu")[0]) == "organism"
+    with pytest.raises(ValueError, match="fitted on model"):
+        detect.Detector.load(detect.shipped_detector("organism")).check_model(model)
+    with pytest.raises(ValueError, match="fitted on model"):
+        detect.Detector.load(detect.shipped_detector("organism_llava_like")).check_model(
+            models.load("organism", device="cpu")[0])
