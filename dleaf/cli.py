@@ -195,9 +195,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, output_dir: str | N
     if output_dir is not None:
         parser.add_argument("--output_dir", default=output_dir, help="folder for the outputs")
     if model:
-        parser.add_argument("--model", default="organism",
-                            help="a registered model ('organism', 'organism_control', 'organism_llava_like'), a checkpoint "
-                                 "folder or a hub id")
+        from .models import model_help
+
+        parser.add_argument("--model", default="organism", help=model_help())
     if method:
         from .settings import method_names
 

@@ -53,6 +53,11 @@ def registered() -> dict[str, NamedModel]:
     return dict(_REGISTRY)
 
 
+def model_help() -> str:
+    """What a ``--model`` argument takes, naming the registered models (one sentence for every script's help)."""
+    return f"a registered model ({', '.join(map(repr, _REGISTRY))}), a checkpoint folder or a hub id"
+
+
 # The checkpoints that ship as package data. Eager attention by default: their measured results were taken with it,
 # and a method attached to them then reproduces plain decoding bit for bit at zero strength.
 register("organism", data_path("organism"), "eager", "the organism (a tiny Llava trained on the synthetic world)")

@@ -118,6 +118,7 @@ def test_named_models_resolve_to_the_shipped_checkpoints():
         assert models.check_model(name) == path
     models.register("tmp_name", "/nonexistent/folder")
     try:
+        assert all(repr(name) in models.model_help() for name in (*names, "tmp_name"))  # the --model help names them
         with pytest.raises(InputError, match="checkpoint is missing"):
             models.check_model("tmp_name")
     finally:

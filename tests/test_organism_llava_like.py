@@ -21,7 +21,7 @@ def llava_like():
 
 
 def test_the_checkpoint_is_the_preset_recipe_trained_on_one_cpu_thread():
-    path, entry = models.resolve("organism_llava_like")
+    _, entry = models.resolve("organism_llava_like")
     log = json.loads((entry.path / "training_log.json").read_text())
     logged = log["config"]
     recipe = dataclasses.asdict(preset_config("llava_like"))
@@ -38,21 +38,19 @@ def test_it_reads_144_image_tokens_with_an_8_layer_decoder(llava_like):
     model, processor = llava_like
     text_config = model.config.text_config
     assert (text_config.num_hidden_layers, text_config.num_attention_heads, text_config.hidden_size) == (8, 8, 128)
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image in detail ."}]}]
-    text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    text = models.chat_prompt(processor, "describe the image in detail .")
     ids = processor(text=[text], images=[world.render(world.scenes("adversarial", 1, 0)[0])], return_tensors="pt")
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     assert int((ids["input_ids"] == image_id).sum()) == 144
 
 
-
 def test_its_shipped_detector_fits_it_and_no_other_model(llava_like):
     model, _ = llava_like
+    organism = models.load("organism", device="cpu")[0]
     assert "organism_llava_like" in detect.SHIPPED
     assert detect.shipped_detector_for(model) == "organism_llava_like"
-    assert detect.shipped_detector_for(models.load("organism", device="cpu")[0]) == "organism"
+    assert detect.shipped_detector_for(organism) == "organism"
     with pytest.raises(ValueError, match="fitted on model"):
         detect.Detector.load(detect.shipped_detector("organism")).check_model(model)
     with pytest.raises(ValueError, match="fitted on model"):
-        detect.Detector.load(detect.shipped_detector("organism_llava_like")).check_model(
-            models.load("organism", device="cpu")[0])
+        detect.Detector.load(detect.shipped_detector("organism_llava_like")).check_model(organism)

@@ -70,8 +70,7 @@ class EvalArguments:
                                          "(any registered benchmark)")
     output_dir: str | None = _field(None, "run folder (config.json, generations.jsonl, metrics.json, scores.jsonl); "
                                           "an existing one is resumed")
-    model: str = _field("organism", "a registered model ('organism', 'organism_control', 'organism_llava_like'), "
-                                    "a checkpoint folder or a hub id")
+    model: str = _field("organism", models.model_help())
     adapter: str | None = _field(None, "LoRA adapter folder (PEFT), merged into the model")
     method: str = _field("greedy", "greedy (nothing attached) or a method: python -m dleaf methods lists them")
     knobs: list[str] = _field(default_factory=list, help="method knobs as name=value (values read as YAML), e.g. "
